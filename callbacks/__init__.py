@@ -1,0 +1,1 @@
+"""The Lightning face of lightning-privacy."""

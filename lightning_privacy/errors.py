@@ -1,0 +1,53 @@
+"""Every exception lightning-privacy raises on purpose.
+
+Each message says what went wrong and how to fix it. All classes derive from
+:class:`LightningPrivacyError`, so ``except LightningPrivacyError`` catches exactly ours.
+"""
+
+from __future__ import annotations
+
+
+class LightningPrivacyError(Exception):
+    """Base class of all lightning-privacy errors."""
+
+
+# --------------------------------------------------------------------------- private training (dp)
+
+
+class PrivacyConfigError(LightningPrivacyError, ValueError):
+    """A DP configuration is incomplete or inconsistent."""
+
+
+class UnreachableEpsilonError(PrivacyConfigError):
+    """No noise multiplier reaches the requested ε for this sampling rate and number of steps."""
+
+
+class IncompatibleModuleError(LightningPrivacyError, ValueError):
+    """The model contains modules that break per-sample gradients (e.g. BatchNorm)."""
+
+
+class PrivacyStateMismatchError(LightningPrivacyError, RuntimeError):
+    """A checkpoint was trained with a different DP configuration than the one resuming it."""
+
+
+class PrivacyBudgetExhaustedError(LightningPrivacyError, RuntimeError):
+    """Not even one more step fits in the privacy budget."""
+
+
+# --------------------------------------------------------------------------- private inference (he)
+
+
+class UnsupportedOperatorError(LightningPrivacyError, NotImplementedError):
+    """An ONNX operator has no CKKS lowering."""
+
+
+class CompilationError(LightningPrivacyError, ValueError):
+    """A layer graph cannot be compiled to CKKS (depth, shapes, parameters)."""
+
+
+class EncryptionInputError(LightningPrivacyError, ValueError):
+    """Input to encrypt or evaluate is malformed: wrong shape, NaN/inf, bad ciphertext bytes."""
+
+
+class SecretKeyExposureError(LightningPrivacyError, PermissionError):
+    """A context holding the secret key reached code that must only ever see public keys."""

@@ -1,0 +1,1 @@
+"""The MLflow face of lightning-privacy."""
