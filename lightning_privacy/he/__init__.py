@@ -1,1 +1,56 @@
-"""he."""
+"""Private inference: ONNX -> layer graph -> CKKS plan -> TenSEAL (SEAL) runtime.
+
+Pipeline::
+
+    proto = he.export(torch_module, example_input)           # torch.onnx.export, weights folded
+    graph = he.import_onnx(proto)                             # typed LayerGraph (dataclasses)
+    model = he.compile(graph, calibration_data)               # CKKS params, polynomials, layouts
+    model.save("dir"); model = he.CompiledModel.load("dir")   # model.json (versioned) + weights.npz
+
+    # client                                                  # server (public keys only)
+    keys = he.Keyring(model, layout=model.choose_layout(n))
+    ctx_bytes = keys.public_context_bytes()   ------------->  ctx = he.PublicContext.from_bytes(ctx_bytes)
+    enc = keys.encrypt(x)          # x: (n, *model.input_shape)
+    req = enc.to_bytes()           ------------------------>  batch = he.EncryptedBatch.from_bytes(req, ctx)
+                                                              out = model.evaluate(batch, ctx)
+    resp                           <------------------------  resp = out.to_bytes()
+    logits = keys.decrypt(he.EncryptedBatch.from_bytes(resp, keys.public_context))
+    probs = he.apply_output_activation(logits, model.output_activation)   # client side only
+
+Public API (contract; the MLflow flavor builds on exactly these names):
+
+- ``export(module, example_input, path=None) -> onnx.ModelProto``: legacy TorchScript exporter
+  (``dynamo=False``), opset 17, dynamic batch axis, constant folding (weights are initializers).
+- ``import_onnx(model: str | PathLike | bytes | onnx.ModelProto) -> LayerGraph``.
+- ``SUPPORTED_OPS``: mapping ONNX op type -> lowering; the documented list of what is supported.
+  Anything else raises :class:`~lightning_privacy.errors.UnsupportedOperatorError` naming the op type,
+  the node name and this set (MaxPool points at AveragePool). Nodes whose inputs are all constants
+  (``Shape``/``Gather``/``Concat`` chains from ``x.view(x.size(0), -1)``) are folded at import.
+- ``compile(model, calibration_data, *, poly_degree=7, margin=0.1) -> CompiledModel``.
+  ``model`` is a LayerGraph, ``onnx.ModelProto``, path or bytes; ``calibration_data`` has shape
+  ``(n, *input_shape)``.
+- ``CompiledModel``: ``.save(directory)``, ``CompiledModel.load(directory)``, ``.input_shape``
+  (per-sample tuple), ``.output_dim`` (int), ``.output_activation`` (None | "softmax" |
+  "log_softmax", applied by the client after decryption), ``.params`` (:class:`CKKSParams` with
+  ``poly_modulus_degree``, ``coeff_mod_bit_sizes``, ``scale_bits``), ``.depth``,
+  ``.max_batch_size`` (slots per ciphertext: the most samples one batch-layout EncryptedBatch holds;
+  callers chunk larger inputs), ``.choose_layout(batch_size) -> "batch" | "single"``,
+  ``.evaluate(batch, context) -> EncryptedBatch`` (server side, public keys only),
+  ``.plaintext_forward(x) -> np.ndarray`` (the approximated graph in numpy, raw logits),
+  ``.approximation_report`` (list of per-layer :class:`ApproximationReport`).
+- ``Keyring(compiled_or_params, layout)``: client side, holds the secret key. ``.layout``,
+  ``.public_context_bytes() -> bytes`` (no secret key), ``.public_context`` (a PublicContext view of
+  the same keys, for parsing responses), ``.key_id -> str`` (sha256 of the public context bytes),
+  ``.encrypt(x) -> EncryptedBatch`` (shape ``(n, *input_shape)``; rejects NaN/inf and wrong shapes,
+  warns outside the calibrated range), ``.decrypt(batch) -> np.ndarray`` of shape
+  ``(n, output_dim)`` (raw logits, before the output activation). Given a ``CKKSParams`` instead of a
+  CompiledModel, ``encrypt`` needs ``input_shape``; pass a CompiledModel whenever you have one.
+- ``EncryptedBatch``: ``.layout``, ``.n_samples``, ``.to_bytes()``,
+  ``EncryptedBatch.from_bytes(data, context)``; the layout travels inside the batch bytes.
+  Garbage or mismatched bytes raise ``EncryptionInputError``.
+- ``PublicContext.from_bytes(data)``: server side. The layout travels inside the context bytes
+  (``.layout``); a context holding a secret key raises ``SecretKeyExposureError``; garbage raises
+  ``EncryptionInputError``. ``.key_id`` equals the client's ``Keyring.key_id``.
+- ``CKKSParams``, ``SECURITY_LIMITS`` (N -> max total coefficient-modulus bits at 128-bit security).
+- ``nn.Square``, ``nn.PolyActivation``: HE-friendly blocks that import exactly (no approximation).
+"""
