@@ -51,3 +51,22 @@ class EncryptionInputError(LightningPrivacyError, ValueError):
 
 class SecretKeyExposureError(LightningPrivacyError, PermissionError):
     """A context holding the secret key reached code that must only ever see public keys."""
+
+
+# --------------------------------------------------------------------------- serving (mlflow_plugins)
+
+
+class EncryptedRequestError(LightningPrivacyError, ValueError):
+    """A request to an encrypted model was rejected (HTTP 400).
+
+    ``code`` is machine-readable (see ``lightning_privacy.mlflow_plugins.protocol.ErrorCode``);
+    the message says what was wrong and how to fix it.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class ServingConfigError(LightningPrivacyError, ValueError):
+    """A serving setting (e.g. a context-cache limit in an environment variable) is invalid."""
