@@ -1,0 +1,245 @@
+"""The ``DifferentialPrivacy`` callback: DP-SGD for any unmodified LightningModule."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any, Optional
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.trainer.connectors.data_connector import _DataLoaderSource
+
+from lightning_privacy.callbacks import mlflow_privacy
+from lightning_privacy.dp import DPConfig, DPSGDEngine, check_modules, fix_modules
+from lightning_privacy.errors import PrivacyConfigError
+
+log = logging.getLogger(__name__)
+
+
+class _PrivateTrainSource(_DataLoaderSource):
+    """The Trainer's training-data source, with its loader made private on the way out.
+
+    Wrapping the source (rather than a hook of the module) covers a ``LightningDataModule``,
+    ``train_dataloader()`` and ``trainer.fit(train_dataloaders=...)`` alike, and every reload.
+    """
+
+    def __init__(self, inner: _DataLoaderSource, callback: "DifferentialPrivacy") -> None:
+        super().__init__(inner.instance, inner.name)
+        self._callback = callback
+
+    def dataloader(self) -> Any:
+        return self._callback._private_loader(super().dataloader())
+
+
+class DifferentialPrivacy(Callback):
+    r"""Train any unmodified ``LightningModule`` with DP-SGD (Opacus underneath).
+
+    The training loader becomes Poisson-sampled (expected batch size = your batch size), every
+    per-sample gradient is clipped to ``max_grad_norm``, Gaussian noise is added, and a privacy
+    accountant tracks ε. ε is logged (progress bar, every logger; MLflow metric ``epsilon``), the DP
+    parameters become ``privacy.*`` params, and the final ε and δ become ``privacy.*`` run tags.
+    The accountant's history is saved in every checkpoint and restored on resume. Validation, test
+    and predict loops run without per-sample cost or noise.
+
+    Args:
+        noise_multiplier: σ. Give this or ``target_epsilon``.
+        target_epsilon: the ε to reach at the end of the planned training; σ is calibrated for it
+            from the dataset size, batch size and the Trainer's ``max_epochs`` / ``max_steps``
+            (or ``epochs`` / ``steps`` here).
+        delta: δ of the guarantee; keep it well below 1 / dataset size.
+        max_grad_norm: clipping bound C of each per-sample gradient.
+        accountant: ``"prv"`` (default), ``"rdp"``, ``"gdp"`` or ``"pld"``.
+        epochs: planned epochs for calibration, when different from the Trainer's.
+        steps: planned optimizer steps for calibration, instead of epochs.
+        max_epsilon: budget. Training stops *before* the step that would exceed it; the number of
+            allowed steps is computed once, up front.
+        poisson_sampling: Poisson-sample batches (default). Off, ε is only an approximation.
+        secure_mode: cryptographically secure noise and sampling (needs torchcsprng).
+        loss_reduction: ``"mean"`` (default) or ``"sum"``, how your loss reduces over the batch.
+        fix_modules: replace modules that break per-sample gradients (BatchNorm -> GroupNorm, ...)
+            instead of raising; each replacement is named in a warning.
+        log_every_n_steps: also log ε every N optimizer steps (ε is always logged every epoch).
+        allow_config_change: resume from a checkpoint trained with a different DP config.
+
+    Raises:
+        IncompatibleModuleError: the model has modules that break per-sample gradients.
+        PrivacyConfigError: an inconsistent setting (e.g. gradient accumulation, several devices).
+        PrivacyStateMismatchError: resuming with a different DP config.
+        UnreachableEpsilonError: ``target_epsilon`` cannot be reached.
+
+    Example::
+
+        >>> from pytorch_lightning import Trainer
+        >>> from lightning_privacy.callbacks import DifferentialPrivacy
+        >>> dp = DifferentialPrivacy(target_epsilon=3.0, delta=1e-5, max_grad_norm=1.0)
+        >>> trainer = Trainer(max_epochs=5, callbacks=[dp])
+    """
+
+    def __init__(
+        self,
+        *,
+        noise_multiplier: Optional[float] = None,
+        target_epsilon: Optional[float] = None,
+        delta: float = 1e-5,
+        max_grad_norm: float = 1.0,
+        accountant: str = "prv",
+        epochs: Optional[int] = None,
+        steps: Optional[int] = None,
+        max_epsilon: Optional[float] = None,
+        poisson_sampling: bool = True,
+        secure_mode: bool = False,
+        loss_reduction: str = "mean",
+        fix_modules: bool = False,
+        log_every_n_steps: Optional[int] = None,
+        allow_config_change: bool = False,
+    ) -> None:
+        self.config = DPConfig(
+            noise_multiplier=noise_multiplier,
+            target_epsilon=target_epsilon,
+            delta=delta,
+            epochs=epochs,
+            steps=steps,
+            max_grad_norm=max_grad_norm,
+            accountant=accountant,
+            poisson_sampling=poisson_sampling,
+            secure_mode=secure_mode,
+            max_epsilon=max_epsilon,
+            loss_reduction=loss_reduction,
+        )
+        if log_every_n_steps is not None and log_every_n_steps <= 0:
+            raise PrivacyConfigError(f"log_every_n_steps must be a positive integer, got {log_every_n_steps}.")
+        self.fix_modules = fix_modules
+        self.log_every_n_steps = log_every_n_steps
+        self.allow_config_change = allow_config_change
+        self.engine = DPSGDEngine(self.config)
+        self._trainer: Optional[pl.Trainer] = None
+        self._budget_announced = False
+
+    @property
+    def epsilon(self) -> float:
+        """ε spent so far."""
+        return self.engine.epsilon()
+
+    # ------------------------------------------------------------------ set-up
+
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if stage != "fit":
+            return
+        self._trainer = trainer
+        if trainer.accumulate_grad_batches != 1:
+            raise PrivacyConfigError(
+                f"accumulate_grad_batches={trainer.accumulate_grad_batches} changes the sampling the "
+                "accountant assumes. Use a larger batch_size instead (it is the expected Poisson batch size)."
+            )
+        if trainer.world_size != 1:
+            raise PrivacyConfigError(
+                f"DifferentialPrivacy runs on one device; this Trainer has world_size={trainer.world_size}."
+            )
+        if not pl_module.automatic_optimization:
+            raise PrivacyConfigError(
+                "DifferentialPrivacy needs automatic optimization (Lightning's closure-based optimizer_step)."
+            )
+        if self.fix_modules:
+            for replaced in fix_modules(pl_module):
+                warnings.warn(f"DifferentialPrivacy(fix_modules=True) replaced {replaced}.", stacklevel=2)
+        check_modules(pl_module)
+        source = trainer.fit_loop._data_source
+        if not isinstance(source, _PrivateTrainSource):
+            trainer.fit_loop._data_source = _PrivateTrainSource(source, self)
+
+    def _private_loader(self, loader: Any) -> Any:
+        trainer = self._trainer
+        max_epochs = trainer.max_epochs if trainer.max_epochs not in (None, -1) else None
+        max_steps = trainer.max_steps if trainer.max_steps not in (None, -1) else None
+        return self.engine.private_loader(loader, planned_epochs=max_epochs, planned_steps=max_steps)
+
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        # The loader (hence q and σ) exists only now; the optimizers were built and restored before.
+        self.engine.attach(pl_module)
+        strategy = trainer.strategy
+        strategy.optimizers = [self.engine.wrap_optimizer(opt) for opt in strategy.optimizers]
+        plan = self.engine.plan
+        mlflow_privacy.log_params(
+            trainer,
+            {
+                **plan.as_params(),
+                "max_grad_norm": self.config.max_grad_norm,
+                "delta": self.config.delta,
+                "accountant": self.config.accountant,
+            },
+        )
+        log.info(
+            "DP-SGD: sigma=%.4f, C=%s, q=%.4g (expected batch %d of %d), accountant=%s.",
+            plan.noise_multiplier, self.config.max_grad_norm, plan.sample_rate,
+            plan.expected_batch_size, plan.dataset_size, self.config.accountant,
+        )
+        if plan.allowed_steps is not None:
+            log.info(
+                "Privacy budget max_epsilon=%s allows %d private steps in total (%d taken before this run); "
+                "training stops before the step that would exceed it.",
+                self.config.max_epsilon, plan.allowed_steps, self.engine.steps,
+            )
+            self._stop_if_budget_spent(trainer)
+
+    # ------------------------------------------------------------------ during training
+
+    def on_train_batch_end(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        steps = self.engine.steps
+        if self.log_every_n_steps and steps and steps % self.log_every_n_steps == 0:
+            self._log_epsilon(trainer, pl_module, on_step=True)
+        self._stop_if_budget_spent(trainer)
+
+    def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._log_epsilon(trainer, pl_module, on_step=False)
+
+    def _log_epsilon(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", on_step: bool) -> None:
+        eps = self.engine.epsilon()
+        name = "epsilon_step" if on_step else "epsilon"
+        pl_module.log(name, eps, prog_bar=True, on_step=on_step, on_epoch=not on_step, batch_size=1)
+        if not mlflow_privacy.has_mlflow_logger(trainer):
+            mlflow_privacy.log_epsilon_to_active_run(trainer, eps, trainer.global_step)
+
+    def _stop_if_budget_spent(self, trainer: "pl.Trainer") -> None:
+        if self.engine.remaining_steps > 0 or trainer.should_stop:
+            return
+        trainer.should_stop = True
+        log.warning(
+            "Privacy budget reached: %d private steps, epsilon=%.4f <= max_epsilon=%s. Stopping before the next step.",
+            self.engine.steps, self.engine.epsilon(), self.config.max_epsilon,
+        )
+
+    # ------------------------------------------------------------------ tear-down
+
+    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        eps = self.engine.epsilon()
+        tags = {"epsilon": eps, "delta": self.config.delta, "steps": self.engine.steps}
+        if self.engine.plan is not None:
+            tags.update(
+                noise_multiplier=self.engine.plan.noise_multiplier,
+                max_grad_norm=self.config.max_grad_norm,
+                accountant=self.config.accountant,
+            )
+        mlflow_privacy.set_tags(trainer, tags)
+        log.info("DP-SGD finished: epsilon=%.4f at delta=%s after %d steps.", eps, self.config.delta, self.engine.steps)
+
+    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if stage != "fit":
+            return
+        self.engine.detach()
+        strategy = trainer.strategy
+        strategy.optimizers = [getattr(opt, "original_optimizer", opt) for opt in strategy.optimizers]
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.engine.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.engine.load_state_dict(state_dict, allow_config_change=self.allow_config_change)
+
+    def __repr__(self) -> str:
+        eps = self.engine.epsilon() if self.engine.steps else 0.0
+        return f"{type(self).__name__}({self.config}, steps={self.engine.steps}, epsilon={eps:.4g})"
