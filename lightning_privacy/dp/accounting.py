@@ -7,6 +7,7 @@ is the only privacy state a checkpoint needs.
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Iterable, Sequence
@@ -82,6 +83,8 @@ def epsilon_for(events: Sequence[GaussianSteps], delta: float, accountant: str =
     events = [e for e in PrivacyLedger(events).events if e.count > 0]
     if not events:
         return 0.0
+    if any(e.noise_multiplier <= 0 for e in events):
+        return math.inf  # a step without noise has no finite guarantee
     if accountant == "pld":
         return _pld_epsilon(events, delta)
     return _opacus_epsilon(events, delta, accountant)
