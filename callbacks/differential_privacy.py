@@ -12,7 +12,7 @@ from pytorch_lightning.trainer.connectors.data_connector import _DataLoaderSourc
 
 from lightning_privacy.callbacks import mlflow_privacy
 from lightning_privacy.dp import DPConfig, DPSGDEngine, check_modules, fix_modules
-from lightning_privacy.errors import PrivacyConfigError
+from lightning_privacy.errors import PrivacyBudgetExhaustedError, PrivacyConfigError
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +180,12 @@ class DifferentialPrivacy(Callback):
                 "training stops before the step that would exceed it.",
                 self.config.max_epsilon, plan.allowed_steps, self.engine.steps,
             )
+            if plan.allowed_steps == 0 and self.engine.steps == 0:
+                raise PrivacyBudgetExhaustedError(
+                    f"max_epsilon={self.config.max_epsilon} is below the epsilon of a single step at "
+                    f"sigma={plan.noise_multiplier:.4g}, q={plan.sample_rate:.4g}. Raise max_epsilon or the "
+                    "noise multiplier, or lower the batch size."
+                )
             self._stop_if_budget_spent(trainer)
 
     # ------------------------------------------------------------------ during training
