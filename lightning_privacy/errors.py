@@ -70,3 +70,7 @@ class EncryptedRequestError(LightningPrivacyError, ValueError):
 
 class ServingConfigError(LightningPrivacyError, ValueError):
     """A serving setting (e.g. a context-cache limit in an environment variable) is invalid."""
+
+
+class ScoringServerError(LightningPrivacyError, RuntimeError):
+    """``mlflow models serve`` did not come up, or exited; the message ends with its log."""

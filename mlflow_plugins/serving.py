@@ -1,0 +1,136 @@
+"""``ScoringServer``: ``mlflow models serve`` as a managed subprocess on the loopback interface."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+import requests
+
+from lightning_privacy.errors import ScoringServerError
+
+
+class ScoringServer:
+    """Runs ``mlflow models serve -m MODEL_URI --env-manager local`` and always stops it.
+
+    For demos, benchmarks and tests on one machine. The subprocess inherits the environment
+    (so ``MLFLOW_TRACKING_URI`` / ``MLFLOW_REGISTRY_URI`` resolve ``models:/`` URIs), runs in its
+    own process group, and is stopped with everything it spawned. Its output goes to
+    ``log_path``: uvicorn's access log holds request lines and status codes, never bodies.
+
+    Args:
+        model_uri: what to serve, e.g. ``models:/digits-ckks@champion``.
+        port: TCP port on 127.0.0.1; default a free one.
+        workers: uvicorn worker processes (each has its own public-context cache).
+        env: extra environment variables for the server.
+        log_path: file for the server's stdout and stderr; default a temporary file.
+        startup_timeout: seconds to wait for ``/ping``.
+
+    Raises:
+        ScoringServerError: the server exited or did not answer ``/ping`` in time.
+
+    Example::
+
+        with ScoringServer("models:/digits-ckks@champion") as server:
+            client = EncryptedClient("models:/digits-ckks@champion", url=server.url)
+            labels = client.predict(X_test)
+    """
+
+    def __init__(
+        self,
+        model_uri: str,
+        port: int | None = None,
+        *,
+        workers: int = 1,
+        env: dict[str, str] | None = None,
+        log_path: str | os.PathLike[str] | None = None,
+        startup_timeout: float = 180.0,
+    ) -> None:
+        self.model_uri = model_uri
+        self.port = port or _free_port()
+        self.workers = workers
+        self.env = {**os.environ, **(env or {})}
+        self.log_path = Path(log_path or tempfile.mkstemp(prefix="mlflow-serve-", suffix=".log")[1])
+        self.startup_timeout = startup_timeout
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """Base URL, e.g. ``http://127.0.0.1:5001`` (the model answers at ``/invocations``)."""
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> ScoringServer:
+        """Start the server and wait until ``/ping`` answers."""
+        command = [
+            sys.executable, "-m", "mlflow", "models", "serve", "-m", self.model_uri,
+            "--env-manager", "local", "-h", "127.0.0.1", "-p", str(self.port), "-w", str(self.workers),
+        ]  # fmt: skip
+        with open(self.log_path, "ab") as log:
+            self._process = subprocess.Popen(
+                command, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if (code := self._process.poll()) is not None:
+                self.stop()
+                raise ScoringServerError(f"`{' '.join(command)}` exited with {code}:\n{self._log_tail()}")
+            try:
+                if requests.get(f"{self.url}/ping", timeout=2).status_code == 200:
+                    return self
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise ScoringServerError(f"No answer on {self.url}/ping after {self.startup_timeout:.0f} s:\n{self._log_tail()}")
+
+    def stop(self) -> None:
+        """Stop the server and every process it spawned (SIGTERM, SIGKILL after 10 s); idempotent."""
+        process, self._process = self._process, None
+        if process is None:
+            return
+        _signal_group(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        # Wait for the whole group, not just the CLI: uvicorn holds the port until it exits.
+        while _signal_group(process.pid, 0) and time.monotonic() < deadline:
+            process.poll()
+            time.sleep(0.1)
+        _signal_group(process.pid, signal.SIGKILL)
+        process.wait()
+
+    def restart(self) -> None:
+        """Stop and start again on the same port: the new process has an empty context cache."""
+        self.stop()
+        self.start()
+
+    def __enter__(self) -> ScoringServer:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def _log_tail(self, chars: int = 4000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+
+def _signal_group(pgid: int, sig: int) -> bool:
+    """Send ``sig`` to a process group; False when the group no longer exists."""
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
