@@ -1,0 +1,339 @@
+"""The ``ckks`` MLflow flavor: a compiled CKKS model whose pyfunc ``predict`` computes on ciphertexts.
+
+This module exports MLflow Models with the following flavors:
+
+``ckks`` (native)
+    The ``lightning_privacy.he.CompiledModel`` (``model.json`` + ``weights.npz``); load it back
+    with :func:`load_model`.
+:py:mod:`mlflow.pyfunc`
+    For ``mlflow models serve``: ``predict`` takes and returns ciphertexts in the format of
+    :mod:`lightning_privacy.mlflow_plugins.protocol`; use ``EncryptedClient`` to talk to it.
+
+Example::
+
+    with mlflow.start_run():  # the run that carries privacy.* tags from DP training
+        info = ckks.log_model(
+            model, name="model", calibration_data=X_train, registered_model_name="digits-ckks"
+        )
+    # mlflow models serve -m models:/digits-ckks/1 --env-manager local -p 5001
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+import mlflow
+from mlflow import pyfunc
+from mlflow.models import Model, ModelInputExample, ModelSignature
+from mlflow.models.model import MLMODEL_FILE_NAME, ModelInfo
+from mlflow.models.utils import _save_example
+from mlflow.tracking._model_registry import DEFAULT_AWAIT_MAX_SLEEP_SECONDS
+from mlflow.tracking.artifact_utils import _download_artifact_from_uri
+from mlflow.utils.environment import (
+    _CONDA_ENV_FILE_NAME,
+    _CONSTRAINTS_FILE_NAME,
+    _PYTHON_ENV_FILE_NAME,
+    _REQUIREMENTS_FILE_NAME,
+    _mlflow_conda_env,
+    _process_conda_env,
+    _process_pip_requirements,
+    _PythonEnv,
+    _validate_env_arguments,
+)
+from mlflow.utils.file_utils import get_total_file_size, write_to
+from mlflow.utils.model_utils import (
+    _copy_extra_files,
+    _get_flavor_configuration,
+    _validate_and_copy_code_paths,
+    _validate_and_prepare_target_save_path,
+)
+from mlflow.utils.requirements_utils import _get_pinned_requirement
+
+import lightning_privacy
+from lightning_privacy import he
+from lightning_privacy.errors import (
+    CompilationError,
+    EncryptedRequestError,
+    EncryptionInputError,
+    SecretKeyExposureError,
+)
+from lightning_privacy.mlflow_plugins import protocol
+from lightning_privacy.mlflow_plugins.context_cache import ContextCache
+from lightning_privacy.mlflow_plugins.protocol import EncryptedRequest, ErrorCode
+
+FLAVOR_NAME = "ckks"
+#: Run tags copied onto the registered model version (written by the DifferentialPrivacy callback).
+PRIVACY_TAG_PREFIX = "privacy."
+
+_MODEL_DATA_SUBPATH = "compiled"
+
+
+def get_default_pip_requirements() -> list[str]:
+    """The pip requirements of models saved by this flavor: the project and its HE runtime."""
+    return [_get_pinned_requirement(p) for p in ("lightning-privacy", "tenseal", "numpy", "pandas")]
+
+
+def get_default_conda_env() -> dict[str, Any]:
+    """The conda environment of models saved by this flavor."""
+    return _mlflow_conda_env(additional_pip_deps=get_default_pip_requirements())
+
+
+def save_model(
+    ckks_model: Any,
+    path: str,
+    calibration_data: np.ndarray | None = None,
+    example_input: Any = None,
+    compile_options: dict[str, Any] | None = None,
+    conda_env: Any = None,
+    code_paths: list[str] | None = None,
+    mlflow_model: Model | None = None,
+    signature: ModelSignature | None = None,
+    input_example: ModelInputExample | None = None,
+    pip_requirements: Any = None,
+    extra_pip_requirements: Any = None,
+    metadata: dict[str, Any] | None = None,
+    extra_files: Any = None,
+) -> None:
+    """Save a CKKS model to a local directory in MLflow format.
+
+    Args:
+        ckks_model: a ``he.CompiledModel``, or a ``torch.nn.Module`` / ONNX model (``ModelProto``,
+            path or bytes) that is exported and compiled here.
+        path: directory to create.
+        calibration_data: inputs (n, *input_shape) that set activation ranges; needed to compile.
+        example_input: input for ``torch.onnx.export``; default ``calibration_data[:1]``.
+        compile_options: extra keyword arguments of ``he.compile``.
+        conda_env, code_paths, mlflow_model, signature, input_example, pip_requirements,
+        extra_pip_requirements, metadata, extra_files: as in ``mlflow.onnx.save_model``.
+
+    Raises:
+        CompilationError: a model that needs compiling came without ``calibration_data``, or
+            does not compile.
+    """
+    compiled = _compile(ckks_model, calibration_data, example_input, compile_options)
+    _validate_env_arguments(conda_env, pip_requirements, extra_pip_requirements)
+
+    path = os.path.abspath(path)
+    _validate_and_prepare_target_save_path(path)
+    code_dir_subpath = _validate_and_copy_code_paths(code_paths, path)
+
+    if mlflow_model is None:
+        mlflow_model = Model()
+    if signature is not None:
+        mlflow_model.signature = signature
+    if input_example is not None:
+        _save_example(mlflow_model, input_example, path)
+    if metadata is not None:
+        mlflow_model.metadata = metadata
+
+    compiled.save(os.path.join(path, _MODEL_DATA_SUBPATH))
+
+    pyfunc.add_to_model(
+        mlflow_model,
+        loader_module=__name__,
+        data=_MODEL_DATA_SUBPATH,
+        conda_env=_CONDA_ENV_FILE_NAME,
+        python_env=_PYTHON_ENV_FILE_NAME,
+        code=code_dir_subpath,
+    )
+    extra_files_config = _copy_extra_files(extra_files, path)
+    mlflow_model.add_flavor(
+        FLAVOR_NAME,
+        lightning_privacy_version=lightning_privacy.__version__,
+        data=_MODEL_DATA_SUBPATH,
+        poly_modulus_degree=int(compiled.params.poly_modulus_degree),
+        input_shape=[int(d) for d in compiled.input_shape],
+        output_dim=int(compiled.output_dim),
+        code=code_dir_subpath,
+        **extra_files_config,
+    )
+    if size := get_total_file_size(path):
+        mlflow_model.model_size_bytes = size
+    mlflow_model.save(os.path.join(path, MLMODEL_FILE_NAME))
+
+    if conda_env is None:
+        # No mlflow.models.infer_pip_requirements: it loads the model in a subprocess (~10 s) to
+        # find imports we already know.
+        default_reqs = get_default_pip_requirements() if pip_requirements is None else None
+        conda_env, pip_requirements, pip_constraints = _process_pip_requirements(
+            default_reqs, pip_requirements, extra_pip_requirements
+        )
+    else:
+        conda_env, pip_requirements, pip_constraints = _process_conda_env(conda_env)
+
+    with open(os.path.join(path, _CONDA_ENV_FILE_NAME), "w") as f:
+        yaml.safe_dump(conda_env, stream=f, default_flow_style=False)
+    if pip_constraints:
+        write_to(os.path.join(path, _CONSTRAINTS_FILE_NAME), "\n".join(pip_constraints))
+    write_to(os.path.join(path, _REQUIREMENTS_FILE_NAME), "\n".join(pip_requirements))
+    _PythonEnv.current().to_yaml(os.path.join(path, _PYTHON_ENV_FILE_NAME))
+
+
+def log_model(
+    ckks_model: Any,
+    name: str | None = None,
+    calibration_data: np.ndarray | None = None,
+    example_input: Any = None,
+    compile_options: dict[str, Any] | None = None,
+    conda_env: Any = None,
+    code_paths: list[str] | None = None,
+    registered_model_name: str | None = None,
+    signature: ModelSignature | None = None,
+    input_example: ModelInputExample | None = None,
+    await_registration_for: int = DEFAULT_AWAIT_MAX_SLEEP_SECONDS,
+    pip_requirements: Any = None,
+    extra_pip_requirements: Any = None,
+    metadata: dict[str, Any] | None = None,
+    extra_files: Any = None,
+    params: dict[str, Any] | None = None,
+    tags: dict[str, Any] | None = None,
+    model_type: str | None = None,
+    step: int = 0,
+    model_id: str | None = None,
+    **kwargs: Any,
+) -> ModelInfo:
+    """Log a CKKS model to the active run (or as a logged model), optionally registering it.
+
+    Arguments are those of :func:`save_model` plus MLflow's ``log_model`` arguments. With
+    ``registered_model_name``, the new model version gets every ``privacy.*`` tag of the run the
+    model is logged to (ε, δ, noise multiplier, clip norm, accountant from DP training), so the
+    registry shows what each version was trained at. With ``MLFlowLogger``, log inside
+    ``mlflow.start_run(run_id=logger.run_id)``.
+
+    Returns:
+        The ``ModelInfo`` of the logged model.
+    """
+    model_info = Model.log(
+        name=name,
+        flavor=sys.modules[__name__],
+        ckks_model=ckks_model,
+        calibration_data=calibration_data,
+        example_input=example_input,
+        compile_options=compile_options,
+        conda_env=conda_env,
+        code_paths=code_paths,
+        registered_model_name=registered_model_name,
+        signature=signature,
+        input_example=input_example,
+        await_registration_for=await_registration_for,
+        pip_requirements=pip_requirements,
+        extra_pip_requirements=extra_pip_requirements,
+        metadata=metadata,
+        extra_files=extra_files,
+        params=params,
+        tags=tags,
+        model_type=model_type,
+        step=step,
+        model_id=model_id,
+        **kwargs,
+    )
+    if registered_model_name is not None and model_info.registered_model_version is not None:
+        _copy_privacy_tags(model_info.run_id, registered_model_name, model_info.registered_model_version)
+    return model_info
+
+
+def load_model(model_uri: str, dst_path: str | None = None) -> he.CompiledModel:
+    """Load the ``he.CompiledModel`` of a CKKS model from a local path or an MLflow URI.
+
+    Args:
+        model_uri: e.g. ``models:/NAME@ALIAS``, ``runs:/RUN_ID/model`` or a local directory.
+        dst_path: local directory to download the artifacts into (must exist).
+    """
+    local_path = _download_artifact_from_uri(artifact_uri=model_uri, output_path=dst_path)
+    flavor_conf = _get_flavor_configuration(model_path=local_path, flavor_name=FLAVOR_NAME)
+    return he.CompiledModel.load(os.path.join(local_path, flavor_conf["data"]))
+
+
+def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> _CKKSModelWrapper:
+    """Load the pyfunc implementation; called by ``mlflow.pyfunc.load_model``."""
+    return _CKKSModelWrapper(he.CompiledModel.load(path))
+
+
+class _CKKSModelWrapper:
+    """Evaluates encrypted requests with public contexts only; one context cache per process."""
+
+    def __init__(self, compiled: he.CompiledModel) -> None:
+        self.compiled = compiled
+        self.contexts: ContextCache[he.PublicContext] = ContextCache()
+
+    def get_raw_model(self) -> he.CompiledModel:
+        """The compiled model (what ``EncryptedClient`` reads its CKKS parameters from)."""
+        return self.compiled
+
+    def predict(self, data: Any, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        """Evaluate each request row; see :mod:`lightning_privacy.mlflow_plugins.protocol`.
+
+        Raises:
+            MlflowException: HTTP 400 with a ``lightning_privacy_code`` for a rejected request.
+        """
+        try:
+            results = [self._evaluate(row) for row in protocol.decode_request(data)]
+        except EncryptedRequestError as error:
+            raise protocol.to_mlflow_exception(error) from None
+        return protocol.encode_response([r.to_bytes() for r in results], [r.n_samples for r in results])
+
+    def _evaluate(self, row: EncryptedRequest) -> he.EncryptedBatch:
+        context = self.contexts.get_or_load(row.key_id, row.context, _public_context)
+        try:
+            batch = he.EncryptedBatch.from_bytes(row.ciphertext, context)
+        except EncryptionInputError as e:
+            raise EncryptedRequestError(ErrorCode.INVALID_CIPHERTEXT, f"The ciphertext cannot be read: {e}") from None
+        if batch.layout != row.layout:
+            raise EncryptedRequestError(
+                ErrorCode.MALFORMED_REQUEST,
+                f"The row says layout {row.layout!r} but the ciphertext is packed as {batch.layout!r}.",
+            )
+        try:
+            return self.compiled.evaluate(batch, context)
+        except EncryptionInputError as e:
+            raise EncryptedRequestError(ErrorCode.WRONG_SHAPE, f"The encrypted batch does not fit this model: {e}") from None
+
+
+def _public_context(data: bytes) -> he.PublicContext:
+    try:
+        return he.PublicContext.from_bytes(data)
+    except SecretKeyExposureError:
+        raise EncryptedRequestError(
+            ErrorCode.PRIVATE_CONTEXT,
+            "The context holds a secret key; the server only accepts public contexts. The secret "
+            "key must never leave the client: send Keyring.public_context_bytes() (EncryptedClient does).",
+        ) from None
+    except EncryptionInputError as e:
+        raise EncryptedRequestError(ErrorCode.INVALID_CONTEXT, f"The context cannot be read: {e}") from None
+
+
+def _compile(
+    model: Any,
+    calibration_data: np.ndarray | None,
+    example_input: Any,
+    compile_options: dict[str, Any] | None,
+) -> he.CompiledModel:
+    if isinstance(model, he.CompiledModel):
+        return model
+    if calibration_data is None:
+        raise CompilationError(
+            f"Compiling a {type(model).__name__} to CKKS needs calibration_data (a few hundred "
+            "representative inputs); or pass an already compiled he.CompiledModel."
+        )
+    import torch
+
+    if isinstance(model, torch.nn.Module):
+        if example_input is None:
+            example_input = torch.as_tensor(np.asarray(calibration_data[:1]), dtype=torch.float32)
+        model = he.export(model, example_input)
+    return he.compile(model, np.asarray(calibration_data), **(compile_options or {}))
+
+
+def _copy_privacy_tags(run_id: str | None, name: str, version: int | str) -> None:
+    if run_id is None:
+        return
+    client = mlflow.MlflowClient()
+    for key, value in client.get_run(run_id).data.tags.items():
+        if key.startswith(PRIVACY_TAG_PREFIX):
+            client.set_model_version_tag(name, str(version), key, value)

@@ -1,0 +1,160 @@
+"""``EncryptedClient``: encrypt here, compute on the server, decrypt here."""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import requests
+from mlflow.exceptions import MlflowException
+from requests.adapters import HTTPAdapter
+
+from lightning_privacy import he
+from lightning_privacy.errors import EncryptedRequestError
+from lightning_privacy.mlflow_plugins import ckks, protocol
+from lightning_privacy.mlflow_plugins.protocol import EncryptedRequest, ErrorCode
+
+_SINGLE_LAYOUT_CHUNK = 16
+
+
+class EncryptedClient:
+    """Client of a CKKS model served by ``mlflow models serve`` (or loaded in-process).
+
+    It generates and holds the keys (one keyring per packing layout), encrypts numpy or pandas
+    input, splits it into requests, sends the public context once per server, and decrypts the
+    answers. The secret key never leaves this object; decrypted outputs are never sent anywhere
+    (sending them back would break IND-CPA-D security of CKKS). If the server answers
+    ``UNKNOWN_KEY_ID`` (e.g. it restarted), the client re-sends its context and retries once.
+
+    Args:
+        model: model URI (``models:/NAME@ALIAS``, ``runs:/...``, a local path) or a
+            ``he.CompiledModel``; the client reads the CKKS parameters and layouts from it.
+        url: base URL of the scoring server, e.g. ``http://127.0.0.1:5001``. ``None`` loads
+            ``model`` (then a URI) in this process with ``mlflow.pyfunc.load_model`` and runs the
+            same protocol without HTTP.
+        layout: ``"batch"`` or ``"single"``; ``None`` lets the model choose per call by batch size.
+        chunk_size: most samples per request; default the model's ``max_batch_size`` for the batch
+            layout and 16 for the single layout.
+        timeout: seconds to wait for one HTTP answer.
+
+    Raises:
+        EncryptedRequestError: from the predict methods, when the server rejects a request.
+
+    Example::
+
+        client = EncryptedClient("models:/digits-ckks@champion", url="http://127.0.0.1:5001")
+        labels = client.predict(X_test)  # argmax of the decrypted logits
+        proba = client.predict_proba(X_test)
+    """
+
+    def __init__(
+        self,
+        model: str | he.CompiledModel,
+        url: str | None = None,
+        *,
+        layout: str | None = None,
+        chunk_size: int | None = None,
+        timeout: float = 600.0,
+    ) -> None:
+        if layout not in (None, *protocol.LAYOUTS):
+            raise ValueError(f"layout must be one of {list(protocol.LAYOUTS)} or None, got {layout!r}.")
+        if url is None:
+            if not isinstance(model, str):
+                raise ValueError("In-process use (url=None) needs a model URI, not a CompiledModel.")
+            import mlflow.pyfunc
+
+            self._pyfunc = mlflow.pyfunc.load_model(model)
+            self.compiled: he.CompiledModel = self._pyfunc.get_raw_model()
+        else:
+            self._pyfunc = None
+            self.compiled = ckks.load_model(model) if isinstance(model, str) else model
+            self._session = requests.Session()
+            # Enough pooled connections for the benchmark's concurrency without pool warnings.
+            self._session.mount("http://", HTTPAdapter(pool_connections=4, pool_maxsize=64))
+        self.url = None if url is None else url.rstrip("/") + "/invocations"
+        self.layout = layout
+        self.chunk_size = chunk_size
+        self.timeout = timeout
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.requests_sent = 0
+        self._keyrings: dict[str, tuple[he.Keyring, bytes, str]] = {}
+        self._server_has: set[str] = set()
+        self._lock = threading.Lock()
+
+    def predict_logits(self, x: np.ndarray | pd.DataFrame) -> np.ndarray:
+        """Raw logits ``(n, output_dim)`` of the encrypted graph (a final softmax is not in it)."""
+        x = self._as_array(x)
+        layout = self.layout or self.compiled.choose_layout(len(x))
+        chunk = self.chunk_size or (self.compiled.max_batch_size if layout == "batch" else _SINGLE_LAYOUT_CHUNK)
+        keyring, context, key_id = self._keyring(layout)
+        outputs = []
+        for start in range(0, len(x), chunk):
+            batch = keyring.encrypt(x[start : start + chunk])
+            (result,) = self._invoke(key_id, layout, context, batch.to_bytes())
+            outputs.append(keyring.decrypt(he.EncryptedBatch.from_bytes(result, keyring.public_context)))
+        return np.concatenate(outputs, axis=0)
+
+    def predict_proba(self, x: np.ndarray | pd.DataFrame) -> np.ndarray:
+        """Class probabilities: softmax of the decrypted logits, computed here."""
+        logits = self.predict_logits(x)
+        z = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return z / z.sum(axis=1, keepdims=True)
+
+    def predict(self, x: np.ndarray | pd.DataFrame) -> np.ndarray:
+        """Predicted class indices: argmax of the decrypted logits."""
+        return self.predict_logits(x).argmax(axis=1)
+
+    def _as_array(self, x: np.ndarray | pd.DataFrame) -> np.ndarray:
+        x = np.asarray(x.to_numpy() if isinstance(x, pd.DataFrame) else x, dtype=np.float64)
+        shape = tuple(self.compiled.input_shape)
+        if x.ndim == 2 and len(shape) > 1 and x.shape[1] == int(np.prod(shape)):
+            x = x.reshape(len(x), *shape)
+        return x
+
+    def _keyring(self, layout: str) -> tuple[he.Keyring, bytes, str]:
+        with self._lock:
+            if layout not in self._keyrings:
+                keyring = he.Keyring(self.compiled, layout)
+                context = keyring.public_context_bytes()
+                self._keyrings[layout] = (keyring, context, protocol.key_id_of(context))
+            return self._keyrings[layout]
+
+    def _invoke(self, key_id: str, layout: str, context: bytes, ciphertext: bytes) -> list[bytes]:
+        send_context = key_id not in self._server_has
+        try:
+            result = self._post(EncryptedRequest(key_id, layout, context if send_context else None, ciphertext))
+        except EncryptedRequestError as error:
+            if error.code != ErrorCode.UNKNOWN_KEY_ID or send_context:
+                raise
+            self._server_has.discard(key_id)
+            result = self._post(EncryptedRequest(key_id, layout, context, ciphertext))
+        self._server_has.add(key_id)
+        return result
+
+    def _post(self, row: EncryptedRequest) -> list[bytes]:
+        body = protocol.encode_request([row])
+        if self._pyfunc is not None:
+            split = body["dataframe_split"]
+            try:
+                answer: Any = self._pyfunc.predict(pd.DataFrame(split["data"], columns=split["columns"]))
+            except MlflowException as e:
+                raise protocol.from_error_body({**e.json_kwargs, "message": e.message}) or e from None
+            return protocol.decode_response(answer)
+        data = json.dumps(body)
+        response = self._session.post(
+            self.url, data=data, headers={"Content-Type": "application/json"}, timeout=self.timeout
+        )
+        with self._lock:
+            self.bytes_sent += len(data)
+            self.bytes_received += len(response.content)
+            self.requests_sent += 1
+        if response.status_code == 400:
+            error = protocol.from_error_body(response.json())
+            if error is not None:
+                raise error
+        response.raise_for_status()
+        return protocol.decode_response(response.json())
