@@ -12,5 +12,6 @@ Example::
 from lightning_privacy.mlflow_plugins import ckks, protocol
 from lightning_privacy.mlflow_plugins.client import EncryptedClient
 from lightning_privacy.mlflow_plugins.context_cache import ContextCache
+from lightning_privacy.mlflow_plugins.serving import ScoringServer
 
-__all__ = ["ContextCache", "EncryptedClient", "ckks", "protocol"]
+__all__ = ["ContextCache", "EncryptedClient", "ScoringServer", "ckks", "protocol"]
