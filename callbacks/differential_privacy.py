@@ -114,7 +114,7 @@ class DifferentialPrivacy(Callback):
         self.allow_config_change = allow_config_change
         self.engine = DPSGDEngine(self.config)
         self._trainer: Optional[pl.Trainer] = None
-        self._budget_announced = False
+        self._last_logged_step: Optional[int] = None
 
     @property
     def epsilon(self) -> float:
@@ -202,11 +202,21 @@ class DifferentialPrivacy(Callback):
         self._log_epsilon(trainer, pl_module, on_step=False)
 
     def _log_epsilon(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", on_step: bool) -> None:
+        # One metric, "epsilon", labelled like Lightning labels the user's metrics: by the index of
+        # the last optimizer step. Step-level values go to the loggers directly, because Lightning
+        # re-sends a step metric at every later step until the epoch ends.
+        step = trainer.global_step - 1
+        if step == self._last_logged_step:
+            return
+        self._last_logged_step = step
         eps = self.engine.epsilon()
-        name = "epsilon_step" if on_step else "epsilon"
-        pl_module.log(name, eps, prog_bar=True, on_step=on_step, on_epoch=not on_step, batch_size=1)
-        if not mlflow_privacy.has_mlflow_logger(trainer):
-            mlflow_privacy.log_epsilon_to_active_run(trainer, eps, trainer.global_step)
+        if on_step:
+            for lg in trainer.loggers:
+                lg.log_metrics({"epsilon": eps}, step=step)
+            pl_module.log("epsilon", eps, prog_bar=True, logger=False, on_step=True, on_epoch=False, batch_size=1)
+        else:
+            pl_module.log("epsilon", eps, prog_bar=True, on_step=False, on_epoch=True, batch_size=1)
+        mlflow_privacy.log_epsilon_to_active_run(trainer, eps, step)
 
     def _stop_if_budget_spent(self, trainer: "pl.Trainer") -> None:
         if self.engine.remaining_steps > 0 or trainer.should_stop:

@@ -7,6 +7,7 @@ the logger's run wins, so nothing is written twice.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
 import pytorch_lightning as pl
@@ -47,7 +48,7 @@ def log_params(trainer: "pl.Trainer", params: dict[str, Any]) -> None:
 
 def log_epsilon_to_active_run(trainer: "pl.Trainer", epsilon: float, step: int) -> None:
     """ε as a metric of the active MLflow run, when no ``MLFlowLogger`` carries it already."""
-    if has_mlflow_logger(trainer) or _active_run_id() is None:
+    if has_mlflow_logger(trainer) or _active_run_id() is None or not math.isfinite(epsilon):
         return
     import mlflow
 
