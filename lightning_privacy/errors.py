@@ -53,6 +53,14 @@ class SecretKeyExposureError(LightningPrivacyError, PermissionError):
     """A context holding the secret key reached code that must only ever see public keys."""
 
 
+class ApproximationWarning(UserWarning):
+    """A polynomial approximation changes the network's predictions noticeably."""
+
+
+class CalibrationRangeWarning(UserWarning):
+    """Inputs lie outside the range the model was calibrated on."""
+
+
 # --------------------------------------------------------------------------- serving (mlflow_plugins)
 
 
