@@ -279,33 +279,43 @@ class _CKKSModelWrapper:
         return protocol.encode_response([r.to_bytes() for r in results], [r.n_samples for r in results])
 
     def _evaluate(self, row: EncryptedRequest) -> he.EncryptedBatch:
-        context = self.contexts.get_or_load(row.key_id, row.context, _public_context)
+        context = self.contexts.get_or_load(row.key_id, row.context, self._public_context)
+        if context.layout != row.layout:
+            raise EncryptedRequestError(
+                ErrorCode.MALFORMED_REQUEST,
+                f"The row says layout {row.layout!r} but key {row.key_id[:16]}... was made for {context.layout!r}.",
+            )
         try:
             batch = he.EncryptedBatch.from_bytes(row.ciphertext, context)
         except EncryptionInputError as e:
             raise EncryptedRequestError(ErrorCode.INVALID_CIPHERTEXT, f"The ciphertext cannot be read: {e}") from None
-        if batch.layout != row.layout:
-            raise EncryptedRequestError(
-                ErrorCode.MALFORMED_REQUEST,
-                f"The row says layout {row.layout!r} but the ciphertext is packed as {batch.layout!r}.",
-            )
         try:
             return self.compiled.evaluate(batch, context)
         except EncryptionInputError as e:
-            raise EncryptedRequestError(ErrorCode.WRONG_SHAPE, f"The encrypted batch does not fit this model: {e}") from None
+            raise EncryptedRequestError(
+                ErrorCode.MODEL_MISMATCH,
+                f"The encrypted batch does not fit this model (input shape {tuple(self.compiled.input_shape)}): {e}",
+            ) from None
 
-
-def _public_context(data: bytes) -> he.PublicContext:
-    try:
-        return he.PublicContext.from_bytes(data)
-    except SecretKeyExposureError:
-        raise EncryptedRequestError(
-            ErrorCode.PRIVATE_CONTEXT,
-            "The context holds a secret key; the server only accepts public contexts. The secret "
-            "key must never leave the client: send Keyring.public_context_bytes() (EncryptedClient does).",
-        ) from None
-    except EncryptionInputError as e:
-        raise EncryptedRequestError(ErrorCode.INVALID_CONTEXT, f"The context cannot be read: {e}") from None
+    def _public_context(self, data: bytes) -> he.PublicContext:
+        try:
+            context = he.PublicContext.from_bytes(data)
+        except SecretKeyExposureError:
+            raise EncryptedRequestError(
+                ErrorCode.PRIVATE_CONTEXT,
+                "The context holds a secret key; the server only accepts public contexts. The secret key "
+                "must never leave the client (treat this one as compromised): send "
+                "Keyring.public_context_bytes(), as EncryptedClient does.",
+            ) from None
+        except EncryptionInputError as e:
+            raise EncryptedRequestError(ErrorCode.INVALID_CONTEXT, f"The context cannot be read: {e}") from None
+        if context.params != self.compiled.params:
+            raise EncryptedRequestError(
+                ErrorCode.MODEL_MISMATCH,
+                f"The context was made for other CKKS parameters than this model's ({self.compiled.params}); "
+                "make the keys from this model (EncryptedClient reads them from the model URI).",
+            )
+        return context
 
 
 def _compile(

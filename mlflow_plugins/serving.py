@@ -88,7 +88,9 @@ class ScoringServer:
                 pass
             time.sleep(0.5)
         self.stop()
-        raise ScoringServerError(f"No answer on {self.url}/ping after {self.startup_timeout:.0f} s:\n{self._log_tail()}")
+        raise ScoringServerError(
+            f"No answer on {self.url}/ping after {self.startup_timeout:.0f} s:\n{self._log_tail()}"
+        )
 
     def stop(self) -> None:
         """Stop the server and every process it spawned (SIGTERM, SIGKILL after 10 s); idempotent."""

@@ -46,7 +46,7 @@ class FakeKeyring:
         self.layout, self.public_context = layout, object()
 
     def public_context_bytes(self) -> bytes:
-        return b"public-" + self.layout.encode() * 1000
+        return self.layout.encode() + b"|" + b"public key" * 100
 
     def encrypt(self, x: np.ndarray) -> FakeBatch:
         return FakeBatch(np.asarray(x), self.layout)
@@ -55,8 +55,17 @@ class FakeKeyring:
         return batch.x.reshape(len(batch.x), -1)
 
 
+class FakeContext:
+    params = "fake-params"
+
+    def __init__(self, data: bytes) -> None:
+        self.layout = data.partition(b"|")[0].decode()
+
+    from_bytes = classmethod(lambda cls, data: cls(data))
+
+
 class FakeCompiled:
-    input_shape, output_dim, max_batch_size = (3,), 3, 4
+    input_shape, output_dim, max_batch_size, params = (3,), 3, 4, "fake-params"
 
     def choose_layout(self, n: int) -> str:
         return "batch" if n > 1 else "single"
@@ -101,7 +110,7 @@ class FakeServer:
 def server(monkeypatch) -> FakeServer:
     monkeypatch.setattr(he, "Keyring", FakeKeyring, raising=False)
     monkeypatch.setattr(he, "EncryptedBatch", FakeBatch, raising=False)
-    monkeypatch.setattr(he, "PublicContext", type("PC", (), {"from_bytes": staticmethod(lambda d: d)}), raising=False)
+    monkeypatch.setattr(he, "PublicContext", FakeContext, raising=False)
     return FakeServer()
 
 
@@ -142,7 +151,8 @@ def test_restarted_server_gets_the_context_again_after_one_rejection(client, ser
 
 def test_retries_only_once(client, server, monkeypatch):
     client.predict_logits(np.ones((1, 3)))
-    monkeypatch.setattr(ckks.ContextCache, "get_or_load", _raising(EncryptedRequestError("UNKNOWN_KEY_ID", "forgotten")))
+    forgotten = EncryptedRequestError("UNKNOWN_KEY_ID", "forgotten")
+    monkeypatch.setattr(ckks.ContextCache, "get_or_load", _raising(forgotten))
     with pytest.raises(EncryptedRequestError, match="forgotten") as info:
         client.predict_logits(np.ones((1, 3)))
     assert info.value.code == "UNKNOWN_KEY_ID"
@@ -150,10 +160,11 @@ def test_retries_only_once(client, server, monkeypatch):
 
 
 def test_other_rejections_are_raised_with_their_code(client, server, monkeypatch):
-    monkeypatch.setattr(FakeCompiled, "evaluate", _raising(EncryptedRequestError("WRONG_SHAPE", "three features expected")))
+    mismatch = EncryptedRequestError("MODEL_MISMATCH", "three features expected")
+    monkeypatch.setattr(FakeCompiled, "evaluate", _raising(mismatch))
     with pytest.raises(EncryptedRequestError, match="three features") as info:
         client.predict_logits(np.ones((1, 3)))
-    assert info.value.code == "WRONG_SHAPE" and len(server.bodies) == 1
+    assert info.value.code == "MODEL_MISMATCH" and len(server.bodies) == 1
 
 
 def test_predict_and_proba_are_computed_on_the_client(client):
