@@ -20,7 +20,7 @@ Pipeline::
 Public API (contract; the MLflow flavor builds on exactly these names):
 
 - ``export(module, example_input, path=None) -> onnx.ModelProto``: legacy TorchScript exporter
-  (``dynamo=False``), opset 17, dynamic batch axis, constant folding (weights are initializers).
+  (``dynamo=False``), opset 20, dynamic batch axis, constant folding (weights are initializers).
 - ``import_onnx(model: str | PathLike | bytes | onnx.ModelProto) -> LayerGraph``.
 - ``SUPPORTED_OPS``: mapping ONNX op type -> lowering; the documented list of what is supported.
   Anything else raises :class:`~lightning_privacy.errors.UnsupportedOperatorError` naming the op type,
@@ -54,3 +54,48 @@ Public API (contract; the MLflow flavor builds on exactly these names):
 - ``CKKSParams``, ``SECURITY_LIMITS`` (N -> max total coefficient-modulus bits at 128-bit security).
 - ``nn.Square``, ``nn.PolyActivation``: HE-friendly blocks that import exactly (no approximation).
 """
+
+from __future__ import annotations
+
+import numpy as np
+
+from lightning_privacy.he import nn
+from lightning_privacy.he.compile import ApproximationReport, compile
+from lightning_privacy.he.compiled import CompiledModel
+from lightning_privacy.he.export import export
+from lightning_privacy.he.graph import LayerGraph
+from lightning_privacy.he.keys import Keyring, PublicContext
+from lightning_privacy.he.onnx_import import SUPPORTED_OPS, import_onnx
+from lightning_privacy.he.params import SECURITY_LIMITS, CKKSParams
+from lightning_privacy.he.runtime import EncryptedBatch
+
+
+def apply_output_activation(logits: np.ndarray, activation: str | None) -> np.ndarray:
+    """Client side, after decryption: apply the model's ``output_activation`` to raw logits."""
+    if activation is None:
+        return logits
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    if activation == "log_softmax":
+        return log_probs
+    if activation == "softmax":
+        return np.exp(log_probs)
+    raise ValueError(f"unknown output activation {activation!r}")
+
+
+__all__ = [
+    "SECURITY_LIMITS",
+    "SUPPORTED_OPS",
+    "ApproximationReport",
+    "CKKSParams",
+    "CompiledModel",
+    "EncryptedBatch",
+    "Keyring",
+    "LayerGraph",
+    "PublicContext",
+    "apply_output_activation",
+    "compile",
+    "export",
+    "import_onnx",
+    "nn",
+]

@@ -1,0 +1,193 @@
+"""LayerGraph + calibration data -> :class:`CompiledModel`.
+
+Passes, in order: approximate activations by polynomials over their calibrated input intervals,
+fuse chains of affine layers (BatchNorm into Conv/Gemm, normalizations into the layer before),
+analyse multiplicative depth, and select CKKS parameters.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass, replace
+
+import numpy as np
+import onnx
+
+from lightning_privacy.errors import ApproximationWarning, CompilationError
+from lightning_privacy.he.graph import Activation, Add, Affine, LayerGraph, Multiply, Polynomial
+from lightning_privacy.he.onnx_import import import_onnx
+from lightning_privacy.he.packing.single import period
+from lightning_privacy.he.params import select_params
+from lightning_privacy.he.polynomial import activation_function, fit_activation
+
+#: Argmax agreement with the exact network, on the calibration data, below which compile warns.
+MIN_AGREEMENT = 0.99
+
+
+@dataclass(frozen=True)
+class ApproximationReport:
+    """How well one activation's polynomial matches it.
+
+    ``max_error`` is over the whole fitted interval, ``calibration_error`` over the activation's
+    inputs seen on the calibration data.
+    """
+
+    layer: str
+    activation: str
+    degree: int
+    interval: tuple[float, float]
+    max_error: float
+    calibration_error: float
+
+
+def compile(
+    model: LayerGraph | onnx.ModelProto | str | os.PathLike | bytes,
+    calibration_data: np.ndarray,
+    *,
+    poly_degree: int = 7,
+    margin: float = 0.1,
+):
+    """Compile a layer graph (or ONNX model) for encrypted inference.
+
+    Args:
+        model: a :class:`LayerGraph`, or anything :func:`import_onnx` reads.
+        calibration_data: representative inputs ``(n, *input_shape)``: they set the polynomial
+            intervals, the input range (outside it the client warns) and the value bound that
+            sizes the first prime.
+        poly_degree: degree of the polynomials that replace Relu/Sigmoid/Tanh/Gelu/SiLU; depth per
+            activation is ``ceil(log2 degree) + 1``.
+        margin: relative widening of every calibrated interval.
+
+    Returns:
+        A :class:`CompiledModel`.
+
+    Raises:
+        CompilationError: bad calibration data, or a depth that does not fit N=32768.
+        UnsupportedOperatorError: from the import of an unsupported ONNX model.
+
+    Warns:
+        ApproximationWarning: the approximated network's argmax agrees with the exact one on less
+            than 99% of the calibration data.
+    """
+    from lightning_privacy.he.compiled import CompiledModel
+
+    graph = model if isinstance(model, LayerGraph) else import_onnx(model)
+    if poly_degree < 1 or margin < 0:
+        raise CompilationError(f"poly_degree must be >= 1 and margin >= 0, got {poly_degree} and {margin}")
+    x = _calibration(graph, calibration_data)
+    approximated, report = approximate(graph, x, poly_degree, margin)
+    compiled_graph = fuse_affine(approximated)
+    depth = max(levels(compiled_graph).values())
+    values = compiled_graph.values(x)
+    bound = max(float(np.max(np.abs(v))) for v in values.values()) * (1 + margin)
+    params = select_params(max(depth, 1), bound, min_slots=_max_period(compiled_graph))
+    flat = x.reshape(len(x), -1)
+    spread = (flat.max(axis=0) - flat.min(axis=0)) * margin
+    agreement = _agreement(graph.forward(x), values[compiled_graph.output_name])
+    if agreement < MIN_AGREEMENT:
+        warnings.warn(
+            f"the polynomial approximation changes the predicted class on {1 - agreement:.1%} of the calibration "
+            f"data (agreement {agreement:.1%} < {MIN_AGREEMENT:.0%}); raise poly_degree, use HE-friendly "
+            "activations (lightning_privacy.he.nn.Square / PolyActivation), or check the calibration data",
+            ApproximationWarning,
+            stacklevel=2,
+        )
+    return CompiledModel(
+        compiled_graph,
+        params,
+        input_range=(flat.min(axis=0) - spread, flat.max(axis=0) + spread),
+        approximation_report=report,
+        calibration_agreement=agreement,
+    )
+
+
+def _calibration(graph: LayerGraph, data: np.ndarray) -> np.ndarray:
+    x = np.asarray(data, dtype=np.float64)
+    if x.ndim != len(graph.input_shape) + 1 or x.shape[1:] != tuple(graph.input_shape) or len(x) == 0:
+        raise CompilationError(f"calibration_data must have shape (n, {', '.join(map(str, graph.input_shape))}), got {x.shape}")
+    if not np.all(np.isfinite(x)):
+        raise CompilationError("calibration_data contains NaN or inf")
+    return x
+
+
+def _agreement(exact: np.ndarray, approx: np.ndarray) -> float:
+    if exact.shape[1] == 1:
+        return float(np.mean((exact[:, 0] > 0) == (approx[:, 0] > 0)))
+    return float(np.mean(exact.argmax(axis=1) == approx.argmax(axis=1)))
+
+
+def approximate(graph: LayerGraph, x: np.ndarray, degree: int, margin: float) -> tuple[LayerGraph, list[ApproximationReport]]:
+    """Replace each Activation by ``Polynomial(Affine_normalize(x))`` fitted on its calibrated interval."""
+    values = graph.values(x)
+    layers, report, shapes = [], [], dict(graph.shapes)
+    for layer in graph.layers:
+        if not isinstance(layer, Activation):
+            layers.append(layer)
+            continue
+        seen = values[layer.input]
+        low, high = float(seen.min()), float(seen.max())
+        half = 0.5 * (high - low) * (1 + margin) + 1e-3
+        fit = fit_activation(layer.kind, 0.5 * (low + high) - half, 0.5 * (low + high) + half, degree)
+        t = (seen - fit.center) / fit.radius
+        error = float(np.max(np.abs(np.polynomial.polynomial.polyval(t, fit.coefficients) - activation_function(layer.kind)(seen))))
+        report.append(ApproximationReport(layer.name, layer.kind, degree, (fit.center - fit.radius, fit.center + fit.radius), fit.max_error, error))
+        d = seen.shape[1]
+        normalized = f"{layer.output}/normalized"
+        shapes[normalized] = shapes[layer.input]
+        layers.append(Affine(f"{layer.name}/normalize", layer.input, normalized, np.eye(d) / fit.radius, np.full(d, -fit.center / fit.radius)))
+        layers.append(Polynomial(layer.name, normalized, layer.output, fit.coefficients))
+    return replace(graph, layers=layers, shapes=shapes), report
+
+
+def fuse_affine(graph: LayerGraph) -> LayerGraph:
+    """Compose every affine layer with the affine layer it reads from when nothing else reads that value."""
+    layers = list(graph.layers)
+    changed = True
+    while changed:
+        changed = False
+        producers = {layer.output: i for i, layer in enumerate(layers)}
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, Affine) or layer.input not in producers:
+                continue
+            j = producers[layer.input]
+            before = layers[j]
+            readers = sum(layer.input in other.inputs for other in layers)
+            if isinstance(before, Affine) and readers == 1 and layer.input != graph.output_name:
+                layers[i] = Affine(layer.name, before.input, layer.output, layer.weight @ before.weight, layer.weight @ before.bias + layer.bias)
+                del layers[j]
+                changed = True
+                break
+    for layer in layers:
+        if isinstance(layer, Polynomial) and not any(c != 0.0 for c in layer.coefficients[1:]):
+            raise CompilationError(f"polynomial layer {layer.name!r} is constant; it does not depend on the input")
+    return replace(graph, layers=layers)
+
+
+def levels(graph: LayerGraph) -> dict[str, int]:
+    """Rescales consumed up to each value (the same in both layouts); depth is the maximum."""
+    level, exact = {graph.input_name: 0}, {graph.input_name: True}
+    for layer in graph.layers:
+        if isinstance(layer, Affine):
+            level[layer.output] = level[layer.input] + (0 if layer.is_bias_only else 1)
+            exact[layer.output] = exact[layer.input] if layer.is_bias_only else True
+        elif isinstance(layer, Add):
+            level[layer.output] = max(level[v] + (0 if exact[v] else 1) for v in layer.inputs)
+            exact[layer.output] = True
+        elif isinstance(layer, Multiply):
+            level[layer.output] = max(level[v] for v in layer.inputs) + 1
+            exact[layer.output] = False
+        elif isinstance(layer, Polynomial):
+            nonzero = [k for k, c in enumerate(layer.coefficients) if c != 0.0 and k >= 1]
+            powers = math.ceil(math.log2(max(nonzero)))
+            bare = len(nonzero) == 1 and layer.coefficients[nonzero[0]] == 1.0 and layer.coefficients[0] == 0.0
+            level[layer.output] = level[layer.input] + powers + (0 if bare else 1)
+            exact[layer.output] = not bare
+        else:
+            raise CompilationError(f"layer {layer.name!r} ({type(layer).__name__}) must be approximated before depth analysis")
+    return level
+
+
+def _max_period(graph: LayerGraph) -> int:
+    return max(period(int(np.prod(shape))) for shape in graph.shapes.values() if shape is not None)

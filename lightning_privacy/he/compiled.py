@@ -1,0 +1,179 @@
+"""The compiled model: an approximated, fused layer graph plus CKKS parameters, runnable in both layouts."""
+
+from __future__ import annotations
+
+import math
+import os
+from functools import cached_property
+from typing import TYPE_CHECKING
+
+import numpy as np
+import tenseal.sealapi as seal
+
+from lightning_privacy.he.compile import ApproximationReport, levels
+from lightning_privacy.he.graph import Add, Affine, LayerGraph, Multiply, Polynomial
+from lightning_privacy.he.packing.single import DiagonalKernel, DiagonalPlan, diagonal_plan
+from lightning_privacy.he.params import CKKSParams
+
+if TYPE_CHECKING:
+    from lightning_privacy.he.arithmetic import Arithmetic
+    from lightning_privacy.he.keys import PublicContext
+    from lightning_privacy.he.runtime import EncryptedBatch
+
+# Relative costs measured with sealapi at N=8192 (plaintext multiply-accumulate = 1).
+_COST_PLAIN_MULTIPLY, _COST_ROTATION, _COST_PRODUCT = 1.0, 10.0, 12.0
+
+
+class CompiledModel:
+    """A layer graph compiled for CKKS: only affine maps, sums, products and exact polynomials.
+
+    Args:
+        graph: the compiled :class:`LayerGraph`.
+        params: CKKS parameters for both layouts.
+        input_range: per-feature ``(low, high)`` of the calibration data (widened by the margin);
+            ``Keyring.encrypt`` warns outside it.
+        approximation_report: one :class:`ApproximationReport` per approximated activation.
+        calibration_agreement: argmax agreement of the approximated and the exact network on the
+            calibration data.
+
+    Example::
+
+        model = compile(export(net, x[:1]), calibration_data=x)
+        model.save("ckks_model")
+        keys = Keyring(model, layout=model.choose_layout(len(x)))
+        out = model.evaluate(keys.encrypt(x), keys.public_context)
+        logits = keys.decrypt(out)
+    """
+
+    def __init__(
+        self,
+        graph: LayerGraph,
+        params: CKKSParams,
+        input_range: tuple[np.ndarray, np.ndarray],
+        approximation_report: list[ApproximationReport],
+        calibration_agreement: float = 1.0,
+    ) -> None:
+        self.graph = graph
+        self.params = params
+        self.input_range = (np.asarray(input_range[0], dtype=np.float64), np.asarray(input_range[1], dtype=np.float64))
+        self.approximation_report = list(approximation_report)
+        self.calibration_agreement = float(calibration_agreement)
+        self._plaintext_cache: dict = {}
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.graph.input_shape)
+
+    @property
+    def input_dim(self) -> int:
+        return int(np.prod(self.input_shape))
+
+    @property
+    def output_dim(self) -> int:
+        return self.graph.output_dim
+
+    @property
+    def output_activation(self) -> str | None:
+        """``None``, ``"softmax"`` or ``"log_softmax"``: applied by the client after decryption."""
+        return self.graph.output_activation
+
+    @cached_property
+    def depth(self) -> int:
+        """Multiplicative depth: rescales from the input to the output."""
+        return max(levels(self.graph).values())
+
+    @property
+    def max_batch_size(self) -> int:
+        """Samples per batch-layout EncryptedBatch (the slot count); callers chunk larger inputs."""
+        return self.params.slots
+
+    @cached_property
+    def diagonal_plans(self) -> dict[str, DiagonalPlan]:
+        return {layer.name: diagonal_plan(layer.weight) for layer in self.graph.layers if isinstance(layer, Affine)}
+
+    @cached_property
+    def rotation_steps(self) -> list[int]:
+        """Rotation steps of the single layout (Galois keys are made for exactly these)."""
+        steps = set()
+        for layer in self.graph.layers:
+            if isinstance(layer, Affine) and not layer.is_bias_only:
+                steps |= self.diagonal_plans[layer.name].rotation_steps
+        return sorted(steps)
+
+    def diagonal_kernel(self, arith: Arithmetic, galois_keys: seal.GaloisKeys) -> DiagonalKernel:
+        """The single-layout kernel; encoded diagonals are cached on this model across calls."""
+        return DiagonalKernel(arith, galois_keys, self.params.slots, self._plaintext_cache)
+
+    def estimated_cost(self, layout: str, batch_size: int) -> float:
+        """Relative cost of evaluating ``batch_size`` samples in ``layout`` (for :meth:`choose_layout`)."""
+        elementwise = 0.0
+        per_value = {}
+        for layer in self.graph.layers:
+            if isinstance(layer, Multiply):
+                per_value[layer.name] = _COST_PRODUCT
+            elif isinstance(layer, Polynomial):
+                degree = len(layer.coefficients) - 1
+                per_value[layer.name] = _COST_PRODUCT * max(1, degree - 1) + _COST_PLAIN_MULTIPLY * degree
+            elif isinstance(layer, Add):
+                per_value[layer.name] = 0.2
+            else:
+                continue
+            dim = int(np.prod(self.graph.shapes[layer.output]))
+            elementwise += per_value[layer.name] * (dim if layout == "batch" else 1)
+        affine = 0.0
+        for layer in self.graph.layers:
+            if not isinstance(layer, Affine) or layer.is_bias_only:
+                continue
+            if layout == "batch":
+                affine += _COST_PLAIN_MULTIPLY * np.count_nonzero(layer.weight)
+            else:
+                plan = self.diagonal_plans[layer.name]
+                affine += _COST_PLAIN_MULTIPLY * len(plan.diagonals) + _COST_ROTATION * plan.rotations
+        if layout == "batch":
+            return (affine + elementwise) * math.ceil(batch_size / self.max_batch_size)
+        return (affine + elementwise) * batch_size
+
+    def choose_layout(self, batch_size: int) -> str:
+        """``"single"`` when encrypting samples one by one is cheaper than one batch, else ``"batch"``."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        return "single" if self.estimated_cost("single", batch_size) < self.estimated_cost("batch", batch_size) else "batch"
+
+    def evaluate(self, batch: EncryptedBatch, context: PublicContext, *, progress: bool = False) -> EncryptedBatch:
+        """Server side: run the model on ``batch`` with the public ``context`` only.
+
+        Raises:
+            EncryptionInputError: the batch or context does not match this model (layout, params,
+                number of ciphertexts, levels, missing Galois keys).
+        """
+        from lightning_privacy.he.runtime import evaluate
+
+        return evaluate(self, batch, context, progress)
+
+    def plaintext_forward(self, x: np.ndarray) -> np.ndarray:
+        """The compiled (approximated) graph in float64: raw outputs ``(n, output_dim)``."""
+        x = np.asarray(x, dtype=np.float64)
+        return self.graph.forward(x.reshape(len(x), *self.input_shape))
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write ``model.json`` (versioned) and ``weights.npz`` into ``directory``."""
+        from lightning_privacy.he.serialization import save_compiled
+
+        save_compiled(self, directory)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> CompiledModel:
+        """Read a model written by :meth:`save`.
+
+        Raises:
+            CompilationError: missing files, another format or an unsupported version.
+        """
+        from lightning_privacy.he.serialization import load_compiled
+
+        return load_compiled(directory)
+
+    def __repr__(self) -> str:
+        return (
+            f"CompiledModel(input_shape={self.input_shape}, output_dim={self.output_dim}, depth={self.depth}, "
+            f"N={self.params.poly_modulus_degree}, layers={len(self.graph.layers)})"
+        )

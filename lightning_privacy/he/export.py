@@ -1,0 +1,54 @@
+"""``torch.nn.Module`` -> ONNX, with the settings the importer expects."""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+
+import onnx
+import torch
+
+OPSET = 20
+
+
+def export(module: torch.nn.Module, example_input: torch.Tensor, path: str | os.PathLike | None = None) -> onnx.ModelProto:
+    """Export ``module`` (in eval mode) to ONNX for :func:`import_onnx`.
+
+    Uses the TorchScript exporter (``dynamo=False``) at opset 20, a dynamic batch axis named
+    ``batch``, and constant folding so that weights are initializers (BatchNorm after Conv is
+    folded by the exporter). The module's training flag is restored afterwards.
+
+    Args:
+        module: the trained model.
+        example_input: one batch ``(n, *input_shape)``; only its per-sample shape matters.
+        path: where to also write the ``.onnx`` file.
+
+    Example::
+
+        proto = export(model, torch.zeros(1, 64))
+        graph = import_onnx(proto)
+    """
+    was_training = module.training
+    module.eval()
+    buffer = io.BytesIO()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module,
+                (example_input,),
+                buffer,
+                dynamo=False,
+                opset_version=OPSET,
+                input_names=["input"],
+                output_names=["output"],
+                dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+                do_constant_folding=True,
+            )
+    finally:
+        module.train(was_training)
+    proto = onnx.load_from_string(buffer.getvalue())
+    if path is not None:
+        onnx.save(proto, os.fspath(path))
+    return proto

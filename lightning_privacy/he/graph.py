@@ -1,0 +1,154 @@
+"""The layer graph: the typed IR between ONNX and CKKS.
+
+Every encrypted value is a per-sample tensor (the batch axis is implicit) that the layers see
+flattened in row-major order, so every linear ONNX op (Gemm, Conv, pooling, BatchNorm, Reshape,
+Transpose, constant Add/Mul) becomes one :class:`Affine` layer. What stays is what costs
+multiplicative depth: affine maps, elementwise products, polynomials and activations that still need
+a polynomial approximation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+ACTIVATIONS = ("relu", "sigmoid", "tanh", "gelu", "gelu_tanh", "silu")
+OUTPUT_ACTIVATIONS = ("softmax", "log_softmax")
+
+
+@dataclass(frozen=True)
+class Affine:
+    """``y = weight @ x + bias`` on the flattened per-sample tensor. ``weight`` is (out, in)."""
+
+    name: str
+    input: str
+    output: str
+    weight: np.ndarray
+    bias: np.ndarray
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        return (self.input,)
+
+    @property
+    def is_bias_only(self) -> bool:
+        """An identity map plus bias costs no multiplicative level."""
+        w = self.weight
+        return w.shape[0] == w.shape[1] and np.array_equal(w, np.eye(w.shape[0], dtype=w.dtype))
+
+
+@dataclass(frozen=True)
+class Add:
+    """Elementwise sum of two encrypted values (residual connections)."""
+
+    name: str
+    left: str
+    right: str
+    output: str
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        return (self.left, self.right)
+
+
+@dataclass(frozen=True)
+class Multiply:
+    """Elementwise product of two encrypted values (``Mul(x, x)`` is a square)."""
+
+    name: str
+    left: str
+    right: str
+    output: str
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        return (self.left, self.right)
+
+
+@dataclass(frozen=True)
+class Polynomial:
+    """Elementwise ``sum_k coefficients[k] * x**k``, evaluated exactly (no approximation)."""
+
+    name: str
+    input: str
+    output: str
+    coefficients: tuple[float, ...]
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        return (self.input,)
+
+
+@dataclass(frozen=True)
+class Activation:
+    """A non-polynomial activation (one of :data:`ACTIVATIONS`); ``compile`` approximates it."""
+
+    name: str
+    input: str
+    output: str
+    kind: str
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        return (self.input,)
+
+
+Layer = Affine | Add | Multiply | Polynomial | Activation
+
+
+@dataclass
+class LayerGraph:
+    """A topologically ordered list of layers from one encrypted input to one encrypted output.
+
+    Args:
+        input_name: name of the graph input value.
+        input_shape: per-sample input shape (batch axis dropped), e.g. ``(1, 8, 8)``.
+        output_name: name of the value the server returns.
+        layers: layers in topological order.
+        shapes: per-sample shape of every value.
+        output_activation: ``None``, ``"softmax"`` or ``"log_softmax"``; removed from the encrypted
+            graph and applied by the client after decryption.
+
+    Example::
+
+        graph = import_onnx("model.onnx")
+        logits = graph.forward(x)          # exact numpy reference, x: (n, *graph.input_shape)
+    """
+
+    input_name: str
+    input_shape: tuple[int, ...]
+    output_name: str
+    layers: list[Layer]
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    output_activation: str | None = None
+
+    @property
+    def output_dim(self) -> int:
+        return int(np.prod(self.shapes[self.output_name]))
+
+    def consumers(self, value: str) -> list[Layer]:
+        return [layer for layer in self.layers if value in layer.inputs]
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """Exact float64 evaluation (activations not approximated); returns raw (n, output_dim)."""
+        return self.values(x)[self.output_name]
+
+    def values(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """Every value of the graph on ``x`` of shape (n, *input_shape), flattened to (n, dim)."""
+        from lightning_privacy.he.polynomial import activation_function
+
+        values = {self.input_name: np.asarray(x, dtype=np.float64).reshape(len(x), -1)}
+        for layer in self.layers:
+            if isinstance(layer, Affine):
+                out = values[layer.input] @ layer.weight.T + layer.bias
+            elif isinstance(layer, Add):
+                out = values[layer.left] + values[layer.right]
+            elif isinstance(layer, Multiply):
+                out = values[layer.left] * values[layer.right]
+            elif isinstance(layer, Polynomial):
+                out = np.polynomial.polynomial.polyval(values[layer.input], layer.coefficients)
+            else:
+                out = activation_function(layer.kind)(values[layer.input])
+            values[layer.output] = out
+        return values

@@ -1,0 +1,269 @@
+"""Keys: the client's :class:`Keyring` (secret key) and the server's :class:`PublicContext`.
+
+The public context bytes hold the encryption parameters, the public key, the relinearization keys,
+Galois keys for exactly the rotation steps the single layout uses (none for the batch layout), and
+the layout. They never hold the secret key; :meth:`PublicContext.from_bytes` refuses bytes that do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from typing import TYPE_CHECKING
+
+import numpy as np
+import tenseal.sealapi as seal
+
+from lightning_privacy.errors import EncryptionInputError, SecretKeyExposureError
+from lightning_privacy.he import wire
+from lightning_privacy.he.arithmetic import Arithmetic
+from lightning_privacy.he.packing import LAYOUTS, batch, single
+from lightning_privacy.he.params import SECURITY_LIMITS, CKKSParams
+
+if TYPE_CHECKING:
+    from lightning_privacy.he.compiled import CompiledModel
+    from lightning_privacy.he.runtime import EncryptedBatch
+
+CONTEXT_MAGIC = b"LPHE-CTX1"
+FORMAT_VERSION = 1
+_PUBLIC_SECTIONS = ["parms", "public_key", "relin_keys", "galois_keys"]
+
+
+def seal_parameters(params: CKKSParams) -> seal.EncryptionParameters:
+    """SEAL parameters for ``params``, with the largest prime moved last (the special prime)."""
+    n = params.poly_modulus_degree
+    moduli = list(seal.CoeffModulus.Create(n, list(params.coeff_mod_bit_sizes)))
+    largest = max(range(len(moduli)), key=lambda i: moduli[i].value())
+    moduli[largest], moduli[-1] = moduli[-1], moduli[largest]
+    parms = seal.EncryptionParameters(seal.SCHEME_TYPE.CKKS)
+    parms.set_poly_modulus_degree(n)
+    parms.set_coeff_modulus(moduli)
+    return parms
+
+
+def seal_context(parms: seal.EncryptionParameters) -> seal.SEALContext:
+    """A SEAL context that enforces 128-bit security (SEAL checks the same table)."""
+    context = seal.SEALContext(parms, True, seal.SEC_LEVEL_TYPE.TC128)
+    if not context.parameters_set():
+        raise EncryptionInputError(f"encryption parameters rejected: {context.parameters_error_message()}")
+    bits = context.key_context_data().total_coeff_modulus_bit_count()
+    if bits > SECURITY_LIMITS.get(parms.poly_modulus_degree(), 0):
+        raise EncryptionInputError(f"{bits} coefficient-modulus bits exceed the 128-bit limit")
+    return context
+
+
+def galois_elements(steps: list[int], poly_modulus_degree: int) -> list[int]:
+    """Galois elements of left rotations by ``steps`` (``create_galois_keys`` takes elements)."""
+    return [pow(3, step, 2 * poly_modulus_degree) for step in steps]
+
+
+class PublicContext:
+    """What the server holds: parameters and public keys, never the secret key.
+
+    Build it with :meth:`from_bytes` from :meth:`Keyring.public_context_bytes`. ``layout`` travels
+    inside the bytes.
+
+    Example::
+
+        ctx = PublicContext.from_bytes(request_context_bytes)   # raises on a private context
+        out = compiled.evaluate(EncryptedBatch.from_bytes(request_batch_bytes, ctx), ctx)
+    """
+
+    def __init__(self, data: bytes, header: dict, sections: list[bytes]) -> None:
+        self.layout: str = header["layout"]
+        self.params = CKKSParams(**{**header["params"], "coeff_mod_bit_sizes": tuple(header["params"]["coeff_mod_bit_sizes"])})
+        self.rotation_steps: list[int] = [int(s) for s in header["rotation_steps"]]
+        parms = wire.load_parameters(sections[0])
+        self.context = seal_context(parms)
+        if parms.poly_modulus_degree() != self.params.poly_modulus_degree:
+            raise EncryptionInputError("context header and SEAL parameters disagree on N")
+        (self.public_key,) = wire.load_objects([sections[1]], seal.PublicKey, self.context, "public key")
+        (self.relin_keys,) = wire.load_objects([sections[2]], seal.RelinKeys, self.context, "relinearization keys")
+        self.galois_keys = None
+        if sections[3]:
+            (self.galois_keys,) = wire.load_objects([sections[3]], seal.GaloisKeys, self.context, "Galois keys")
+        self._bytes = data
+        self.key_id = hashlib.sha256(data).hexdigest()
+        self.arithmetic = Arithmetic(self.context, self.public_key, self.relin_keys, self.params.scale)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> PublicContext:
+        """Parse a public context.
+
+        Raises:
+            SecretKeyExposureError: the bytes hold a secret key (a private context reached the server).
+            EncryptionInputError: the bytes are not a valid context.
+        """
+        if isinstance(data, (bytes, bytearray)) and not bytes(data).startswith(CONTEXT_MAGIC):
+            _refuse_private_tenseal_context(bytes(data))
+        header, sections = wire.unpack_sections(CONTEXT_MAGIC, data, "public context")
+        if "secret_key" in header.get("names", []):
+            raise SecretKeyExposureError(
+                "the context sent to the server contains the secret key; send Keyring.public_context_bytes() instead "
+                "and treat this key pair as compromised"
+            )
+        if header.get("names") != _PUBLIC_SECTIONS or header.get("layout") not in LAYOUTS:
+            raise EncryptionInputError("corrupted public context header")
+        if header.get("format_version") != FORMAT_VERSION:
+            raise EncryptionInputError(f"unsupported public context version {header.get('format_version')}")
+        try:
+            return cls(bytes(data), header, sections)
+        except (KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, EncryptionInputError):
+                raise
+            raise EncryptionInputError(f"corrupted public context: {exc}") from exc
+
+    def to_bytes(self) -> bytes:
+        return self._bytes
+
+    def __repr__(self) -> str:
+        return f"PublicContext(layout={self.layout!r}, N={self.params.poly_modulus_degree}, key_id={self.key_id[:12]})"
+
+
+def _refuse_private_tenseal_context(data: bytes) -> None:
+    """A serialized TenSEAL context with a secret key is refused as such, not as garbage."""
+    import tenseal as ts
+
+    try:
+        context = ts.context_from(data)
+    except Exception:
+        return
+    if context.is_private():
+        raise SecretKeyExposureError(
+            "a TenSEAL context holding the secret key reached the server; send Keyring.public_context_bytes()"
+        )
+
+
+class Keyring:
+    """Client-side keys for one layout: creates the secret key, encrypts and decrypts.
+
+    Args:
+        compiled_or_params: the :class:`CompiledModel` (or bare :class:`CKKSParams`, batch layout
+            only, then pass ``input_shape``).
+        layout: ``"batch"`` (no Galois keys) or ``"single"`` (Galois keys for the plan's rotations).
+        input_shape: per-sample input shape when only params are given.
+
+    Example::
+
+        keys = Keyring(compiled, layout=compiled.choose_layout(len(x)))
+        enc = keys.encrypt(x)                                    # send enc.to_bytes() and
+        ctx = keys.public_context_bytes()                        # the public context
+        logits = keys.decrypt(EncryptedBatch.from_bytes(reply, keys.public_context))
+    """
+
+    def __init__(
+        self,
+        compiled_or_params: CompiledModel | CKKSParams,
+        layout: str = "batch",
+        *,
+        input_shape: tuple[int, ...] | None = None,
+    ) -> None:
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        compiled = None if isinstance(compiled_or_params, CKKSParams) else compiled_or_params
+        params = compiled_or_params if compiled is None else compiled.params
+        if compiled is None and (layout == "single" or input_shape is None):
+            raise ValueError("pass the CompiledModel for the single layout, or input_shape with bare CKKSParams")
+        self.layout = layout
+        self.params = params
+        self.input_shape = tuple(compiled.input_shape if compiled is not None else input_shape)
+        self._input_range = compiled.input_range if compiled is not None else None
+        self._output_dim = compiled.output_dim if compiled is not None else None
+        steps = sorted(compiled.rotation_steps) if layout == "single" else []
+
+        parms = seal_parameters(params)
+        self._context = seal_context(parms)
+        generator = seal.KeyGenerator(self._context)
+        self._secret_key = generator.secret_key()
+        public_key = seal.PublicKey()
+        generator.create_public_key(public_key)
+        self._encryptor = seal.Encryptor(self._context, public_key)
+        self._decryptor = seal.Decryptor(self._context, self._secret_key)
+        self._encoder = seal.CKKSEncoder(self._context)
+        galois = generator.create_galois_keys(galois_elements(steps, params.poly_modulus_degree)) if steps else None
+        blobs = wire.save_objects([parms, public_key, generator.create_relin_keys()] + ([galois] if galois else []))
+        if galois is None:
+            blobs.append(b"")
+        header = {
+            "format_version": FORMAT_VERSION,
+            "layout": layout,
+            "params": params.to_dict(),
+            "rotation_steps": steps,
+            "names": _PUBLIC_SECTIONS,
+        }
+        self._public_bytes = wire.pack_sections(CONTEXT_MAGIC, header, blobs)
+        self.public_context = PublicContext.from_bytes(self._public_bytes)
+
+    @property
+    def key_id(self) -> str:
+        """sha256 of the public context bytes; the server sees the same id."""
+        return self.public_context.key_id
+
+    @property
+    def max_batch_size(self) -> int:
+        """Samples per EncryptedBatch: the slot count (batch layout); unbounded for single."""
+        return self.params.slots
+
+    def public_context_bytes(self) -> bytes:
+        """Parameters and public keys to send to the server (no secret key)."""
+        return self._public_bytes
+
+    def encrypt(self, x: np.ndarray) -> EncryptedBatch:
+        """Encrypt ``x`` of shape ``(n, *input_shape)``.
+
+        Raises:
+            EncryptionInputError: wrong shape, NaN/inf, or more than ``max_batch_size`` samples in the
+                batch layout (chunk larger inputs).
+
+        Warns when values fall outside the range seen in the calibration data.
+        """
+        from lightning_privacy.he.runtime import EncryptedBatch
+
+        x = self._validate(x)
+        flat = x.reshape(len(x), -1)
+        vectors = batch.pack(flat) if self.layout == "batch" else single.pack(flat, self.params.slots)
+        parms_id = self._context.first_parms_id()
+        cts = []
+        for vector in vectors:
+            plain = seal.Plaintext()
+            self._encoder.encode(vector.tolist(), parms_id, self.params.scale, plain)
+            ct = seal.Ciphertext()
+            self._encryptor.encrypt(plain, ct)
+            cts.append(ct)
+        return EncryptedBatch(self.layout, len(x), cts, self.public_context)
+
+    def _validate(self, x: np.ndarray) -> np.ndarray:
+        try:
+            x = np.asarray(x, dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise EncryptionInputError(f"input is not numeric: {exc}") from exc
+        if x.shape[1:] != self.input_shape or x.ndim < 1 or len(x) == 0:
+            raise EncryptionInputError(f"expected input of shape (n, {', '.join(map(str, self.input_shape))}), got {x.shape}")
+        if not np.all(np.isfinite(x)):
+            raise EncryptionInputError(f"input contains {int(np.sum(~np.isfinite(x)))} NaN/inf values")
+        if self.layout == "batch" and len(x) > self.max_batch_size:
+            raise EncryptionInputError(f"{len(x)} samples exceed max_batch_size={self.max_batch_size}; split the input")
+        if self._input_range is not None:
+            low, high = self._input_range
+            outside = np.mean((x.reshape(len(x), -1) < low) | (x.reshape(len(x), -1) > high))
+            if outside > 0:
+                warnings.warn(
+                    f"{outside:.2%} of the input values lie outside the range seen in the calibration data; "
+                    "polynomial activations may be inaccurate there (recompile with representative data)",
+                    stacklevel=3,
+                )
+        return x
+
+    def decrypt(self, encrypted: EncryptedBatch) -> np.ndarray:
+        """Raw outputs ``(n, output_dim)``, before the output activation."""
+        if encrypted.layout != self.layout:
+            raise EncryptionInputError(f"batch layout {encrypted.layout!r} != keyring layout {self.layout!r}")
+        vectors = []
+        for ct in encrypted.ciphertexts:
+            plain = seal.Plaintext()
+            self._decryptor.decrypt(ct, plain)
+            vectors.append(np.array(self._encoder.decode_double(plain)))
+        if self.layout == "batch":
+            return batch.unpack(vectors, encrypted.n_samples)
+        out_dim = self._output_dim or len(vectors[0])
+        return single.unpack(vectors, out_dim)

@@ -1,0 +1,13 @@
+"""Packing layouts: how samples and features are placed in CKKS slots, and their affine kernels.
+
+- ``batch``: slot ``i`` of ciphertext ``j`` holds feature ``j`` of sample ``i``. Affine maps are
+  scalar multiply-accumulates, no rotations, no Galois keys. Best for many samples.
+- ``single``: one sample per ciphertext, replicated with a power-of-two period; affine maps use
+  the diagonal method with baby-step giant-step rotations. Best for few samples.
+"""
+
+from lightning_privacy.he.packing import batch, single
+
+LAYOUTS = ("batch", "single")
+
+__all__ = ["LAYOUTS", "batch", "single"]

@@ -1,0 +1,144 @@
+"""The ``single`` layout: one sample per ciphertext, diagonal matrix-vector products.
+
+A vector of dimension ``d`` sits in the slots replicated with period ``p = next_pow2(d)``, so a
+rotation by ``k`` is a cyclic shift modulo ``p``. For ``W`` (m x n) with periods ``m'`` and ``n'``,
+``min(m', n')`` generalized diagonals ``d_k[i] = W[i mod m', (i + k) mod n']`` give
+``z = sum_k d_k * rot(x, k)``; when ``n' > m'``, ``log2(n'/m')`` rotate-and-adds fold ``z`` into
+``y`` with period ``m'``. The sum over ``k = j*g + b`` is arranged baby-step giant-step: ``g - 1``
+rotations of ``x`` and one rotation per giant step, with the diagonals pre-rotated in plaintext.
+All-zero diagonals are skipped, and Galois keys are generated only for the steps used.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import tenseal.sealapi as seal
+
+from lightning_privacy.he.arithmetic import Arithmetic
+from lightning_privacy.he.graph import Affine
+
+
+def period(dim: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(dim, 1))))
+
+
+@dataclass(frozen=True)
+class DiagonalPlan:
+    """How one affine layer runs in the single layout (derived from its weights, not stored)."""
+
+    in_period: int
+    out_period: int
+    giant: int
+    diagonals: dict[int, np.ndarray]
+    fold_steps: tuple[int, ...]
+
+    @property
+    def rotation_steps(self) -> set[int]:
+        steps = {k % self.giant for k in self.diagonals} | {k - k % self.giant for k in self.diagonals}
+        return (steps | set(self.fold_steps)) - {0}
+
+    @property
+    def rotations(self) -> int:
+        """Rotations per evaluation (the cost driver)."""
+        return len({k % self.giant for k in self.diagonals} - {0}) + len({k // self.giant for k in self.diagonals} - {0}) + len(self.fold_steps)
+
+
+def diagonal_plan(weight: np.ndarray) -> DiagonalPlan:
+    m, n = weight.shape
+    out_p, in_p = period(m), period(n)
+    big = max(out_p, in_p)
+    padded = np.zeros((out_p, in_p))
+    padded[:m, :n] = weight
+    rows = np.arange(big)
+    diagonals = {}
+    for k in range(min(out_p, in_p)):
+        d = padded[rows % out_p, (rows + k) % in_p]
+        if np.any(d):
+            diagonals[k] = d
+    giant = period(math.isqrt(max(len(diagonals), 1)) + 1) if diagonals else 1
+    fold = tuple(out_p << t for t in range(int(math.log2(in_p // out_p)))) if in_p > out_p else ()
+    return DiagonalPlan(in_p, out_p, giant, diagonals, fold)
+
+
+def pack(x: np.ndarray, slots: int) -> list[np.ndarray]:
+    """(n, d) samples -> n slot vectors, each sample replicated with period next_pow2(d)."""
+    p = period(x.shape[1])
+    padded = np.zeros((len(x), p))
+    padded[:, : x.shape[1]] = x
+    return [np.tile(row, slots // p) for row in padded]
+
+
+def unpack(vectors: list[np.ndarray], out_dim: int) -> np.ndarray:
+    return np.stack([v[:out_dim] for v in vectors])
+
+
+class DiagonalKernel:
+    """Evaluates affine layers on single-layout ciphertexts; caches the encoded diagonals."""
+
+    def __init__(self, arith: Arithmetic, galois_keys: seal.GaloisKeys, slots: int, cache: dict) -> None:
+        self.arith = arith
+        self.galois_keys = galois_keys
+        self.slots = slots
+        self._plaintexts = cache
+
+    def rotate(self, ct: seal.Ciphertext, step: int) -> seal.Ciphertext:
+        out = seal.Ciphertext()
+        self.arith.evaluator.rotate_vector(ct, step, self.galois_keys, out)
+        return out
+
+    def _encoded(self, layer: Affine, plan: DiagonalPlan, ct: seal.Ciphertext) -> list:
+        key = (layer.name, tuple(ct.parms_id()), ct.scale)
+        if key not in self._plaintexts:
+            scale, parms_id = self.arith.plain_scale(ct), ct.parms_id()
+            reps = self.slots // max(plan.in_period, plan.out_period)
+            groups: dict[int, list] = {}
+            for k, d in sorted(plan.diagonals.items()):
+                j, b = divmod(k, plan.giant)
+                vector = np.roll(np.tile(d, reps), j * plan.giant)
+                groups.setdefault(j, []).append((b, self.arith.encode(vector, parms_id, scale)))
+            self._plaintexts[key] = sorted(groups.items())
+        return self._plaintexts[key]
+
+    def affine(self, layer: Affine, plan: DiagonalPlan, ct: seal.Ciphertext) -> seal.Ciphertext:
+        arith = self.arith
+        if layer.is_bias_only:
+            return self._add_bias(layer, plan, ct)
+        groups = self._encoded(layer, plan, ct)
+        if not groups:  # all-zero weights: the output is the bias alone
+            return arith.encrypt_constant(self._bias_vector(layer, plan), ct.parms_id())
+        babies = {0: ct}
+        for b in sorted({b for _, items in groups for b, _ in items} - {0}):
+            babies[b] = self.rotate(ct, b)
+        total = None
+        for j, items in groups:
+            inner = None
+            for b, plain in items:
+                term = seal.Ciphertext()
+                arith.evaluator.multiply_plain(babies[b], plain, term)
+                if inner is None:
+                    inner = term
+                else:
+                    arith.evaluator.add_inplace(inner, term)
+            if j:
+                inner = self.rotate(inner, j * plan.giant)
+            if total is None:
+                total = inner
+            else:
+                arith.evaluator.add_inplace(total, inner)
+        total = arith.rescale(total)
+        for step in plan.fold_steps:
+            arith.evaluator.add_inplace(total, self.rotate(total, step))
+        return self._add_bias(layer, plan, total)
+
+    def _bias_vector(self, layer: Affine, plan: DiagonalPlan) -> np.ndarray:
+        bias = np.zeros(plan.out_period)
+        bias[: len(layer.bias)] = layer.bias
+        return np.tile(bias, self.slots // plan.out_period)
+
+    def _add_bias(self, layer: Affine, plan: DiagonalPlan, ct: seal.Ciphertext) -> seal.Ciphertext:
+        if not np.any(layer.bias):
+            return ct
+        return self.arith.add_constant(ct, self._bias_vector(layer, plan))

@@ -1,0 +1,91 @@
+"""CKKS parameter selection within the 128-bit row of the HomomorphicEncryption.org standard."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from lightning_privacy.errors import CompilationError
+
+#: Largest total coefficient-modulus bit count per ring dimension N at 128-bit classical security.
+SECURITY_LIMITS: dict[int, int] = {4096: 109, 8192: 218, 16384: 438, 32768: 881}
+
+#: Below this scale the CKKS rounding noise reaches ~1e-3 on typical logits.
+MIN_SCALE_BITS = 26
+MAX_SCALE_BITS = 40
+MAX_PRIME_BITS = 60
+
+
+@dataclass(frozen=True)
+class CKKSParams:
+    """CKKS encryption parameters.
+
+    Args:
+        poly_modulus_degree: ring dimension N; a ciphertext holds N/2 slots.
+        coeff_mod_bit_sizes: bit sizes of the primes: the first holds the result, then one prime per
+            rescale (multiplicative level), the last is the special key-switching prime.
+        scale_bits: log2 of the encoding scale; every rescale prime has this many bits.
+
+    Example::
+
+        params = CKKSParams(8192, (48, 30, 30, 30, 48), 30)
+        params.depth        # 3
+    """
+
+    poly_modulus_degree: int
+    coeff_mod_bit_sizes: tuple[int, ...]
+    scale_bits: int
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "coeff_mod_bit_sizes", tuple(int(b) for b in self.coeff_mod_bit_sizes))
+        limit = SECURITY_LIMITS.get(self.poly_modulus_degree)
+        if limit is None:
+            raise CompilationError(f"poly_modulus_degree must be one of {sorted(SECURITY_LIMITS)}")
+        if sum(self.coeff_mod_bit_sizes) > limit:
+            raise CompilationError(
+                f"{sum(self.coeff_mod_bit_sizes)} coefficient-modulus bits exceed the 128-bit limit "
+                f"{limit} for N={self.poly_modulus_degree}"
+            )
+
+    @property
+    def depth(self) -> int:
+        """Number of rescales a fresh ciphertext can take."""
+        return len(self.coeff_mod_bit_sizes) - 2
+
+    @property
+    def slots(self) -> int:
+        return self.poly_modulus_degree // 2
+
+    @property
+    def scale(self) -> float:
+        return 2.0**self.scale_bits
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "coeff_mod_bit_sizes": list(self.coeff_mod_bit_sizes)}
+
+
+def select_params(depth: int, max_abs_value: float, min_slots: int = 1) -> CKKSParams:
+    """The smallest N that fits ``depth`` rescales and ``min_slots`` slots, then the largest scale.
+
+    The first prime must hold ``max_abs_value`` times the scale (plus 2 guard bits); the special
+    prime is at least as large as every other prime.
+
+    Raises:
+        CompilationError: not even N=32768 fits; the message gives the depth the graph needs.
+    """
+    headroom = max(0, math.ceil(math.log2(max(max_abs_value, 1.0)))) + 2
+    for n, limit in SECURITY_LIMITS.items():
+        if n // 2 < min_slots:
+            continue
+        for scale_bits in range(MAX_SCALE_BITS, MIN_SCALE_BITS - 1, -1):
+            first = scale_bits + headroom
+            if first > MAX_PRIME_BITS:
+                continue
+            bits = (first, *([scale_bits] * depth), first)
+            if sum(bits) <= limit:
+                return CKKSParams(n, bits, scale_bits)
+    raise CompilationError(
+        f"the graph needs multiplicative depth {depth} (values up to {max_abs_value:.3g}, {min_slots} slots), "
+        f"which does not fit N=32768 at 128-bit security with a scale of at least 2^{MIN_SCALE_BITS}; "
+        "use fewer or lower-degree activations (e.g. Square instead of a polynomial) or fewer layers"
+    )

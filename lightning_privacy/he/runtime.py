@@ -1,0 +1,119 @@
+"""Server side: encrypted batches on the wire, and evaluation of a compiled graph on them."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import tenseal.sealapi as seal
+from tqdm.auto import tqdm
+
+from lightning_privacy.errors import EncryptionInputError
+from lightning_privacy.he import wire
+from lightning_privacy.he.graph import Add, Affine, Multiply, Polynomial
+from lightning_privacy.he.keys import PublicContext
+from lightning_privacy.he.packing import LAYOUTS, batch, single
+
+if TYPE_CHECKING:
+    from lightning_privacy.he.compiled import CompiledModel
+
+BATCH_MAGIC = b"LPHE-BATCH1"
+
+
+class EncryptedBatch:
+    """Ciphertexts of ``n_samples`` samples in one ``layout``, bound to one public context.
+
+    ``batch`` layout: one ciphertext per feature (samples in the slots); ``single``: one ciphertext
+    per sample.
+
+    Example::
+
+        payload = keys.encrypt(x).to_bytes()
+        batch = EncryptedBatch.from_bytes(payload, public_context)   # server side
+    """
+
+    def __init__(self, layout: str, n_samples: int, ciphertexts: list[seal.Ciphertext], context: PublicContext) -> None:
+        self.layout = layout
+        self.n_samples = n_samples
+        self.ciphertexts = ciphertexts
+        self.context = context
+
+    def __len__(self) -> int:
+        return self.n_samples
+
+    def to_bytes(self) -> bytes:
+        header = {"layout": self.layout, "n_samples": self.n_samples, "key_id": self.context.key_id}
+        return wire.pack_sections(BATCH_MAGIC, header, wire.save_objects(self.ciphertexts))
+
+    @classmethod
+    def from_bytes(cls, data: bytes, context: PublicContext) -> EncryptedBatch:
+        """Parse ciphertexts encrypted under ``context``.
+
+        Raises:
+            EncryptionInputError: garbage or truncated bytes, another key, another layout, or
+                ciphertexts that are not valid for the context.
+        """
+        header, blobs = wire.unpack_sections(BATCH_MAGIC, data, "encrypted batch")
+        if header.get("key_id") != context.key_id:
+            raise EncryptionInputError(
+                "the batch was encrypted under another key than this public context "
+                f"(batch key_id {str(header.get('key_id'))[:12]}, context {context.key_id[:12]})"
+            )
+        layout, n = header.get("layout"), header.get("n_samples")
+        if layout != context.layout or not isinstance(n, int) or n < 1 or not blobs:
+            raise EncryptionInputError(f"corrupted batch header (layout {layout!r}, n_samples {n!r})")
+        expected = n if layout == "single" else None
+        if (expected is not None and len(blobs) != expected) or (layout == "batch" and n > context.params.slots):
+            raise EncryptionInputError(f"batch holds {len(blobs)} ciphertexts for {n} samples in layout {layout!r}")
+        return cls(layout, n, wire.load_objects(blobs, seal.Ciphertext, context.context, "ciphertext"), context)
+
+
+def evaluate(model: CompiledModel, encrypted: EncryptedBatch, context: PublicContext, progress: bool = False) -> EncryptedBatch:
+    """Run ``model`` on ``encrypted`` with public keys only."""
+    if not isinstance(context, PublicContext):
+        raise EncryptionInputError(f"evaluate needs a PublicContext, got {type(context).__name__}")
+    if encrypted.layout not in LAYOUTS or encrypted.layout != context.layout:
+        raise EncryptionInputError(f"batch layout {encrypted.layout!r} does not match the context's {context.layout!r}")
+    if context.params != model.params:
+        raise EncryptionInputError("the context was made for other CKKS parameters than this model's")
+    _check_fresh(encrypted, context, model)
+    arith = context.arithmetic
+    if encrypted.layout == "batch":
+        out = _run(model, encrypted.ciphertexts, lambda layer, cts: batch.affine(arith, layer, cts, progress), arith)
+        return EncryptedBatch("batch", encrypted.n_samples, out, context)
+    if context.galois_keys is None or not set(model.rotation_steps) <= set(context.rotation_steps):
+        raise EncryptionInputError("the single-layout context lacks Galois keys for this model's rotations")
+    kernel = model.diagonal_kernel(arith, context.galois_keys)
+    plans = model.diagonal_plans
+    outputs = [
+        _run(model, [ct], lambda layer, cts: [kernel.affine(layer, plans[layer.name], cts[0])], arith)[0]
+        for ct in tqdm(encrypted.ciphertexts, desc="samples", disable=not progress, leave=False)
+    ]
+    return EncryptedBatch("single", encrypted.n_samples, outputs, context)
+
+
+def _check_fresh(encrypted: EncryptedBatch, context: PublicContext, model: CompiledModel) -> None:
+    top = context.context.first_parms_id()
+    expected = model.input_dim if encrypted.layout == "batch" else encrypted.n_samples
+    if len(encrypted.ciphertexts) != expected:
+        raise EncryptionInputError(f"expected {expected} ciphertexts, got {len(encrypted.ciphertexts)}")
+    for ct in encrypted.ciphertexts:
+        if ct.parms_id() != top or ct.size() != 2 or abs(ct.scale / model.params.scale - 1) > 1e-9:
+            raise EncryptionInputError("ciphertexts must be fresh encryptions from Keyring.encrypt (level, size or scale differ)")
+
+
+def _run(model: CompiledModel, inputs: list, affine, arith) -> list:
+    """Walk the graph; a value is a list of ciphertexts (features or one sample)."""
+    values = {model.graph.input_name: inputs}
+    for layer in model.graph.layers:
+        if isinstance(layer, Affine):
+            out = affine(layer, values[layer.input])
+        elif isinstance(layer, Add):
+            out = [arith.add(a, b) for a, b in zip(values[layer.left], values[layer.right])]
+        elif isinstance(layer, Multiply):
+            out = [arith.multiply(a, b) for a, b in zip(values[layer.left], values[layer.right])]
+        elif isinstance(layer, Polynomial):
+            out = [arith.polynomial(ct, layer.coefficients) for ct in values[layer.input]]
+        else:
+            raise TypeError(f"layer {layer.name!r} of type {type(layer).__name__} was not compiled")
+        values[layer.output] = out
+    return values[model.graph.output_name]
