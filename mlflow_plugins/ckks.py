@@ -196,11 +196,13 @@ def log_model(
     model_type: str | None = None,
     step: int = 0,
     model_id: str | None = None,
+    artifact_path: str | None = None,
     **kwargs: Any,
 ) -> ModelInfo:
     """Log a CKKS model to the active run (or as a logged model), optionally registering it.
 
-    Arguments are those of :func:`save_model` plus MLflow's ``log_model`` arguments. With
+    Arguments are those of :func:`save_model` plus MLflow's ``log_model`` arguments
+    (``artifact_path`` is MLflow's deprecated spelling of ``name``). With
     ``registered_model_name``, the new model version gets every ``privacy.*`` tag of the run the
     model is logged to (ε, δ, noise multiplier, clip norm, accountant from DP training), so the
     registry shows what each version was trained at. With ``MLFlowLogger``, log inside
@@ -210,6 +212,7 @@ def log_model(
         The ``ModelInfo`` of the logged model.
     """
     model_info = Model.log(
+        artifact_path=artifact_path,
         name=name,
         flavor=sys.modules[__name__],
         ckks_model=ckks_model,
