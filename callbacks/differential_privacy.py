@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import logging
 import warnings
 from typing import Any, Optional
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.trainer.connectors.data_connector import _DataLoaderSource
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_privacy.callbacks import mlflow_privacy
 from lightning_privacy.dp import DPConfig, DPSGDEngine, check_modules, fix_modules
 from lightning_privacy.errors import PrivacyBudgetExhaustedError, PrivacyConfigError
-
-log = logging.getLogger(__name__)
 
 
 class _PrivateTrainSource(_DataLoaderSource):
@@ -169,16 +167,19 @@ class DifferentialPrivacy(Callback):
                 "accountant": self.config.accountant,
             },
         )
-        log.info(
-            "DP-SGD: sigma=%.4f, C=%s, q=%.4g (expected batch %d of %d), accountant=%s.",
-            plan.noise_multiplier, self.config.max_grad_norm, plan.sample_rate,
-            plan.expected_batch_size, plan.dataset_size, self.config.accountant,
+        target = "" if self.config.target_epsilon is None else (
+            f" (calibrated for epsilon={self.config.target_epsilon} over {plan.planned_steps} steps)"
+        )
+        rank_zero_info(
+            f"DP-SGD: noise_multiplier={plan.noise_multiplier:.4f}{target}, max_grad_norm={self.config.max_grad_norm}, "
+            f"sample_rate={plan.sample_rate:.4g} (expected batch {plan.expected_batch_size} of "
+            f"{plan.dataset_size}), delta={self.config.delta}, accountant={self.config.accountant}."
         )
         if plan.allowed_steps is not None:
-            log.info(
-                "Privacy budget max_epsilon=%s allows %d private steps in total (%d taken before this run); "
-                "training stops before the step that would exceed it.",
-                self.config.max_epsilon, plan.allowed_steps, self.engine.steps,
+            rank_zero_info(
+                f"Privacy budget max_epsilon={self.config.max_epsilon} allows {plan.allowed_steps} private steps "
+                f"in total ({self.engine.steps} taken before this run), computed once up front; training stops "
+                "before the step that would exceed it."
             )
             if plan.allowed_steps == 0 and self.engine.steps == 0:
                 raise PrivacyBudgetExhaustedError(
@@ -222,9 +223,9 @@ class DifferentialPrivacy(Callback):
         if self.engine.remaining_steps > 0 or trainer.should_stop:
             return
         trainer.should_stop = True
-        log.warning(
-            "Privacy budget reached: %d private steps, epsilon=%.4f <= max_epsilon=%s. Stopping before the next step.",
-            self.engine.steps, self.engine.epsilon(), self.config.max_epsilon,
+        rank_zero_warn(
+            f"Privacy budget reached after {self.engine.steps} private steps: epsilon={self.engine.epsilon():.4f} "
+            f"<= max_epsilon={self.config.max_epsilon}. Stopping before the next step would exceed it."
         )
 
     # ------------------------------------------------------------------ tear-down
@@ -239,7 +240,7 @@ class DifferentialPrivacy(Callback):
                 accountant=self.config.accountant,
             )
         mlflow_privacy.set_tags(trainer, tags)
-        log.info("DP-SGD finished: epsilon=%.4f at delta=%s after %d steps.", eps, self.config.delta, self.engine.steps)
+        rank_zero_info(f"DP-SGD finished: epsilon={eps:.4f} at delta={self.config.delta} after {self.engine.steps} steps.")
 
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage != "fit":

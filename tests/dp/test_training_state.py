@@ -20,7 +20,8 @@ def _opacus_epsilon(sigma: float, q: float, steps: int, delta: float, accountant
     return acc.get_epsilon(delta=delta)
 
 
-def test_budget_stops_before_the_step_that_would_exceed_it(tmp_path):
+def test_budget_stops_before_the_step_that_would_exceed_it(tmp_path, caplog):
+    caplog.set_level("INFO")
     dp = DifferentialPrivacy(noise_multiplier=1.5, max_grad_norm=1.0, max_epsilon=2.0, accountant="rdp")
     trainer = pl.Trainer(callbacks=[dp], **trainer_kwargs(tmp_path, max_epochs=50, limit_val_batches=0))
     trainer.fit(Classifier(batch_size=64))
@@ -31,6 +32,7 @@ def test_budget_stops_before_the_step_that_would_exceed_it(tmp_path):
     assert _opacus_epsilon(1.5, q, steps, 1e-5) <= 2.0
     assert _opacus_epsilon(1.5, q, steps + 1, 1e-5) > 2.0
     assert dp.epsilon <= 2.0
+    assert f"allows {steps} private steps" in caplog.text and "computed once up front" in caplog.text
 
 
 def test_budget_refused_inside_the_optimizer_as_a_backstop(tmp_path):
