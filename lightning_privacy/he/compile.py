@@ -79,10 +79,11 @@ def compile(
     x = _calibration(graph, calibration_data)
     approximated, report = approximate(graph, x, poly_degree, margin)
     compiled_graph = fuse_affine(approximated)
-    depth = max(levels(compiled_graph).values())
+    level = levels(compiled_graph)
+    depth = max(max(level.values()), 1)
     values = compiled_graph.values(x)
-    bound = max(float(np.max(np.abs(v))) for v in values.values()) * (1 + margin)
-    params = select_params(max(depth, 1), bound, min_slots=_max_period(compiled_graph))
+    bounds = [(level[name], float(np.max(np.abs(v))) * (1 + margin)) for name, v in values.items()]
+    params = select_params(depth, bounds, min_slots=_max_period(compiled_graph))
     flat = x.reshape(len(x), -1)
     spread = (flat.max(axis=0) - flat.min(axis=0)) * margin
     agreement = _agreement(graph.forward(x), values[compiled_graph.output_name])
@@ -142,23 +143,30 @@ def approximate(graph: LayerGraph, x: np.ndarray, degree: int, margin: float) ->
 
 
 def fuse_affine(graph: LayerGraph) -> LayerGraph:
-    """Compose every affine layer with the affine layer it reads from when nothing else reads that value."""
+    """Compose affine layers with the affine layer they read from, when only affine layers read it.
+
+    A value read by several affine layers (e.g. one Linear feeding several activations) is
+    recomputed inside each reader: a few more plaintext multiplications, one level less.
+    """
     layers = list(graph.layers)
     changed = True
     while changed:
         changed = False
-        producers = {layer.output: i for i, layer in enumerate(layers)}
-        for i, layer in enumerate(layers):
-            if not isinstance(layer, Affine) or layer.input not in producers:
+        for j, before in enumerate(layers):
+            readers = [i for i, layer in enumerate(layers) if before.output in layer.inputs]
+            if (
+                not isinstance(before, Affine)
+                or not readers
+                or before.output == graph.output_name
+                or not all(isinstance(layers[i], Affine) for i in readers)
+            ):
                 continue
-            j = producers[layer.input]
-            before = layers[j]
-            readers = sum(layer.input in other.inputs for other in layers)
-            if isinstance(before, Affine) and readers == 1 and layer.input != graph.output_name:
-                layers[i] = Affine(layer.name, before.input, layer.output, layer.weight @ before.weight, layer.weight @ before.bias + layer.bias)
-                del layers[j]
-                changed = True
-                break
+            for i in readers:
+                after = layers[i]
+                layers[i] = Affine(after.name, before.input, after.output, after.weight @ before.weight, after.weight @ before.bias + after.bias)
+            del layers[j]
+            changed = True
+            break
     for layer in layers:
         if isinstance(layer, Polynomial) and not any(c != 0.0 for c in layer.coefficients[1:]):
             raise CompilationError(f"polynomial layer {layer.name!r} is constant; it does not depend on the input")

@@ -10,9 +10,10 @@ from lightning_privacy.errors import CompilationError
 #: Largest total coefficient-modulus bit count per ring dimension N at 128-bit classical security.
 SECURITY_LIMITS: dict[int, int] = {4096: 109, 8192: 218, 16384: 438, 32768: 881}
 
-#: Below this scale the CKKS rounding noise reaches ~1e-3 on typical logits.
-MIN_SCALE_BITS = 26
-MAX_SCALE_BITS = 40
+#: Below 2^30 the rounding and key-switching noise of the diagonal kernels nears 1e-3 on logits;
+#: above 2^36 precision no longer improves visibly while keys and ciphertexts keep growing.
+MIN_SCALE_BITS = 30
+MAX_SCALE_BITS = 36
 MAX_PRIME_BITS = 60
 
 
@@ -64,28 +65,34 @@ class CKKSParams:
         return {**asdict(self), "coeff_mod_bit_sizes": list(self.coeff_mod_bit_sizes)}
 
 
-def select_params(depth: int, max_abs_value: float, min_slots: int = 1) -> CKKSParams:
+def select_params(depth: int, bounds: list[tuple[int, float]], min_slots: int = 1) -> CKKSParams:
     """The smallest N that fits ``depth`` rescales and ``min_slots`` slots, then the largest scale.
 
-    The first prime must hold ``max_abs_value`` times the scale (plus 2 guard bits); the special
-    prime is at least as large as every other prime.
+    Args:
+        depth: rescales from input to output.
+        bounds: ``(level, max |value|)`` of every value, ``level`` counted in rescales; a value at
+            level ``l`` still has ``depth - l`` rescale primes above the first prime, so usually
+            only the output sizes the first prime (plus 2 guard bits). The special prime is at
+            least as large as every other prime.
+        min_slots: slots the single layout needs (the largest power-of-two vector period).
 
     Raises:
         CompilationError: not even N=32768 fits; the message gives the depth the graph needs.
     """
-    headroom = max(0, math.ceil(math.log2(max(max_abs_value, 1.0)))) + 2
     for n, limit in SECURITY_LIMITS.items():
         if n // 2 < min_slots:
             continue
         for scale_bits in range(MAX_SCALE_BITS, MIN_SCALE_BITS - 1, -1):
-            first = scale_bits + headroom
+            excess = max(math.ceil(math.log2(max(b, 1.0))) - (depth - level) * scale_bits for level, b in bounds)
+            first = scale_bits + max(excess, 0) + 2
             if first > MAX_PRIME_BITS:
                 continue
             bits = (first, *([scale_bits] * depth), first)
             if sum(bits) <= limit:
                 return CKKSParams(n, bits, scale_bits)
+    largest = max(b for _, b in bounds)
     raise CompilationError(
-        f"the graph needs multiplicative depth {depth} (values up to {max_abs_value:.3g}, {min_slots} slots), "
+        f"the graph needs multiplicative depth {depth} (values up to {largest:.3g}, {min_slots} slots), "
         f"which does not fit N=32768 at 128-bit security with a scale of at least 2^{MIN_SCALE_BITS}; "
         "use fewer or lower-degree activations (e.g. Square instead of a polynomial) or fewer layers"
     )
