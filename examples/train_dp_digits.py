@@ -43,7 +43,7 @@ class DigitsClassifier(pl.LightningModule):
     HE-friendly square.
     """
 
-    def __init__(self, hidden: int = 32, activation: nn.Module | None = None, lr: float = 2e-3) -> None:
+    def __init__(self, hidden: int = 32, activation: nn.Module | None = None, lr: float = 1e-2) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.Linear(64, hidden), activation or nn.ReLU(), nn.Linear(hidden, 10))
         self.lr = lr
