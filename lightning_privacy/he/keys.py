@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import tenseal.sealapi as seal
 
-from lightning_privacy.errors import EncryptionInputError, SecretKeyExposureError
+from lightning_privacy.errors import CalibrationRangeWarning, EncryptionInputError, SecretKeyExposureError
 from lightning_privacy.he import wire
 from lightning_privacy.he.arithmetic import Arithmetic
 from lightning_privacy.he.packing import LAYOUTS, batch, single
@@ -250,6 +250,7 @@ class Keyring:
                 warnings.warn(
                     f"{outside:.2%} of the input values lie outside the range seen in the calibration data; "
                     "polynomial activations may be inaccurate there (recompile with representative data)",
+                    CalibrationRangeWarning,
                     stacklevel=3,
                 )
         return x

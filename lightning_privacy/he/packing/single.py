@@ -4,9 +4,11 @@ A vector of dimension ``d`` sits in the slots replicated with period ``p = next_
 rotation by ``k`` is a cyclic shift modulo ``p``. For ``W`` (m x n) with periods ``m'`` and ``n'``,
 ``min(m', n')`` generalized diagonals ``d_k[i] = W[i mod m', (i + k) mod n']`` give
 ``z = sum_k d_k * rot(x, k)``; when ``n' > m'``, ``log2(n'/m')`` rotate-and-adds fold ``z`` into
-``y`` with period ``m'``. The sum over ``k = j*g + b`` is arranged baby-step giant-step: ``g - 1``
-rotations of ``x`` and one rotation per giant step, with the diagonals pre-rotated in plaintext.
-All-zero diagonals are skipped, and Galois keys are generated only for the steps used.
+``y`` with period ``m'``. The sum over ``k = j*g + b`` is arranged baby-step giant-step with the
+diagonals pre-rotated in plaintext: the baby steps ``rot(x, b)`` are taken one step at a time and
+the giant steps are accumulated Horner-style (``acc = rot(acc, g) + inner_j``), so a layer needs
+Galois keys for the steps ``1``, ``g`` and its fold steps only, for the same number of rotations.
+All-zero diagonals are skipped.
 """
 
 from __future__ import annotations
@@ -36,14 +38,26 @@ class DiagonalPlan:
     fold_steps: tuple[int, ...]
 
     @property
+    def giant_steps(self) -> int:
+        return max(self.diagonals) // self.giant if self.diagonals else 0
+
+    @property
+    def baby_steps(self) -> int:
+        return max(k % self.giant for k in self.diagonals) if self.diagonals else 0
+
+    @property
     def rotation_steps(self) -> set[int]:
-        steps = {k % self.giant for k in self.diagonals} | {k - k % self.giant for k in self.diagonals}
-        return (steps | set(self.fold_steps)) - {0}
+        steps = set(self.fold_steps)
+        if self.baby_steps:
+            steps.add(1)
+        if self.giant_steps:
+            steps.add(self.giant)
+        return steps
 
     @property
     def rotations(self) -> int:
         """Rotations per evaluation (the cost driver)."""
-        return len({k % self.giant for k in self.diagonals} - {0}) + len({k // self.giant for k in self.diagonals} - {0}) + len(self.fold_steps)
+        return self.baby_steps + self.giant_steps + len(self.fold_steps)
 
 
 def diagonal_plan(weight: np.ndarray) -> DiagonalPlan:
@@ -58,7 +72,8 @@ def diagonal_plan(weight: np.ndarray) -> DiagonalPlan:
         d = padded[rows % out_p, (rows + k) % in_p]
         if np.any(d):
             diagonals[k] = d
-    giant = period(math.isqrt(max(len(diagonals), 1)) + 1) if diagonals else 1
+    candidates = [1 << t for t in range(int(math.log2(big)) + 1)]
+    giant = min(candidates, key=lambda g: (max((k % g for k in diagonals), default=0) + max(diagonals, default=0) // g, g))
     fold = tuple(out_p << t for t in range(int(math.log2(in_p // out_p)))) if in_p > out_p else ()
     return DiagonalPlan(in_p, out_p, giant, diagonals, fold)
 
@@ -109,25 +124,21 @@ class DiagonalKernel:
         groups = self._encoded(layer, plan, ct)
         if not groups:  # all-zero weights: the output is the bias alone
             return arith.encrypt_constant(self._bias_vector(layer, plan), ct.parms_id())
-        babies = {0: ct}
-        for b in sorted({b for _, items in groups for b, _ in items} - {0}):
-            babies[b] = self.rotate(ct, b)
+        babies = [ct]
+        for _ in range(max(b for _, items in groups for b, _ in items)):
+            babies.append(self.rotate(babies[-1], 1))
+        inner = dict(groups)
         total = None
-        for j, items in groups:
-            inner = None
-            for b, plain in items:
+        for j in range(max(inner), -1, -1):
+            if total is not None:
+                total = self.rotate(total, plan.giant)
+            for b, plain in inner.get(j, []):
                 term = seal.Ciphertext()
                 arith.evaluator.multiply_plain(babies[b], plain, term)
-                if inner is None:
-                    inner = term
+                if total is None:
+                    total = term
                 else:
-                    arith.evaluator.add_inplace(inner, term)
-            if j:
-                inner = self.rotate(inner, j * plan.giant)
-            if total is None:
-                total = inner
-            else:
-                arith.evaluator.add_inplace(total, inner)
+                    arith.evaluator.add_inplace(total, term)
         total = arith.rescale(total)
         for step in plan.fold_steps:
             arith.evaluator.add_inplace(total, self.rotate(total, step))

@@ -1,0 +1,180 @@
+"""Encrypted inference: lightning_privacy.he against the TenSEAL-tutorial style, one table per run.
+
+Models:
+  (a) digits MLP 64-32-10 with square activation (trained briefly on scikit-learn digits);
+  (b) TenSEAL's MNIST-tutorial CNN: conv 4x7x7 stride 3 -> square -> fc 256->64 -> square -> fc 64->10
+      on 28x28 inputs (random weights and inputs: timing only);
+  (c) a small CNN on digits: conv 4x3x3 -> square -> avgpool 2 -> fc 36->10 (trained briefly).
+
+Columns: server time per sample in the single layout, amortized per sample in the batch layout at
+1024 and 4096 samples, ciphertext bytes per sample (request), public-context bytes, and max absolute
+error of the decrypted logits against onnxruntime on the same ONNX file. The baseline encrypts one
+``CKKSVector`` per sample, chains ``.mm`` (``im2col`` convolution for the CNNs, as in the tutorial),
+adds biases with ``+``, and ships all default Galois keys.
+
+Run: ``python benchmarks/he_inference.py`` (a few minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import onnxruntime as ort
+import tenseal as ts
+import torch
+from sklearn.datasets import load_digits
+
+import lightning_privacy.he as he
+
+SINGLE_SAMPLES = {"a": 5, "b": 3, "c": 3}
+BATCH_SIZES = (1024, 4096)
+BASELINE_SAMPLES = 3
+
+
+def _train(net: torch.nn.Module, x: np.ndarray, y: np.ndarray, epochs: int = 30) -> torch.nn.Module:
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    xt, yt = torch.as_tensor(x), torch.as_tensor(y)
+    for _ in range(epochs):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(xt), yt).backward()
+        opt.step()
+    return net.eval()
+
+
+class TutorialCNN(torch.nn.Module):
+    def __init__(self, side: int, kernel: int, stride: int, hidden: int | None, pool: bool = False) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, kernel, stride=stride)
+        self.pool = torch.nn.AvgPool2d(2) if pool else torch.nn.Identity()
+        self.conv_side = (side - kernel) // stride + 1
+        flat = 4 * (self.conv_side // 2 if pool else self.conv_side) ** 2
+        self.fc1 = torch.nn.Linear(flat, hidden or 10)
+        self.fc2 = torch.nn.Linear(hidden, 10) if hidden else None
+
+    def forward(self, x):
+        h = self.pool(he.nn.Square()(self.conv(x))).flatten(1)
+        h = self.fc1(h)
+        return self.fc2(h * h) if self.fc2 is not None else h
+
+
+def build_models() -> dict[str, tuple[torch.nn.Module, np.ndarray]]:
+    torch.manual_seed(0)
+    digits = load_digits()
+    x = (digits.data / 16.0).astype(np.float32)
+    reps = int(np.ceil(max(BATCH_SIZES) / len(x)))
+    x_big = np.tile(x, (reps, 1))[: max(BATCH_SIZES)]
+    mlp = _train(torch.nn.Sequential(torch.nn.Linear(64, 32), he.nn.Square(), torch.nn.Linear(32, 10)), x, digits.target)
+    small = _train(TutorialCNN(8, 3, 1, None, pool=True), x.reshape(-1, 1, 8, 8), digits.target)
+    mnist = TutorialCNN(28, 7, 3, 64).eval()
+    rng = np.random.default_rng(0)
+    return {
+        "a": (mlp, x_big),
+        "b": (mnist, rng.uniform(0, 1, size=(max(BATCH_SIZES), 1, 28, 28)).astype(np.float32)),
+        "c": (small, x_big.reshape(-1, 1, 8, 8)),
+    }
+
+
+def ours(net: torch.nn.Module, x: np.ndarray, single_n: int) -> dict:
+    proto = he.export(net, torch.as_tensor(x[:1]))
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    reference = session.run(None, {"input": x})[0]
+    model = he.compile(proto, x)
+    row = {"N": model.params.poly_modulus_degree, "depth": model.depth, "errors": []}
+
+    keys = he.Keyring(model, "single")
+    row["single_keys"] = len(keys.public_context_bytes())
+    enc = keys.encrypt(x[:single_n])
+    row["single_ct"] = len(enc.to_bytes()) / single_n
+    model.evaluate(keys.encrypt(x[:1]), keys.public_context)  # encodes and caches the diagonals once
+    start = time.perf_counter()
+    out = model.evaluate(enc, keys.public_context)
+    row["single_ms"] = (time.perf_counter() - start) * 1e3 / single_n
+    row["errors"].append(np.abs(keys.decrypt(out) - reference[:single_n]).max())
+
+    keys = he.Keyring(model, "batch")
+    row["batch_keys"] = len(keys.public_context_bytes())
+    for n in BATCH_SIZES:
+        enc = keys.encrypt(x[:n])
+        start = time.perf_counter()
+        out = model.evaluate(enc, keys.public_context)
+        row[f"batch{n}_ms"] = (time.perf_counter() - start) * 1e3 / n
+        if n == max(BATCH_SIZES):
+            row["batch_ct"] = len(enc.to_bytes()) / n
+        row["errors"].append(np.abs(keys.decrypt(out) - reference[:n]).max())
+    row["error"] = max(row.pop("errors"))
+    return row
+
+
+def baseline(net: torch.nn.Module, x: np.ndarray, n: int) -> dict:
+    """The TenSEAL tutorial: one CKKSVector per sample, chained .mm, all power-of-two Galois keys."""
+    context = ts.context(ts.SCHEME_TYPE.CKKS, 8192, coeff_mod_bit_sizes=[31, 26, 26, 26, 26, 26, 26, 31])
+    context.global_scale = 2**26
+    context.generate_galois_keys()
+    public = context.copy()
+    public.make_context_public()
+    reference = net(torch.as_tensor(x[:n])).detach().numpy()
+    conv = getattr(net, "conv", None)
+    elapsed, errors, ct_bytes = 0.0, [], 0
+    for sample, expected in zip(x[:n], reference):
+        if conv is None:
+            enc = ts.ckks_vector(context, sample.tolist())
+        else:
+            enc, windows = ts.im2col_encoding(context, sample[0].tolist(), conv.kernel_size[0], conv.kernel_size[1], conv.stride[0])
+        ct_bytes += len(enc.serialize())
+        start = time.perf_counter()
+        if conv is None:
+            lin1, lin2 = net[0], net[2]
+            h = enc.mm(lin1.weight.detach().numpy().T.tolist()) + lin1.bias.detach().numpy().tolist()
+            h.square_()
+            out = h.mm(lin2.weight.detach().numpy().T.tolist()) + lin2.bias.detach().numpy().tolist()
+        else:
+            kernels, biases = conv.weight.detach().numpy(), conv.bias.detach().numpy()
+            channels = [enc.conv2d_im2col(k[0].tolist(), windows) + float(b) for k, b in zip(kernels, biases)]
+            h = ts.CKKSVector.pack_vectors(channels)
+            h.square_()
+            h = h.mm(_linear_after_conv(net).tolist()) + net.fc1.bias.detach().numpy().tolist()
+            if net.fc2 is not None:
+                h.square_()
+                h = h.mm(net.fc2.weight.detach().numpy().T.tolist()) + net.fc2.bias.detach().numpy().tolist()
+            out = h
+        elapsed += time.perf_counter() - start
+        errors.append(np.abs(np.array(out.decrypt()) - expected).max())
+    return {
+        "single_ms": elapsed * 1e3 / n,
+        "single_ct": ct_bytes / n,
+        "keys": len(public.serialize()),
+        "error": max(errors),
+    }
+
+
+def _linear_after_conv(net: TutorialCNN) -> np.ndarray:
+    """fc1 after the optional average pool, as one (in, out) matrix on the packed conv channels."""
+    side = net.conv_side
+    eye = torch.eye(4 * side * side).reshape(-1, 4, side, side)
+    with torch.no_grad():
+        return (net.fc1(net.pool(eye).flatten(1)) - net.fc1.bias).numpy()
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    models = build_models()
+    print("| model | N | depth | single ms | batch1024 ms/sample | batch4096 ms/sample | ct KB/sample single | "
+          "ct KB/sample batch | keys MB single | keys MB batch | max err | tutorial ms | tutorial ct KB | "
+          "tutorial keys MB | tutorial err | speedup single | keys ratio single |")
+    print("|" + "---|" * 17)
+    for name, (net, x) in models.items():
+        row = ours(net, x, SINGLE_SAMPLES[name])
+        base = baseline(net, x, BASELINE_SAMPLES)
+        print(
+            f"| ({name}) | {row['N']} | {row['depth']} | {row['single_ms']:.1f} | {row['batch1024_ms']:.3f} | "
+            f"{row['batch4096_ms']:.3f} | {row['single_ct'] / 1e3:.0f} | {row['batch_ct'] / 1e3:.1f} | "
+            f"{row['single_keys'] / 1e6:.1f} | {row['batch_keys'] / 1e6:.1f} | {row['error']:.1e} | "
+            f"{base['single_ms']:.0f} | {base['single_ct'] / 1e3:.0f} | {base['keys'] / 1e6:.1f} | {base['error']:.1e} | "
+            f"{base['single_ms'] / row['single_ms']:.1f}x | {base['keys'] / row['single_keys']:.1f}x |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
