@@ -12,7 +12,7 @@ import tenseal.sealapi as seal
 
 from lightning_privacy.he.compile import ApproximationReport, levels
 from lightning_privacy.he.graph import Add, Affine, LayerGraph, Multiply, Polynomial
-from lightning_privacy.he.packing.single import DiagonalKernel, DiagonalPlan, diagonal_plan
+from lightning_privacy.he.packing.single import DiagonalKernel, DiagonalPlan, InputExpansion, diagonal_plan, input_expansion
 from lightning_privacy.he.params import CKKSParams
 
 if TYPE_CHECKING:
@@ -88,8 +88,20 @@ class CompiledModel:
         return self.params.slots
 
     @cached_property
+    def input_expansion(self) -> InputExpansion | None:
+        """The single layout's im2col-like input order, when the first layer profits from it."""
+        readers = self.graph.consumers(self.graph.input_name)
+        if len(readers) != 1 or not isinstance(readers[0], Affine) or readers[0].is_bias_only:
+            return None
+        return input_expansion(readers[0].weight, self.params.slots)
+
+    @cached_property
     def diagonal_plans(self) -> dict[str, DiagonalPlan]:
-        return {layer.name: diagonal_plan(layer.weight) for layer in self.graph.layers if isinstance(layer, Affine)}
+        """Single-layout plan of every affine layer (the first one on the expanded input, if any)."""
+        plans = {layer.name: diagonal_plan(layer.weight) for layer in self.graph.layers if isinstance(layer, Affine)}
+        if self.input_expansion is not None:
+            plans[self.graph.consumers(self.graph.input_name)[0].name] = diagonal_plan(self.input_expansion.weight)
+        return plans
 
     @cached_property
     def rotation_steps(self) -> list[int]:

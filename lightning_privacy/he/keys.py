@@ -169,6 +169,7 @@ class Keyring:
         self.input_shape = tuple(compiled.input_shape if compiled is not None else input_shape)
         self._input_range = compiled.input_range if compiled is not None else None
         self._output_dim = compiled.output_dim if compiled is not None else None
+        self._expansion = compiled.input_expansion if layout == "single" else None
         steps = sorted(compiled.rotation_steps) if layout == "single" else []
 
         parms = seal_parameters(params)
@@ -221,6 +222,8 @@ class Keyring:
 
         x = self._validate(x)
         flat = x.reshape(len(x), -1)
+        if self._expansion is not None:
+            flat = self._expansion.apply(flat)
         vectors = batch.pack(flat) if self.layout == "batch" else single.pack(flat, self.params.slots)
         parms_id = self._context.first_parms_id()
         cts = []

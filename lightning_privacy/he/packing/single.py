@@ -9,6 +9,10 @@ diagonals pre-rotated in plaintext: the baby steps ``rot(x, b)`` are taken one s
 the giant steps are accumulated Horner-style (``acc = rot(acc, g) + inner_j``), so a layer needs
 Galois keys for the steps ``1``, ``g`` and its fold steps only, for the same number of rotations.
 All-zero diagonals are skipped.
+
+The client may also send the input in an expanded, im2col-like order (:func:`input_expansion`):
+rows of the first layer that read the same input columns (a convolution's output channels at one
+position) share one block of the expansion, which leaves that layer with a handful of diagonals.
 """
 
 from __future__ import annotations
@@ -76,6 +80,50 @@ def diagonal_plan(weight: np.ndarray) -> DiagonalPlan:
     giant = min(candidates, key=lambda g: (max((k % g for k in diagonals), default=0) + max(diagonals, default=0) // g, g))
     fold = tuple(out_p << t for t in range(int(math.log2(in_p // out_p)))) if in_p > out_p else ()
     return DiagonalPlan(in_p, out_p, giant, diagonals, fold)
+
+
+@dataclass(frozen=True)
+class InputExpansion:
+    """``expanded[e] = x[index[e]]`` (0 where ``index[e] < 0``); ``weight`` acts on ``expanded``."""
+
+    index: np.ndarray
+    weight: np.ndarray
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        return np.where(self.index >= 0, x[:, np.maximum(self.index, 0)], 0.0)
+
+
+def _cost(plan: DiagonalPlan) -> float:
+    return 10.0 * plan.rotations + len(plan.diagonals)
+
+
+def input_expansion(weight: np.ndarray, slots: int) -> InputExpansion | None:
+    """An im2col-like input order for a first layer ``weight``, when it makes the layer cheaper.
+
+    Rows are grouped by their sequence of nonzero columns; block ``s`` of the expansion holds, at
+    the group's position, the ``s``-th input of that group. Returns None when the expansion does not
+    fit the slots or does not lower the rotation cost.
+    """
+    groups: dict[tuple[int, ...], int] = {}
+    row_group = []
+    for row in weight:
+        columns = tuple(np.flatnonzero(row))
+        row_group.append(groups.setdefault(columns, len(groups)))
+    width = max((len(c) for c in groups), default=0)
+    stride = period(len(groups))
+    if width == 0 or width * stride > slots:
+        return None
+    index = np.full(width * stride, -1)
+    for columns, g in groups.items():
+        index[np.arange(len(columns)) * stride + g] = columns
+    expanded = np.zeros((weight.shape[0], width * stride))
+    for r, g in enumerate(row_group):
+        columns = index[g::stride]
+        valid = columns >= 0
+        expanded[r, (np.arange(width) * stride + g)[valid]] = weight[r, columns[valid]]
+    if _cost(diagonal_plan(expanded)) >= _cost(diagonal_plan(weight)):
+        return None
+    return InputExpansion(index, expanded)
 
 
 def pack(x: np.ndarray, slots: int) -> list[np.ndarray]:
