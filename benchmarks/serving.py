@@ -64,18 +64,21 @@ def in_process_seconds(compiled: he.CompiledModel, layout: str, x: np.ndarray, r
     return statistics.mean(times)
 
 
-def served(client: EncryptedClient, x: np.ndarray, concurrency: int, n_requests: int) -> dict[str, float]:
-    """Latencies and throughput of ``n_requests`` requests of ``x`` sent by ``concurrency`` threads."""
+def served(
+    client: EncryptedClient, x: np.ndarray, expected: np.ndarray, concurrency: int, n_requests: int
+) -> dict[str, float]:
+    """Latencies and throughput of ``n_requests`` requests of ``x`` sent by ``concurrency`` threads,
+    and the largest deviation of any answer from ``expected`` (concurrency must not corrupt results)."""
 
-    def one(_: int) -> float:
+    def one(_: int) -> tuple[float, float]:
         start = time.perf_counter()
-        client.predict_logits(x)
-        return time.perf_counter() - start
+        logits = client.predict_logits(x)
+        return time.perf_counter() - start, float(np.abs(logits - expected).max())
 
     sent, received = client.bytes_sent, client.bytes_received
     start = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
-        latencies = list(pool.map(one, range(n_requests)))
+        latencies, errors = zip(*pool.map(one, range(n_requests)))
     wall = time.perf_counter() - start
     samples = n_requests * len(x)
     return {
@@ -84,6 +87,7 @@ def served(client: EncryptedClient, x: np.ndarray, concurrency: int, n_requests:
         "throughput": samples / wall,
         "sent": (client.bytes_sent - sent) / samples,
         "received": (client.bytes_received - received) / samples,
+        "error": max(errors),
     }
 
 
@@ -115,17 +119,18 @@ def main() -> None:
             for layout, per_request in (("single", 1), ("batch", args.batch_size)):
                 batch = x[:per_request]
                 local = in_process_seconds(compiled, layout, batch, repeats=3)
+                expected = compiled.plaintext_forward(batch)
                 client = EncryptedClient(compiled, url=server.url, layout=layout)
                 for _ in range(args.workers):  # keys, and the one-time context upload to each worker
                     client.predict_logits(batch)
                 for concurrency in CONCURRENCY:
-                    stats = served(client, batch, concurrency, concurrency * args.rounds)
+                    stats = served(client, batch, expected, concurrency, concurrency * args.rounds)
                     rows.append((layout, per_request, concurrency, concurrency * args.rounds, local, stats))
 
     header = (
         f"{'layout':<6} {'n/req':>5} {'conc':>4} {'reqs':>4} {'latency ms':>10} {'p95 ms':>8} {'samples/s':>9} "
         f"{'in-proc ms':>10} {'in-proc samples/s':>17} {'latency x':>9} {'throughput /':>12} "
-        f"{'KB up/sample':>12} {'KB down/sample':>14}"
+        f"{'KB up/sample':>12} {'KB down/sample':>14} {'max err':>8}"
     )
     print(f"\nEncrypted serving, digits MLP 64-32-10, N={compiled.params.poly_modulus_degree}, "
           f"{args.workers} server worker(s), loopback\n{header}\n{'-' * len(header)}")  # fmt: skip
@@ -135,12 +140,13 @@ def main() -> None:
             f"{layout:<6} {per_request:>5d} {concurrency:>4d} {n:>4d} {1e3 * s['latency']:>10.1f} "
             f"{1e3 * s['p95']:>8.1f} {s['throughput']:>9.1f} {1e3 * local:>10.1f} {local_throughput:>17.1f} "
             f"{s['latency'] / local:>9.2f} {local_throughput / s['throughput']:>12.2f} "
-            f"{s['sent'] / 1024:>12.2f} {s['received'] / 1024:>14.2f}"
+            f"{s['sent'] / 1024:>12.2f} {s['received'] / 1024:>14.2f} {s['error']:>8.1e}"
         )
     print(
         "latency x = served latency / in-process time (encrypt + evaluate + decrypt, one thread) of the same request;\n"
         "throughput / = in-process samples/s / served samples/s. Bytes: JSON bodies (base64 ciphertexts); the\n"
-        "public context is uploaded once per server worker before timing."
+        "public context is uploaded once per server worker before timing. max err: largest |logit| deviation of any\n"
+        "served answer from the compiled model's plaintext forward pass."
     )
 
 

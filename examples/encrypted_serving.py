@@ -105,7 +105,7 @@ def main() -> None:
     uri = f"models:/{MODEL_NAME}@{ALIAS}"
     print(f"Serving {uri} (mlflow models serve) ...")
     rows = []
-    with ScoringServer(uri) as server:
+    with ScoringServer(uri, log_path="mlflow-serve.log") as server:
         for layout, samples, chunk in (
             ("batch", len(x_test), len(x_test)),
             ("single", min(args.single_samples, len(x_test)), 1),
@@ -145,6 +145,7 @@ def main() -> None:
             f"{r['bytes_per_request'] / 1024:>11.1f}"
         )
     print("(KB/request: request + response body, ciphertexts in base64; the public context is sent once.)")
+    print(f"Server log (request lines and status codes, no bodies): {os.path.abspath('mlflow-serve.log')}")
 
 
 if __name__ == "__main__":

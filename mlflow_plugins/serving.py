@@ -68,6 +68,9 @@ class ScoringServer:
 
     def start(self) -> ScoringServer:
         """Start the server and wait until ``/ping`` answers."""
+        # Another server on the port would answer /ping in our place, with another model.
+        if not _port_is_free(self.port):
+            raise ScoringServerError(f"127.0.0.1:{self.port} is in use; choose another port or stop what listens there.")
         command = [
             sys.executable, "-m", "mlflow", "models", "serve", "-m", self.model_uri,
             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(self.port), "-w", str(self.workers),
@@ -129,6 +132,17 @@ def _signal_group(pgid: int, sig: int) -> bool:
         os.killpg(pgid, sig)
     except ProcessLookupError:
         return False
+    return True
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        # SO_REUSEADDR: connections of a just-stopped server in TIME_WAIT do not count as "in use".
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
     return True
 
 

@@ -52,6 +52,13 @@ def test_save_model_compiles_a_torch_module(digits, reference, tmp_path):
     np.testing.assert_allclose(loaded.plaintext_forward(digits.x_test[:16]), expected, atol=1e-4)
 
 
+def test_save_model_compiles_an_onnx_model(onnx_model, compiled, digits, tmp_path):
+    ckks.save_model(onnx_model, tmp_path / "model", calibration_data=digits.x_train)
+    loaded = ckks.load_model(str(tmp_path / "model"))
+    assert loaded.params == compiled.params
+    np.testing.assert_array_equal(loaded.plaintext_forward(digits.x_test), compiled.plaintext_forward(digits.x_test))
+
+
 def test_compiling_without_calibration_data_is_refused(onnx_model, tmp_path):
     with pytest.raises(CompilationError, match="calibration_data"):
         ckks.save_model(onnx_model, tmp_path / "model")
