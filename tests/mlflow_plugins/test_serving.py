@@ -70,6 +70,18 @@ def test_encrypted_predictions_match_onnxruntime(server, compiled, digits, refer
     assert_matches_reference(client.predict_logits(x), reference(x))
 
 
+def test_inputs_format_is_served_like_dataframe_split(server, compiled, digits, reference):
+    keyring = he.Keyring(compiled, "single")
+    context, x = keyring.public_context_bytes(), digits.x_test[:2]
+    row = EncryptedRequest(protocol.key_id_of(context), "single", context, keyring.encrypt(x).to_bytes())
+    split = protocol.encode_request([row])["dataframe_split"]
+    response = _post(server, {"inputs": {c: [v] for c, v in zip(split["columns"], split["data"][0])}})
+    assert response.status_code == 200, response.text[:500]
+    (result,) = protocol.decode_response(response.json())
+    logits = keyring.decrypt(he.EncryptedBatch.from_bytes(result, keyring.public_context))
+    assert_matches_reference(logits, reference(x))
+
+
 def test_context_is_sent_once_per_key(server, compiled, digits):
     client = EncryptedClient(compiled, url=server.url, layout="single")
     client.predict_logits(digits.x_test[:1])
