@@ -77,7 +77,7 @@ class EncryptedRequestError(LightningPrivacyError, ValueError):
 
 
 class ServingConfigError(LightningPrivacyError, ValueError):
-    """A serving setting (e.g. a context-cache limit in an environment variable) is invalid."""
+    """A serving setting is invalid: a context-cache limit in the environment, a client argument."""
 
 
 class ScoringServerError(LightningPrivacyError, RuntimeError):

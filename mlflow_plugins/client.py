@@ -8,12 +8,13 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import mlflow.pyfunc
 import requests
 from mlflow.exceptions import MlflowException
 from requests.adapters import HTTPAdapter
 
 from lightning_privacy import he
-from lightning_privacy.errors import EncryptedRequestError
+from lightning_privacy.errors import EncryptedRequestError, ServingConfigError
 from lightning_privacy.mlflow_plugins import ckks, protocol
 from lightning_privacy.mlflow_plugins.protocol import EncryptedRequest, ErrorCode
 
@@ -40,7 +41,12 @@ class EncryptedClient:
             layout and 16 for the single layout.
         timeout: seconds to wait for one HTTP answer.
 
+    Attributes:
+        bytes_sent, bytes_received, requests_sent: HTTP body bytes and requests so far (they stay
+            0 in-process), for measuring payloads.
+
     Raises:
+        ServingConfigError: an unknown ``layout``, or ``url=None`` with a ``CompiledModel``.
         EncryptedRequestError: from the predict methods, when the server rejects a request.
 
     Example::
@@ -60,12 +66,12 @@ class EncryptedClient:
         timeout: float = 600.0,
     ) -> None:
         if layout not in (None, *protocol.LAYOUTS):
-            raise ValueError(f"layout must be one of {list(protocol.LAYOUTS)} or None, got {layout!r}.")
+            raise ServingConfigError(f"layout must be one of {list(protocol.LAYOUTS)} or None, got {layout!r}.")
         if url is None:
             if not isinstance(model, str):
-                raise ValueError("In-process use (url=None) needs a model URI, not a CompiledModel.")
-            import mlflow.pyfunc
-
+                raise ServingConfigError(
+                    "In-process use (url=None) needs a model URI, not a CompiledModel; pass url= to use a server."
+                )
             self._pyfunc = mlflow.pyfunc.load_model(model)
             self.compiled: he.CompiledModel = self._pyfunc.get_raw_model()
         else:

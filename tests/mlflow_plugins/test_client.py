@@ -17,7 +17,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.pyfunc.scoring_server import infer_and_parse_data
 
 from lightning_privacy import he
-from lightning_privacy.errors import EncryptedRequestError
+from lightning_privacy.errors import EncryptedRequestError, ServingConfigError
 from lightning_privacy.mlflow_plugins import EncryptedClient, ckks
 
 
@@ -175,6 +175,8 @@ def test_predict_and_proba_are_computed_on_the_client(client):
     np.testing.assert_allclose(proba[0], np.exp(2 * x[0]) / np.exp(2 * x[0]).sum())
 
 
-def test_bad_layout_is_refused():
-    with pytest.raises(ValueError, match="layout"):
+def test_bad_arguments_are_refused():
+    with pytest.raises(ServingConfigError, match="layout"):
         EncryptedClient(FakeCompiled(), url="http://127.0.0.1:1", layout="diagonal")
+    with pytest.raises(ServingConfigError, match="model URI"):
+        EncryptedClient(FakeCompiled())
