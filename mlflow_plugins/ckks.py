@@ -86,7 +86,7 @@ def get_default_conda_env() -> dict[str, Any]:
 
 def save_model(
     ckks_model: Any,
-    path: str,
+    path: str | os.PathLike[str],
     calibration_data: np.ndarray | None = None,
     example_input: Any = None,
     compile_options: dict[str, Any] | None = None,
