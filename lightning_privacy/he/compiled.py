@@ -151,8 +151,15 @@ class CompiledModel:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         return "single" if self.estimated_cost("single", batch_size) < self.estimated_cost("batch", batch_size) else "batch"
 
-    def evaluate(self, batch: EncryptedBatch, context: PublicContext, *, progress: bool = False) -> EncryptedBatch:
+    def evaluate(
+        self, batch: EncryptedBatch, context: PublicContext, *, progress: bool = False, workers: int | None = None
+    ) -> EncryptedBatch:
         """Server side: run the model on ``batch`` with the public ``context`` only.
+
+        ``workers`` processes share the work (sealapi holds the GIL, so threads would not help). The
+        default is 1: on a 2-core machine forking paid off only for rotation-heavy single-layout
+        requests of several samples, while the batch kernels are memory-bound (see
+        benchmarks/he_inference.py). ``progress`` shows a tqdm bar over layers.
 
         Raises:
             EncryptionInputError: the batch or context does not match this model (layout, params,
@@ -160,7 +167,7 @@ class CompiledModel:
         """
         from lightning_privacy.he.runtime import evaluate
 
-        return evaluate(self, batch, context, progress)
+        return evaluate(self, batch, context, progress, workers)
 
     def plaintext_forward(self, x: np.ndarray) -> np.ndarray:
         """The compiled (approximated) graph in float64: raw outputs ``(n, output_dim)``."""

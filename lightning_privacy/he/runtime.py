@@ -11,12 +11,15 @@ from lightning_privacy.errors import EncryptionInputError
 from lightning_privacy.he import wire
 from lightning_privacy.he.graph import Add, Affine, Multiply, Polynomial
 from lightning_privacy.he.keys import PublicContext
-from lightning_privacy.he.packing import LAYOUTS, batch, single
+from lightning_privacy.he.packing import LAYOUTS, batch
+from lightning_privacy.he.parallel import available_workers, map_ciphertexts
 
 if TYPE_CHECKING:
     from lightning_privacy.he.compiled import CompiledModel
 
 BATCH_MAGIC = b"LPHE-BATCH1"
+#: Below this many ciphertexts an elementwise layer runs in-process (a fork costs ~20 ms).
+MIN_PARALLEL_CIPHERTEXTS = 16
 
 
 class EncryptedBatch:
@@ -67,8 +70,10 @@ class EncryptedBatch:
         return cls(layout, n, wire.load_objects(blobs, seal.Ciphertext, context.context, "ciphertext"), context)
 
 
-def evaluate(model: CompiledModel, encrypted: EncryptedBatch, context: PublicContext, progress: bool = False) -> EncryptedBatch:
-    """Run ``model`` on ``encrypted`` with public keys only."""
+def evaluate(
+    model: CompiledModel, encrypted: EncryptedBatch, context: PublicContext, progress: bool = False, workers: int | None = None
+) -> EncryptedBatch:
+    """Run ``model`` on ``encrypted`` with public keys only, over ``workers`` processes (default 1)."""
     if not isinstance(context, PublicContext):
         raise EncryptionInputError(f"evaluate needs a PublicContext, got {type(context).__name__}")
     if encrypted.layout not in LAYOUTS or encrypted.layout != context.layout:
@@ -76,18 +81,23 @@ def evaluate(model: CompiledModel, encrypted: EncryptedBatch, context: PublicCon
     if context.params != model.params:
         raise EncryptionInputError("the context was made for other CKKS parameters than this model's")
     _check_fresh(encrypted, context, model)
+    workers = 1 if workers is None else max(1, min(int(workers), available_workers()))
     arith = context.arithmetic
     if encrypted.layout == "batch":
-        out = _run(model, encrypted.ciphertexts, lambda layer, cts: batch.affine(arith, layer, cts, progress), arith)
+        out = _run(model, encrypted.ciphertexts, lambda layer, cts: batch.affine(arith, layer, cts, workers), arith, workers, progress)
         return EncryptedBatch("batch", encrypted.n_samples, out, context)
     if context.galois_keys is None or not set(model.rotation_steps) <= set(context.rotation_steps):
         raise EncryptionInputError("the single-layout context lacks Galois keys for this model's rotations")
     kernel = model.diagonal_kernel(arith, context.galois_keys)
     plans = model.diagonal_plans
-    outputs = [
-        _run(model, [ct], lambda layer, cts: [kernel.affine(layer, plans[layer.name], cts[0])], arith)[0]
-        for ct in tqdm(encrypted.ciphertexts, desc="samples", disable=not progress, leave=False)
-    ]
+
+    def samples(indices) -> list[seal.Ciphertext]:
+        return [
+            _run(model, [encrypted.ciphertexts[i]], lambda layer, cts: [kernel.affine(layer, plans[layer.name], cts[0])], arith)[0]
+            for i in indices
+        ]
+
+    outputs = map_ciphertexts(samples, range(encrypted.n_samples), context.context, workers)
     return EncryptedBatch("single", encrypted.n_samples, outputs, context)
 
 
@@ -101,19 +111,29 @@ def _check_fresh(encrypted: EncryptedBatch, context: PublicContext, model: Compi
             raise EncryptionInputError("ciphertexts must be fresh encryptions from Keyring.encrypt (level, size or scale differ)")
 
 
-def _run(model: CompiledModel, inputs: list, affine, arith) -> list:
-    """Walk the graph; a value is a list of ciphertexts (features or one sample)."""
+def _run(model: CompiledModel, inputs: list, affine, arith, workers: int = 1, progress: bool = False) -> list:
+    """Walk the graph; a value is a list of ciphertexts (features, or one sample)."""
     values = {model.graph.input_name: inputs}
-    for layer in model.graph.layers:
+    for layer in tqdm(model.graph.layers, desc="layers", disable=not progress, leave=False):
         if isinstance(layer, Affine):
-            out = affine(layer, values[layer.input])
-        elif isinstance(layer, Add):
-            out = [arith.add(a, b) for a, b in zip(values[layer.left], values[layer.right])]
-        elif isinstance(layer, Multiply):
-            out = [arith.multiply(a, b) for a, b in zip(values[layer.left], values[layer.right])]
+            values[layer.output] = affine(layer, values[layer.input])
+            continue
+        if isinstance(layer, Add):
+            left, right = values[layer.left], values[layer.right]
+            values[layer.output] = [arith.add(a, b) for a, b in zip(left, right)]
+            continue
+        if isinstance(layer, Multiply):
+            left, right = values[layer.left], values[layer.right]
+
+            def elementwise(indices, left=left, right=right):
+                return [arith.multiply(left[i], right[i]) for i in indices]
         elif isinstance(layer, Polynomial):
-            out = [arith.polynomial(ct, layer.coefficients) for ct in values[layer.input]]
+            source, coefficients = values[layer.input], layer.coefficients
+
+            def elementwise(indices, source=source, coefficients=coefficients):
+                return [arith.polynomial(source[i], coefficients) for i in indices]
         else:
             raise TypeError(f"layer {layer.name!r} of type {type(layer).__name__} was not compiled")
-        values[layer.output] = out
+        count = len(values[layer.inputs[0]])
+        values[layer.output] = map_ciphertexts(elementwise, range(count), arith.context, workers if count >= MIN_PARALLEL_CIPHERTEXTS else 1)
     return values[model.graph.output_name]

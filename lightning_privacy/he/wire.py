@@ -17,7 +17,7 @@ import tenseal.sealapi as seal
 
 from lightning_privacy.errors import EncryptionInputError
 
-_TMP = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+TEMP_DIR = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
 
 
 def pack_sections(magic: bytes, header: dict, sections: list[bytes]) -> bytes:
@@ -52,7 +52,7 @@ def unpack_sections(magic: bytes, data: bytes, what: str) -> tuple[dict, list[by
 
 def save_objects(objects: list) -> list[bytes]:
     """SEAL objects (anything with ``.save(path)``) -> bytes."""
-    with tempfile.TemporaryDirectory(dir=_TMP) as tmp:
+    with tempfile.TemporaryDirectory(dir=TEMP_DIR) as tmp:
         path = os.path.join(tmp, "object")
         out = []
         for obj in objects:
@@ -64,7 +64,7 @@ def save_objects(objects: list) -> list[bytes]:
 
 def load_objects(blobs: list[bytes], factory: Callable[[], object], context: seal.SEALContext, what: str) -> list:
     """bytes -> SEAL objects of ``factory()``'s type, validated against ``context``."""
-    with tempfile.TemporaryDirectory(dir=_TMP) as tmp:
+    with tempfile.TemporaryDirectory(dir=TEMP_DIR) as tmp:
         path = os.path.join(tmp, "object")
         out = []
         for blob in blobs:
@@ -80,7 +80,7 @@ def load_objects(blobs: list[bytes], factory: Callable[[], object], context: sea
 
 
 def load_parameters(blob: bytes) -> seal.EncryptionParameters:
-    with tempfile.TemporaryDirectory(dir=_TMP) as tmp:
+    with tempfile.TemporaryDirectory(dir=TEMP_DIR) as tmp:
         path = os.path.join(tmp, "parms")
         with open(path, "wb") as f:
             f.write(blob)

@@ -187,10 +187,10 @@ class DiagonalKernel:
                     total = term
                 else:
                     arith.evaluator.add_inplace(total, term)
-        total = arith.rescale(total)
+        # Rotations before the rescale: key-switching noise is additive, so at scale^2 it is negligible.
         for step in plan.fold_steps:
             arith.evaluator.add_inplace(total, self.rotate(total, step))
-        return self._add_bias(layer, plan, total)
+        return self._add_bias(layer, plan, arith.rescale(total))
 
     def _bias_vector(self, layer: Affine, plan: DiagonalPlan) -> np.ndarray:
         bias = np.zeros(plan.out_period)
