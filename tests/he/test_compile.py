@@ -136,3 +136,13 @@ def test_output_activation_is_kept_for_the_client():
     model = he.compile(onnx_of(net, x), x)
     assert model.output_activation == "softmax"
     assert not any(isinstance(l, Polynomial) for l in model.graph.layers)
+
+
+def test_a_graph_too_deep_for_n32768_fails_at_compile_time_with_its_depth():
+    x = digits(20)
+    layers = [torch.nn.Linear(64, 4)] + [he.nn.Square() for _ in range(30)] + [torch.nn.Linear(4, 2)]
+    net = torch.nn.Sequential(*layers).eval()
+    with torch.no_grad():
+        net[0].weight.mul_(0.01)
+    with pytest.raises(CompilationError, match="depth 32"):
+        he.compile(onnx_of(net, x), x)

@@ -129,6 +129,25 @@ def test_exact_ops_match_onnxruntime(exact_models, name, layout):
     assert not compiled.approximation_report
 
 
+def test_convolutions_use_the_im2col_input_expansion(exact_models):
+    compiled = exact_models[0]["cnn"][1]
+    assert compiled.input_expansion is not None
+    first = compiled.graph.layers[0]
+    assert len(compiled.diagonal_plans[first.name].diagonals) < first.weight.shape[0] // 4
+
+
+@pytest.mark.parametrize("layout", ["batch", "single"])
+def test_two_worker_processes_give_identical_results(exact_models, layout):
+    proto, compiled = exact_models[0]["pooled"]
+    x = exact_models[1]["pooled"][: 4 if layout == "single" else N_BATCH]
+    keys = he.Keyring(compiled, layout)
+    encrypted = keys.encrypt(x)
+    one = keys.decrypt(compiled.evaluate(encrypted, keys.public_context, workers=1))
+    two = keys.decrypt(compiled.evaluate(encrypted, keys.public_context, workers=2))
+    np.testing.assert_array_equal(one, two)
+    assert_parity(two, ort_run(proto, x).reshape(len(x), -1))
+
+
 class Activations(torch.nn.Module):
     """One branch per approximated activation, summed: depth stays small."""
 
