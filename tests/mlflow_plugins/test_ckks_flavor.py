@@ -11,7 +11,7 @@ from mlflow.exceptions import MlflowException
 import mlflow
 from lightning_privacy import he
 from lightning_privacy.errors import CompilationError
-from lightning_privacy.mlflow_plugins import EncryptedClient, ckks, protocol
+from lightning_privacy.mlflow_plugins import ContextCache, EncryptedClient, ckks, protocol
 from tests.mlflow_plugins.conftest import assert_matches_reference
 
 PRIVACY_TAGS = {
@@ -84,6 +84,10 @@ def test_in_process_client_matches_onnxruntime(compiled, digits, reference):
     np.testing.assert_array_equal(client.predict(x[:5]), reference(x[:5]).argmax(1))
     proba = client.predict_proba(x[:5])
     np.testing.assert_allclose(proba.sum(1), 1.0, atol=1e-9)
+
+    # A fresh context cache (as after a restart): the in-process client re-sends its context too.
+    client._pyfunc._model_impl.contexts = ContextCache()
+    assert_matches_reference(client.predict_logits(x[:3]), reference(x[:3]))
 
     with pytest.raises(MlflowException) as info_:
         mlflow.pyfunc.load_model(uri).predict(pd.DataFrame(x))
