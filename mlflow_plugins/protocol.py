@@ -14,6 +14,10 @@ The answer is ``{"predictions": [{"ciphertext": <base64>, "n_samples": <int>}, .
 record per request row; only the client can decrypt it. A rejected request gets HTTP 400 whose
 JSON body carries the message and a machine-readable ``lightning_privacy_code``
 (:class:`ErrorCode`). On ``UNKNOWN_KEY_ID`` the client re-sends its context and retries once.
+
+Nothing decrypted ever travels back to the server: CKKS decryptions carry key-dependent noise, and
+ciphertexts together with their decryptions let an adversary recover the secret key (IND-CPA-D,
+Li & Micciancio 2021). Keep logits, probabilities and labels on the client.
 """
 
 from __future__ import annotations
