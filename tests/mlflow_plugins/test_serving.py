@@ -33,15 +33,20 @@ def store(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def server(store, compiled, tmp_path_factory):
     """`mlflow models serve -m models:/digits-ckks@champion`, always stopped."""
-    mlflow.set_tracking_uri(store)
-    mlflow.set_registry_uri(store)
-    try:
-        with mlflow.start_run():
-            mlflow.set_tags(PRIVACY_TAGS)
-            info = ckks.log_model(compiled, name="model", registered_model_name=MODEL_NAME)
-        mlflow.MlflowClient().set_registered_model_alias(MODEL_NAME, "champion", info.registered_model_version)
-    finally:
-        mlflow.set_tracking_uri(None)
+    # mlflow.set_*_uri also export MLFLOW_*_URI; the monkeypatch context restores the environment.
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MLFLOW_TRACKING_URI", store)
+        env.setenv("MLFLOW_REGISTRY_URI", store)
+        mlflow.set_tracking_uri(store)
+        mlflow.set_registry_uri(store)
+        try:
+            with mlflow.start_run():
+                mlflow.set_tags(PRIVACY_TAGS)
+                info = ckks.log_model(compiled, name="model", registered_model_name=MODEL_NAME)
+            mlflow.MlflowClient().set_registered_model_alias(MODEL_NAME, "champion", info.registered_model_version)
+        finally:
+            mlflow.set_tracking_uri(None)
+            mlflow.set_registry_uri(None)
     server = ScoringServer(
         f"models:/{MODEL_NAME}@champion",
         env={"MLFLOW_TRACKING_URI": store, "MLFLOW_REGISTRY_URI": store},
