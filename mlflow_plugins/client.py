@@ -91,6 +91,17 @@ class EncryptedClient:
         self._server_has: set[str] = set()
         self._lock = threading.Lock()
 
+    def close(self) -> None:
+        """Close the HTTP connections (the keys stay usable until the object is dropped)."""
+        if self._pyfunc is None:
+            self._session.close()
+
+    def __enter__(self) -> EncryptedClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     def predict_logits(self, x: np.ndarray | pd.DataFrame) -> np.ndarray:
         """Raw logits ``(n, output_dim)`` of the encrypted graph (a final softmax is not in it)."""
         x = self._as_array(x)

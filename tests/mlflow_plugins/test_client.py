@@ -141,6 +141,14 @@ def test_chunks_and_sends_the_context_once(client, server):
     assert client.requests_sent == 4 and client.bytes_sent == sum(len(json.dumps(b)) for b in server.bodies)
 
 
+def test_context_manager_closes_the_session(client, monkeypatch):
+    closed = []
+    monkeypatch.setattr(client._session, "close", lambda: closed.append(True))
+    with client as same:
+        assert same is client
+    assert closed == [True]
+
+
 def test_restarted_server_gets_the_context_again_after_one_rejection(client, server):
     x = np.ones((1, 3))
     client.predict_logits(x)
