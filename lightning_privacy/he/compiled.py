@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import replace
 from functools import cached_property
 from typing import TYPE_CHECKING
 
@@ -12,7 +13,14 @@ import tenseal.sealapi as seal
 
 from lightning_privacy.he.compile import ApproximationReport, levels
 from lightning_privacy.he.graph import Add, Affine, LayerGraph, Multiply, Polynomial
-from lightning_privacy.he.packing.single import DiagonalKernel, DiagonalPlan, InputExpansion, diagonal_plan, input_expansion
+from lightning_privacy.he.packing.single import (
+    DiagonalKernel,
+    DiagonalPlan,
+    InputExpansion,
+    diagonal_plan,
+    input_expansion,
+    key_steps,
+)
 from lightning_privacy.he.params import CKKSParams
 
 if TYPE_CHECKING:
@@ -98,23 +106,28 @@ class CompiledModel:
     @cached_property
     def diagonal_plans(self) -> dict[str, DiagonalPlan]:
         """Single-layout plan of every affine layer (the first one on the expanded input, if any)."""
-        plans = {layer.name: diagonal_plan(layer.weight) for layer in self.graph.layers if isinstance(layer, Affine)}
+        weights = {layer.name: layer.weight for layer in self.graph.layers if isinstance(layer, Affine)}
         if self.input_expansion is not None:
-            plans[self.graph.consumers(self.graph.input_name)[0].name] = diagonal_plan(self.input_expansion.weight)
-        return plans
+            weights[self.graph.consumers(self.graph.input_name)[0].name] = self.input_expansion.weight
+        plans = {name: diagonal_plan(w) for name, w in weights.items()}
+        requested = set().union(*(plan.rotation_steps for plan in self._used(plans)))
+        keys = key_steps(requested, self.params.slots)
+        if set(keys) != requested:  # too many distinct steps: giants from the key basis, the rest composed
+            plans = {name: diagonal_plan(w, giants=keys) for name, w in weights.items()}
+        return {name: replace(plan, keys=keys) for name, plan in plans.items()}
 
-    @cached_property
+    def _used(self, plans: dict[str, DiagonalPlan]) -> list[DiagonalPlan]:
+        return [plans[l.name] for l in self.graph.layers if isinstance(l, Affine) and not l.is_bias_only]
+
+    @property
     def rotation_steps(self) -> list[int]:
-        """Rotation steps of the single layout (Galois keys are made for exactly these)."""
-        steps = set()
-        for layer in self.graph.layers:
-            if isinstance(layer, Affine) and not layer.is_bias_only:
-                steps |= self.diagonal_plans[layer.name].rotation_steps
-        return sorted(steps)
+        """Steps of the single layout's Galois keys (keys are made for exactly these)."""
+        plans = self._used(self.diagonal_plans)
+        return list(plans[0].keys) if plans else []
 
     def diagonal_kernel(self, arith: Arithmetic, galois_keys: seal.GaloisKeys) -> DiagonalKernel:
         """The single-layout kernel; encoded diagonals are cached on this model across calls."""
-        return DiagonalKernel(arith, galois_keys, self.params.slots, self._plaintext_cache)
+        return DiagonalKernel(arith, galois_keys, tuple(self.rotation_steps), self.params.slots, self._plaintext_cache)
 
     def estimated_cost(self, layout: str, batch_size: int) -> float:
         """Relative cost of evaluating ``batch_size`` samples in ``layout`` (for :meth:`choose_layout`)."""

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from lightning_privacy.he.polynomial import activation_function
+
 ACTIVATIONS = ("relu", "sigmoid", "tanh", "gelu", "gelu_tanh", "silu")
 OUTPUT_ACTIVATIONS = ("softmax", "log_softmax")
 
@@ -136,8 +138,6 @@ class LayerGraph:
 
     def values(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """Every value of the graph on ``x`` of shape (n, *input_shape), flattened to (n, dim)."""
-        from lightning_privacy.he.polynomial import activation_function
-
         values = {self.input_name: np.asarray(x, dtype=np.float64).reshape(len(x), -1)}
         for layer in self.layers:
             if isinstance(layer, Affine):

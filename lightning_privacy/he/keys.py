@@ -202,7 +202,7 @@ class Keyring:
 
     @property
     def max_batch_size(self) -> int:
-        """Samples per EncryptedBatch: the slot count (batch layout); unbounded for single."""
+        """Samples one batch-layout EncryptedBatch holds (the slot count); callers chunk larger inputs."""
         return self.params.slots
 
     def public_context_bytes(self) -> bytes:
@@ -240,7 +240,7 @@ class Keyring:
             x = np.asarray(x, dtype=np.float64)
         except (TypeError, ValueError) as exc:
             raise EncryptionInputError(f"input is not numeric: {exc}") from exc
-        if x.shape[1:] != self.input_shape or x.ndim < 1 or len(x) == 0:
+        if x.ndim != len(self.input_shape) + 1 or x.shape[1:] != self.input_shape or x.shape[0] == 0:
             raise EncryptionInputError(f"expected input of shape (n, {', '.join(map(str, self.input_shape))}), got {x.shape}")
         if not np.all(np.isfinite(x)):
             raise EncryptionInputError(f"input contains {int(np.sum(~np.isfinite(x)))} NaN/inf values")

@@ -8,7 +8,8 @@ rotation by ``k`` is a cyclic shift modulo ``p``. For ``W`` (m x n) with periods
 diagonals pre-rotated in plaintext: the baby steps ``rot(x, b)`` are taken one step at a time and
 the giant steps are accumulated Horner-style (``acc = rot(acc, g) + inner_j``), so a layer needs
 Galois keys for the steps ``1``, ``g`` and its fold steps only, for the same number of rotations.
-All-zero diagonals are skipped.
+All-zero diagonals are skipped. When a model needs more than :data:`MAX_ROTATION_KEYS` distinct
+steps, keys are made for the powers of :data:`KEY_BASE` only and other steps are composed.
 
 The client may also send the input in an expanded, im2col-like order (:func:`input_expansion`):
 rows of the first layer that read the same input columns (a convolution's output channels at one
@@ -27,6 +28,30 @@ from lightning_privacy.he.arithmetic import Arithmetic
 from lightning_privacy.he.graph import Affine
 
 
+#: Each Galois key weighs 0.8-1.7 MB at N=8192; above this many, rotations are composed instead.
+MAX_ROTATION_KEYS = 5
+KEY_BASE = 8
+
+
+def decompose(step: int, keys: tuple[int, ...]) -> list[int]:
+    """``step`` as a sum of key steps, largest first (exact for a key itself or powers of a base)."""
+    parts, rest = [], step
+    for key in sorted(keys, reverse=True):
+        while rest >= key:
+            parts.append(key)
+            rest -= key
+    if rest:
+        raise ValueError(f"rotation step {step} cannot be composed from the keys {keys}")
+    return parts
+
+
+def key_steps(steps: set[int], slots: int) -> tuple[int, ...]:
+    """The Galois key steps for the rotation ``steps`` a model requests."""
+    if len(steps) <= MAX_ROTATION_KEYS:
+        return tuple(sorted(steps))
+    return tuple(KEY_BASE**t for t in range(int(math.log(slots, KEY_BASE)) + 1) if KEY_BASE**t <= max(steps))
+
+
 def period(dim: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(dim, 1))))
 
@@ -40,6 +65,7 @@ class DiagonalPlan:
     giant: int
     diagonals: dict[int, np.ndarray]
     fold_steps: tuple[int, ...]
+    keys: tuple[int, ...] | None = None
 
     @property
     def giant_steps(self) -> int:
@@ -60,11 +86,15 @@ class DiagonalPlan:
 
     @property
     def rotations(self) -> int:
-        """Rotations per evaluation (the cost driver)."""
-        return self.baby_steps + self.giant_steps + len(self.fold_steps)
+        """Rotations per evaluation (the cost driver), composed from ``keys`` when set."""
+        keys = self.keys or tuple(self.rotation_steps)
+        count = self.baby_steps * len(decompose(1, keys)) if self.baby_steps else 0
+        count += self.giant_steps * len(decompose(self.giant, keys)) if self.giant_steps else 0
+        return count + sum(len(decompose(step, keys)) for step in self.fold_steps)
 
 
-def diagonal_plan(weight: np.ndarray) -> DiagonalPlan:
+def diagonal_plan(weight: np.ndarray, giants: tuple[int, ...] | None = None) -> DiagonalPlan:
+    """The diagonals of ``weight`` and the giant step (from ``giants``, default powers of two)."""
     m, n = weight.shape
     out_p, in_p = period(m), period(n)
     big = max(out_p, in_p)
@@ -76,7 +106,7 @@ def diagonal_plan(weight: np.ndarray) -> DiagonalPlan:
         d = padded[rows % out_p, (rows + k) % in_p]
         if np.any(d):
             diagonals[k] = d
-    candidates = [1 << t for t in range(int(math.log2(big)) + 1)]
+    candidates = giants or tuple(1 << t for t in range(int(math.log2(big)) + 1))
     giant = min(candidates, key=lambda g: (max((k % g for k in diagonals), default=0) + max(diagonals, default=0) // g, g))
     fold = tuple(out_p << t for t in range(int(math.log2(in_p // out_p)))) if in_p > out_p else ()
     return DiagonalPlan(in_p, out_p, giant, diagonals, fold)
@@ -141,16 +171,19 @@ def unpack(vectors: list[np.ndarray], out_dim: int) -> np.ndarray:
 class DiagonalKernel:
     """Evaluates affine layers on single-layout ciphertexts; caches the encoded diagonals."""
 
-    def __init__(self, arith: Arithmetic, galois_keys: seal.GaloisKeys, slots: int, cache: dict) -> None:
+    def __init__(self, arith: Arithmetic, galois_keys: seal.GaloisKeys, keys: tuple[int, ...], slots: int, cache: dict) -> None:
         self.arith = arith
         self.galois_keys = galois_keys
+        self.keys = keys
         self.slots = slots
         self._plaintexts = cache
 
     def rotate(self, ct: seal.Ciphertext, step: int) -> seal.Ciphertext:
-        out = seal.Ciphertext()
-        self.arith.evaluator.rotate_vector(ct, step, self.galois_keys, out)
-        return out
+        for part in decompose(step, self.keys):
+            out = seal.Ciphertext()
+            self.arith.evaluator.rotate_vector(ct, part, self.galois_keys, out)
+            ct = out
+        return ct
 
     def _encoded(self, layer: Affine, plan: DiagonalPlan, ct: seal.Ciphertext) -> list:
         key = (layer.name, tuple(ct.parms_id()), ct.scale)

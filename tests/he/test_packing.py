@@ -1,0 +1,89 @@
+"""Packing math checked in numpy (np.roll stands in for a CKKS rotation): no encryption here."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lightning_privacy.he.packing.single import (
+    KEY_BASE,
+    MAX_ROTATION_KEYS,
+    decompose,
+    diagonal_plan,
+    input_expansion,
+    key_steps,
+    pack,
+    period,
+)
+
+SLOTS = 1024
+
+
+def _simulate(weight: np.ndarray, x: np.ndarray, giants=None) -> np.ndarray:
+    """The kernel's arithmetic on plain slot vectors: BSGS over pre-rotated diagonals, then folds."""
+    plan = diagonal_plan(weight, giants)
+    slots_x = pack(x[None, :], SLOTS)[0]
+    reps = SLOTS // max(plan.in_period, plan.out_period)
+    rot = lambda v, k: np.roll(v, -k)  # noqa: E731 - rot(v, k)[i] = v[i + k]
+    total = np.zeros(SLOTS)
+    for k, d in plan.diagonals.items():
+        j, b = divmod(k, plan.giant)
+        pre_rotated = np.roll(np.tile(d, reps), j * plan.giant)
+        total += rot(pre_rotated * rot(slots_x, b), j * plan.giant)
+    for step in plan.fold_steps:
+        total = total + rot(total, step)
+    assert np.allclose(total, np.tile(total[: plan.out_period], SLOTS // plan.out_period))
+    return total[: weight.shape[0]]
+
+
+@pytest.mark.parametrize("shape", [(10, 64), (64, 10), (32, 32), (7, 300), (300, 7), (1, 5)])
+@pytest.mark.parametrize("giants", [None, (1, 8, 64, 512)])
+def test_diagonal_method_equals_matrix_product(shape, giants):
+    rng = np.random.default_rng(1)
+    weight = rng.normal(size=shape) * (rng.random(shape) < 0.5)
+    x = rng.normal(size=shape[1])
+    np.testing.assert_allclose(_simulate(weight, x, giants), weight @ x, atol=1e-10)
+
+
+def _conv_matrix(kernel: np.ndarray, side: int, stride: int) -> np.ndarray:
+    channels, k, _ = kernel.shape
+    out = (side - k) // stride + 1
+    weight = np.zeros((channels * out * out, side * side))
+    for c in range(channels):
+        for oh in range(out):
+            for ow in range(out):
+                for kh in range(k):
+                    for kw in range(k):
+                        weight[(c * out + oh) * out + ow, (oh * stride + kh) * side + ow * stride + kw] = kernel[c, kh, kw]
+    return weight
+
+
+def test_input_expansion_of_a_convolution_is_exact_and_cheaper():
+    """The MNIST-tutorial convolution (4x7x7, stride 3, 28x28): 256 diagonals become a handful."""
+    rng = np.random.default_rng(2)
+    weight = _conv_matrix(rng.normal(size=(4, 7, 7)), 28, 3)
+    expansion = input_expansion(weight, 4096)
+    assert expansion is not None
+    x = rng.normal(size=(3, 784))
+    np.testing.assert_allclose(expansion.apply(x) @ expansion.weight.T, x @ weight.T, atol=1e-12)
+    assert len(diagonal_plan(expansion.weight).diagonals) == 4 < len(diagonal_plan(weight).diagonals)
+
+
+def test_dense_layers_keep_the_plain_input_order():
+    assert input_expansion(np.random.default_rng(3).normal(size=(10, 64)), SLOTS) is None
+
+
+def test_rotation_keys_are_bounded_and_compose_every_step():
+    few = {1, 8, 16}
+    assert key_steps(few, 4096) == (1, 8, 16)
+    many = {1, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048}
+    keys = key_steps(many, 4096)
+    assert len(keys) <= MAX_ROTATION_KEYS and set(keys) == {KEY_BASE**t for t in range(4)}
+    for step in range(1, 4096):
+        assert sum(decompose(step, keys)) == step
+    with pytest.raises(ValueError):
+        decompose(3, (2,))
+
+
+def test_period_is_the_next_power_of_two():
+    assert [period(d) for d in (1, 2, 3, 64, 65)] == [1, 2, 4, 64, 128]
