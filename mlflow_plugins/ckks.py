@@ -30,9 +30,8 @@ import yaml
 
 import mlflow
 from mlflow import pyfunc
-from mlflow.models import Model, ModelInputExample, ModelSignature
+from mlflow.models import Model
 from mlflow.models.model import MLMODEL_FILE_NAME, ModelInfo
-from mlflow.models.utils import _save_example
 from mlflow.tracking._model_registry import DEFAULT_AWAIT_MAX_SLEEP_SECONDS
 from mlflow.tracking.artifact_utils import _download_artifact_from_uri
 from mlflow.utils.environment import (
@@ -93,8 +92,6 @@ def save_model(
     conda_env: Any = None,
     code_paths: list[str] | None = None,
     mlflow_model: Model | None = None,
-    signature: ModelSignature | None = None,
-    input_example: ModelInputExample | None = None,
     pip_requirements: Any = None,
     extra_pip_requirements: Any = None,
     metadata: dict[str, Any] | None = None,
@@ -109,8 +106,10 @@ def save_model(
         calibration_data: inputs (n, *input_shape) that set activation ranges; needed to compile.
         example_input: input for ``torch.onnx.export``; default ``calibration_data[:1]``.
         compile_options: extra keyword arguments of ``he.compile``.
-        conda_env, code_paths, mlflow_model, signature, input_example, pip_requirements,
-        extra_pip_requirements, metadata, extra_files: as in ``mlflow.onnx.save_model``.
+        conda_env, code_paths, mlflow_model, pip_requirements, extra_pip_requirements, metadata,
+        extra_files: as in ``mlflow.onnx.save_model``. There is no ``signature`` or
+        ``input_example``: MLflow would enforce a schema before the model sees a request (its
+        errors quote the request, ciphertexts included), and an example would be plaintext.
 
     Raises:
         CompilationError: a model that needs compiling came without ``calibration_data``, or
@@ -125,10 +124,6 @@ def save_model(
 
     if mlflow_model is None:
         mlflow_model = Model()
-    if signature is not None:
-        mlflow_model.signature = signature
-    if input_example is not None:
-        _save_example(mlflow_model, input_example, path)
     if metadata is not None:
         mlflow_model.metadata = metadata
 
@@ -184,8 +179,6 @@ def log_model(
     conda_env: Any = None,
     code_paths: list[str] | None = None,
     registered_model_name: str | None = None,
-    signature: ModelSignature | None = None,
-    input_example: ModelInputExample | None = None,
     await_registration_for: int = DEFAULT_AWAIT_MAX_SLEEP_SECONDS,
     pip_requirements: Any = None,
     extra_pip_requirements: Any = None,
@@ -222,8 +215,6 @@ def log_model(
         conda_env=conda_env,
         code_paths=code_paths,
         registered_model_name=registered_model_name,
-        signature=signature,
-        input_example=input_example,
         await_registration_for=await_registration_for,
         pip_requirements=pip_requirements,
         extra_pip_requirements=extra_pip_requirements,
