@@ -6,7 +6,8 @@ Models:
       on 28x28 inputs (random weights and inputs: timing only);
   (c) a small CNN on digits: conv 4x3x3 -> square -> avgpool 2 -> fc 36->10 (trained briefly).
 
-Columns: server time per sample in the single layout, amortized per sample in the batch layout at
+Columns: server time per sample in the single layout (in-process, and split over 2 forked
+processes), amortized per sample in the batch layout at
 1024 and 4096 samples, ciphertext bytes per sample (request), public-context bytes, and max absolute
 error of the decrypted logits against onnxruntime on the same ONNX file. The baseline encrypts one
 ``CKKSVector`` per sample, chains ``.mm`` (``im2col`` convolution for the CNNs, as in the tutorial),
@@ -91,6 +92,9 @@ def ours(net: torch.nn.Module, x: np.ndarray, single_n: int) -> dict:
     out = model.evaluate(enc, keys.public_context)
     row["single_ms"] = (time.perf_counter() - start) * 1e3 / single_n
     row["errors"].append(np.abs(keys.decrypt(out) - reference[:single_n]).max())
+    start = time.perf_counter()
+    model.evaluate(enc, keys.public_context, workers=2)
+    row["single2_ms"] = (time.perf_counter() - start) * 1e3 / single_n
 
     keys = he.Keyring(model, "batch")
     row["batch_keys"] = len(keys.public_context_bytes())
@@ -159,15 +163,15 @@ def _linear_after_conv(net: TutorialCNN) -> np.ndarray:
 def main() -> None:
     torch.set_num_threads(1)
     models = build_models()
-    print("| model | N | depth | single ms | batch1024 ms/sample | batch4096 ms/sample | ct KB/sample single | "
+    print("| model | N | depth | single ms | single ms, 2 procs | batch1024 ms/sample | batch4096 ms/sample | ct KB/sample single | "
           "ct KB/sample batch | keys MB single | keys MB batch | max err | tutorial ms | tutorial ct KB | "
           "tutorial keys MB | tutorial err | speedup single | keys ratio single |")
-    print("|" + "---|" * 17)
+    print("|" + "---|" * 18)
     for name, (net, x) in models.items():
         row = ours(net, x, SINGLE_SAMPLES[name])
         base = baseline(net, x, BASELINE_SAMPLES)
         print(
-            f"| ({name}) | {row['N']} | {row['depth']} | {row['single_ms']:.1f} | {row['batch1024_ms']:.3f} | "
+            f"| ({name}) | {row['N']} | {row['depth']} | {row['single_ms']:.1f} | {row['single2_ms']:.1f} | {row['batch1024_ms']:.3f} | "
             f"{row['batch4096_ms']:.3f} | {row['single_ct'] / 1e3:.0f} | {row['batch_ct'] / 1e3:.1f} | "
             f"{row['single_keys'] / 1e6:.1f} | {row['batch_keys'] / 1e6:.1f} | {row['error']:.1e} | "
             f"{base['single_ms']:.0f} | {base['single_ct'] / 1e3:.0f} | {base['keys'] / 1e6:.1f} | {base['error']:.1e} | "

@@ -34,10 +34,13 @@ Public API (contract; the MLflow flavor builds on exactly these names):
   "log_softmax", applied by the client after decryption), ``.params`` (:class:`CKKSParams` with
   ``poly_modulus_degree``, ``coeff_mod_bit_sizes``, ``scale_bits``), ``.depth``,
   ``.max_batch_size`` (slots per ciphertext: the most samples one batch-layout EncryptedBatch holds;
-  callers chunk larger inputs), ``.choose_layout(batch_size) -> "batch" | "single"``,
-  ``.evaluate(batch, context) -> EncryptedBatch`` (server side, public keys only),
+  callers chunk larger inputs), ``.choose_layout(batch_size) -> "batch" | "single"`` (cost model),
+  ``.evaluate(batch, context, *, progress=False, workers=None) -> EncryptedBatch`` (server side,
+  public keys only; ``workers`` > 1 forks processes, default in-process),
   ``.plaintext_forward(x) -> np.ndarray`` (the approximated graph in numpy, raw logits),
-  ``.approximation_report`` (list of per-layer :class:`ApproximationReport`).
+  ``.approximation_report`` (list of per-layer :class:`ApproximationReport`: layer, activation,
+  degree, interval, max_error, calibration_error), ``.calibration_agreement`` (argmax agreement of
+  the approximated and exact network on the calibration data), ``.input_range``.
 - ``Keyring(compiled_or_params, layout)``: client side, holds the secret key. ``.layout``,
   ``.public_context_bytes() -> bytes`` (no secret key), ``.public_context`` (a PublicContext view of
   the same keys, for parsing responses), ``.key_id -> str`` (sha256 of the public context bytes),
