@@ -70,7 +70,7 @@ class ScoringServer:
         """Start the server and wait until ``/ping`` answers."""
         # Another server on the port would answer /ping in our place, with another model.
         if not _port_is_free(self.port):
-            raise ScoringServerError(f"127.0.0.1:{self.port} is in use; choose another port or stop what listens there.")
+            raise ScoringServerError(f"127.0.0.1:{self.port} is in use; choose another port or stop its listener.")
         command = [
             sys.executable, "-m", "mlflow", "models", "serve", "-m", self.model_uri,
             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(self.port), "-w", str(self.workers),
@@ -79,21 +79,25 @@ class ScoringServer:
             self._process = subprocess.Popen(
                 command, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
+        try:
+            self._wait_for_ping(" ".join(command))
+        except BaseException:  # including Ctrl-C: __exit__ does not run when __enter__ raises
+            self.stop()
+            raise
+        return self
+
+    def _wait_for_ping(self, command: str) -> None:
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if (code := self._process.poll()) is not None:
-                self.stop()
-                raise ScoringServerError(f"`{' '.join(command)}` exited with {code}:\n{self._log_tail()}")
+                raise ScoringServerError(f"`{command}` exited with {code}:\n{self._log_tail()}")
             try:
                 if requests.get(f"{self.url}/ping", timeout=2).status_code == 200:
-                    return self
+                    return
             except requests.ConnectionError:
                 pass
             time.sleep(0.5)
-        self.stop()
-        raise ScoringServerError(
-            f"No answer on {self.url}/ping after {self.startup_timeout:.0f} s:\n{self._log_tail()}"
-        )
+        raise ScoringServerError(f"No answer on {self.url}/ping in {self.startup_timeout:.0f} s:\n{self._log_tail()}")
 
     def stop(self) -> None:
         """Stop the server and every process it spawned (SIGTERM, SIGKILL after 10 s); idempotent."""

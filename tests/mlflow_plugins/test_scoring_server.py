@@ -26,3 +26,10 @@ def test_a_server_that_exits_is_reported_with_its_log(tmp_path):
         server.start()
     assert "no-such-model" in str(info.value)
     server.stop()  # idempotent after a failed start
+
+
+def test_a_server_too_slow_to_answer_is_stopped(tmp_path):
+    server = ScoringServer(str(tmp_path / "model"), log_path=tmp_path / "server.log", startup_timeout=0.3)
+    with pytest.raises(ScoringServerError, match="No answer"):
+        server.start()
+    assert server._process is None  # stopped, process group included
