@@ -132,19 +132,17 @@ class CompiledModel:
     def estimated_cost(self, layout: str, batch_size: int) -> float:
         """Relative cost of evaluating ``batch_size`` samples in ``layout`` (for :meth:`choose_layout`)."""
         elementwise = 0.0
-        per_value = {}
         for layer in self.graph.layers:
             if isinstance(layer, Multiply):
-                per_value[layer.name] = _COST_PRODUCT
+                cost = _COST_PRODUCT
             elif isinstance(layer, Polynomial):
                 degree = len(layer.coefficients) - 1
-                per_value[layer.name] = _COST_PRODUCT * max(1, degree - 1) + _COST_PLAIN_MULTIPLY * degree
+                cost = _COST_PRODUCT * max(1, degree - 1) + _COST_PLAIN_MULTIPLY * degree
             elif isinstance(layer, Add):
-                per_value[layer.name] = 0.2
+                cost = 0.2
             else:
                 continue
-            dim = int(np.prod(self.graph.shapes[layer.output]))
-            elementwise += per_value[layer.name] * (dim if layout == "batch" else 1)
+            elementwise += cost * (int(np.prod(self.graph.shapes[layer.output])) if layout == "batch" else 1)
         affine = 0.0
         for layer in self.graph.layers:
             if not isinstance(layer, Affine) or layer.is_bias_only:

@@ -86,7 +86,7 @@ def evaluate(
     if encrypted.layout == "batch":
         out = _run(model, encrypted.ciphertexts, lambda layer, cts: batch.affine(arith, layer, cts, workers), arith, workers, progress)
         return EncryptedBatch("batch", encrypted.n_samples, out, context)
-    if context.galois_keys is None or not set(model.rotation_steps) <= set(context.rotation_steps):
+    if model.rotation_steps and (context.galois_keys is None or not set(model.rotation_steps) <= set(context.rotation_steps)):
         raise EncryptionInputError("the single-layout context lacks Galois keys for this model's rotations")
     kernel = model.diagonal_kernel(arith, context.galois_keys)
     plans = model.diagonal_plans

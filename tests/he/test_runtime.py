@@ -97,3 +97,23 @@ def test_keyring_from_params_for_batch(mlp):
     np.testing.assert_allclose(keys.decrypt(out), ort_run(mlp[0], digits(3)), atol=1e-3)
     with pytest.raises(ValueError):
         he.Keyring(mlp[1].params, "single")
+
+
+@pytest.mark.parametrize("layout", ["batch", "single"])
+def test_elementwise_only_model_needs_no_rotations(layout):
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "x"], ["sq"]), helper.make_node("Add", ["sq", "one"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.ones(6, dtype=np.float32), "one")],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    x = np.random.default_rng(0).normal(size=(5, 6))
+    model = he.compile(proto, x)
+    assert model.rotation_steps == []
+    keys = he.Keyring(model, layout)
+    out = keys.decrypt(model.evaluate(keys.encrypt(x), keys.public_context))
+    np.testing.assert_allclose(out, x * x + 1, atol=1e-4)
