@@ -105,7 +105,13 @@ class ImportState:
         outputs = [helper.make_empty_tensor_value_info(name) for name in node.output if name]
         graph = helper.make_graph([node], "node", inputs, outputs)
         model = helper.make_model(graph, opset_imports=self.opset_imports)
-        return ReferenceEvaluator(model).run(None, feeds)
+        try:
+            return ReferenceEvaluator(model).run(None, feeds)
+        except Exception as exc:  # the reference runtime raises whatever numpy raises
+            raise CompilationError(
+                f"node {node.name!r} ({node.op_type}) cannot be evaluated on inputs of shapes "
+                f"{[np.shape(v) for v in feeds.values()]}: {type(exc).__name__}: {exc}"
+            ) from exc
 
     def linearize(self, node: onnx.NodeProto, index: int) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
         """``(W, b, out_shape)`` of ``node`` as an affine map of its encrypted input ``index``."""

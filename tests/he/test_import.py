@@ -226,3 +226,9 @@ def test_conv_1d_is_rejected():
     proto = _node_model([helper.make_node("Conv", ["x", "w"], ["y"], name="c1d")], [2, 9], {"w": _w(3, 2, 3)})
     with pytest.raises(UnsupportedOperatorError, match="2-D"):
         he.import_onnx(proto)
+
+
+def test_constant_that_broadcasts_over_the_batch_is_an_error():
+    proto = _node_model([helper.make_node("Add", ["x", "c"], ["y"], name="bad")], [4], {"c": _w(3, 4)})
+    with pytest.raises(CompilationError, match="bad"):
+        he.import_onnx(proto)
