@@ -232,3 +232,16 @@ def test_constant_that_broadcasts_over_the_batch_is_an_error():
     proto = _node_model([helper.make_node("Add", ["x", "c"], ["y"], name="bad")], [4], {"c": _w(3, 4)})
     with pytest.raises(CompilationError, match="bad"):
         he.import_onnx(proto)
+
+
+def test_he_imports_neither_dp_nor_lightning_nor_mlflow():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, lightning_privacy.he\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('mlflow', 'pytorch_lightning', 'lightning')"
+        " or m.startswith(('lightning_privacy.dp', 'lightning_privacy.callbacks', 'lightning_privacy.mlflow_plugins'))]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
