@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: $(VENV)/.installed
-	$(PY) examples/train_dp_digits.py
+	$(PY) examples/encrypted_serving.py
 
 test: $(VENV)/.installed
 	$(PY) -m pytest

@@ -23,39 +23,14 @@ import numpy as np
 import onnxruntime
 import pytorch_lightning as pl
 import torch
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
+from train_dp_digits import DigitsClassifier, digits_splits, train
 
 from lightning_privacy import he
-from lightning_privacy.callbacks import DifferentialPrivacy
 from lightning_privacy.mlflow_plugins import EncryptedClient, ScoringServer, ckks
 
 MODEL_NAME = "digits-ckks"
 ALIAS = "champion"
-
-
-class DigitsMLP(pl.LightningModule):
-    """A plain LightningModule (nothing DP-specific): 64 -> 32 -> x² -> 10."""
-
-    def __init__(self, lr: float = 0.05) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(64, 32), he.nn.Square(), nn.Linear(32, 10))
-        self.lr = lr
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        loss = nn.functional.cross_entropy(self(x), y)
-        self.log("train_loss", loss, prog_bar=True)
-        return loss
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
 
 
 def main() -> None:
@@ -71,36 +46,29 @@ def main() -> None:
     os.environ.setdefault("MLFLOW_REGISTRY_URI", os.environ["MLFLOW_TRACKING_URI"])
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
     mlflow.set_registry_uri(os.environ["MLFLOW_REGISTRY_URI"])
-    mlflow.set_experiment("encrypted-serving")
     pl.seed_everything(0, verbose=False)
     torch.set_num_threads(1)
 
-    x, y = load_digits(return_X_y=True)
-    x = (x / 16.0).astype(np.float32)
-    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.2, random_state=0, stratify=y)
-    train = DataLoader(TensorDataset(torch.from_numpy(x_train), torch.from_numpy(y_train)), batch_size=64)
+    train_data, test_data = digits_splits()
+    x_train = train_data.tensors[0].numpy()
+    x_test, y_test = (t.numpy() for t in test_data.tensors)
+    # The same plain LightningModule as train_dp_digits.py, with x² (exact under CKKS) for ReLU.
+    model = DigitsClassifier(activation=he.nn.Square())
+    dp, logger = train(model, train_data, test_data, epsilon=args.epsilon, delta=args.delta, epochs=args.epochs)
+    model.eval()
+    with torch.no_grad():
+        plain_logits = model(torch.from_numpy(x_test)).numpy()
 
-    with mlflow.start_run(run_name="dp-digits") as run:
-        model = DigitsMLP()
-        dp = DifferentialPrivacy(target_epsilon=args.epsilon, delta=args.delta, max_grad_norm=1.0)
-        trainer = pl.Trainer(
-            max_epochs=args.epochs, callbacks=[dp], logger=False, enable_checkpointing=False,
-            enable_model_summary=False, accelerator="cpu",
-        )  # fmt: skip
-        trainer.fit(model, train)
-        model.eval()
-        with torch.no_grad():
-            plain_logits = model(torch.from_numpy(x_test)).numpy()
-
-        print("Compiling to CKKS and registering ...")
-        proto = he.export(model.net, torch.from_numpy(x_test[:1]))
-        compiled = he.compile(proto, x_train)
+    print("Compiling to CKKS and registering ...")
+    proto = he.export(model.net, torch.from_numpy(x_test[:1]))
+    compiled = he.compile(proto, x_train)
+    with mlflow.start_run(run_id=logger.run_id) as run:  # the DP run: log_model copies its privacy.* tags
         info = ckks.log_model(compiled, name="model", registered_model_name=MODEL_NAME)
-        registry = mlflow.MlflowClient()
-        registry.set_registered_model_alias(MODEL_NAME, ALIAS, info.registered_model_version)
-        tags = registry.get_model_version(MODEL_NAME, info.registered_model_version).tags
-        session = onnxruntime.InferenceSession(proto.SerializeToString())
-        onnx_logits = session.run(None, {session.get_inputs()[0].name: x_test})[0]
+    registry = mlflow.MlflowClient()
+    registry.set_registered_model_alias(MODEL_NAME, ALIAS, info.registered_model_version)
+    tags = registry.get_model_version(MODEL_NAME, info.registered_model_version).tags
+    session = onnxruntime.InferenceSession(proto.SerializeToString())
+    onnx_logits = session.run(None, {session.get_inputs()[0].name: x_test})[0]
 
     uri = f"models:/{MODEL_NAME}@{ALIAS}"
     print(f"Serving {uri} (mlflow models serve) ...")

@@ -57,6 +57,10 @@ class ScoringServer:
         self.port = port or _free_port()
         self.workers = workers
         self.env = {**os.environ, **(env or {})}
+        # MLflow starts the server as `bash -c "exec uvicorn ..."`: uvicorn must be on PATH even when
+        # this interpreter runs from a virtual environment that was never activated (`make demo`).
+        bin_dir = str(Path(sys.executable).parent)
+        self.env["PATH"] = os.pathsep.join([bin_dir, self.env.get("PATH", "")])
         self.log_path = Path(log_path or tempfile.mkstemp(prefix="mlflow-serve-", suffix=".log")[1])
         self.startup_timeout = startup_timeout
         self._process: subprocess.Popen[bytes] | None = None
