@@ -14,7 +14,6 @@ import mlflow
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from mlflow import MlflowClient
 from pytorch_lightning.loggers import MLFlowLogger
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
@@ -22,9 +21,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_privacy.callbacks import DifferentialPrivacy
+from lightning_privacy.mlflow_plugins import copy_privacy_tags
 
 EXPERIMENT = "lightning-privacy-digits"
-PRIVACY_TAGS = ("epsilon", "delta", "noise_multiplier", "max_grad_norm", "accountant")
 
 
 def digits_splits(seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
@@ -104,16 +103,12 @@ def train(
 
 def register_with_privacy_tags(model: nn.Module, example: np.ndarray, run_id: str, name: str) -> str:
     """Log ``model`` to the run, register it as ``name`` and copy the run's privacy tags to the version."""
-    client = MlflowClient()
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pytorch.log_model(
             model, name="model", registered_model_name=name, input_example=example
         )
-    version = str(info.registered_model_version)
-    run_tags = client.get_run(run_id).data.tags
-    for key in PRIVACY_TAGS:
-        client.set_model_version_tag(name, version, f"privacy.{key}", run_tags[f"privacy.{key}"])
-    return version
+    copy_privacy_tags(run_id, name, info.registered_model_version)
+    return str(info.registered_model_version)
 
 
 def main() -> None:

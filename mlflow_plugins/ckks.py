@@ -64,11 +64,11 @@ from lightning_privacy.errors import (
 )
 from lightning_privacy.mlflow_plugins import protocol
 from lightning_privacy.mlflow_plugins.context_cache import ContextCache
+from lightning_privacy.mlflow_plugins.privacy_tags import copy_privacy_tags
 from lightning_privacy.mlflow_plugins.protocol import EncryptedRequest, ErrorCode
 
 FLAVOR_NAME = "ckks"
 #: Run tags copied onto the registered model version (written by the DifferentialPrivacy callback).
-PRIVACY_TAG_PREFIX = "privacy."
 
 _MODEL_DATA_SUBPATH = "compiled"
 
@@ -228,7 +228,7 @@ def log_model(
         **kwargs,
     )
     if registered_model_name is not None and model_info.registered_model_version is not None:
-        _copy_privacy_tags(model_info.run_id, registered_model_name, model_info.registered_model_version)
+        copy_privacy_tags(model_info.run_id, registered_model_name, model_info.registered_model_version)
     return model_info
 
 
@@ -332,12 +332,3 @@ def _compile(
             example_input = torch.as_tensor(np.asarray(calibration_data[:1]), dtype=torch.float32)
         model = he.export(model, example_input)
     return he.compile(model, np.asarray(calibration_data), **(compile_options or {}))
-
-
-def _copy_privacy_tags(run_id: str | None, name: str, version: int | str) -> None:
-    if run_id is None:
-        return
-    client = mlflow.MlflowClient()
-    for key, value in client.get_run(run_id).data.tags.items():
-        if key.startswith(PRIVACY_TAG_PREFIX):
-            client.set_model_version_tag(name, str(version), key, value)
