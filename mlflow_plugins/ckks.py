@@ -28,7 +28,6 @@ import numpy as np
 import pandas as pd
 import yaml
 
-import mlflow
 from mlflow import pyfunc
 from mlflow.models import Model
 from mlflow.models.model import MLMODEL_FILE_NAME, ModelInfo

@@ -126,7 +126,7 @@ def test_unreachable_target_is_a_clear_error(tmp_path):
 
 
 def test_secure_mode_without_a_secure_generator_is_an_error():
-    pytest.importorskip  # torchcsprng is not installable for torch 2.13: the error is what users get
+    # torchcsprng is not installable for torch 2.13: this error is what users get.
     try:
         import torchcsprng  # noqa: F401
     except ImportError:

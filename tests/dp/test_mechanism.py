@@ -14,7 +14,6 @@ from dp_accounting.pld import PLDAccountant
 from opacus.accountants import create_accountant
 from opacus.data_loader import DPDataLoader
 from torch import nn
-from torch.utils.data import DataLoader
 
 from lightning_privacy.callbacks import DifferentialPrivacy
 from tests.dp.models import Classifier, make_dataset, trainer_kwargs

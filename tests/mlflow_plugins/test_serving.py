@@ -6,7 +6,6 @@ One server for the module (startup is ~20 s); the restart test is last and start
 from __future__ import annotations
 
 import base64
-import json
 
 import mlflow
 import numpy as np
