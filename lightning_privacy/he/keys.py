@@ -178,7 +178,9 @@ class Keyring:
         self._secret_key = generator.secret_key()
         public_key = seal.PublicKey()
         generator.create_public_key(public_key)
-        self._encryptor = seal.Encryptor(self._context, public_key)
+        # The client holds the secret key, so it encrypts symmetrically: SEAL then serializes each
+        # ciphertext with one of its two polynomials replaced by a seed, halving every upload.
+        self._encryptor = seal.Encryptor(self._context, self._secret_key)
         self._decryptor = seal.Decryptor(self._context, self._secret_key)
         self._encoder = seal.CKKSEncoder(self._context)
         galois = generator.create_galois_keys(galois_elements(steps, params.poly_modulus_degree)) if steps else None
@@ -230,9 +232,7 @@ class Keyring:
         for vector in vectors:
             plain = seal.Plaintext()
             self._encoder.encode(vector.tolist(), parms_id, self.params.scale, plain)
-            ct = seal.Ciphertext()
-            self._encryptor.encrypt(plain, ct)
-            cts.append(ct)
+            cts.append(self._encryptor.encrypt_symmetric(plain))
         return EncryptedBatch(self.layout, len(x), cts, self.public_context)
 
     def _validate(self, x: np.ndarray) -> np.ndarray:

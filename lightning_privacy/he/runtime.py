@@ -34,18 +34,28 @@ class EncryptedBatch:
         batch = EncryptedBatch.from_bytes(payload, public_context)   # server side
     """
 
-    def __init__(self, layout: str, n_samples: int, ciphertexts: list[seal.Ciphertext], context: PublicContext) -> None:
+    def __init__(self, layout: str, n_samples: int, ciphertexts: list, context: PublicContext) -> None:
         self.layout = layout
         self.n_samples = n_samples
-        self.ciphertexts = ciphertexts
+        # seal.Ciphertext, or seeded SerializableCiphertext straight from Keyring.encrypt: those can
+        # only be saved, which is all a client does with them.
+        self._ciphertexts = list(ciphertexts)
         self.context = context
+
+    @property
+    def ciphertexts(self) -> list[seal.Ciphertext]:
+        """The ciphertexts, expanded from their seeded form on first use (in-process evaluation)."""
+        if self._ciphertexts and not isinstance(self._ciphertexts[0], seal.Ciphertext):
+            blobs = wire.save_objects(self._ciphertexts)
+            self._ciphertexts = wire.load_objects(blobs, seal.Ciphertext, self.context.context, "ciphertext")
+        return self._ciphertexts
 
     def __len__(self) -> int:
         return self.n_samples
 
     def to_bytes(self) -> bytes:
         header = {"layout": self.layout, "n_samples": self.n_samples, "key_id": self.context.key_id}
-        return wire.pack_sections(BATCH_MAGIC, header, wire.save_objects(self.ciphertexts))
+        return wire.pack_sections(BATCH_MAGIC, header, wire.save_objects(self._ciphertexts))
 
     @classmethod
     def from_bytes(cls, data: bytes, context: PublicContext) -> EncryptedBatch:

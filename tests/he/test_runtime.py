@@ -117,3 +117,15 @@ def test_elementwise_only_model_needs_no_rotations(layout):
     keys = he.Keyring(model, layout)
     out = keys.decrypt(model.evaluate(keys.encrypt(x), keys.public_context))
     np.testing.assert_allclose(out, x * x + 1, atol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["batch", "single"])
+def test_uploads_are_seeded_half_size_ciphertexts(keyrings, mlp, layout):
+    # A SEAL ciphertext is 2 polynomials x N coefficients x L primes, 8 bytes each; zstd alone saves
+    # about a third of that on 30-40-bit primes. Symmetric encryption with a seed drops one
+    # polynomial, so the upload must stay well under the compressed size of a full ciphertext.
+    params = mlp[1].params
+    full = 2 * params.poly_modulus_degree * (len(params.coeff_mod_bit_sizes) - 1) * 8
+    batch = keyrings[layout].encrypt(digits(3))
+    per_ciphertext = len(batch.to_bytes()) / len(batch.ciphertexts)
+    assert per_ciphertext < 0.45 * full
