@@ -38,17 +38,20 @@ class EncryptedBatch:
         self.layout = layout
         self.n_samples = n_samples
         # seal.Ciphertext, or seeded SerializableCiphertext straight from Keyring.encrypt: those can
-        # only be saved, which is all a client does with them.
+        # only be saved, which is all a client does with them; they stay the wire form.
         self._ciphertexts = list(ciphertexts)
+        self._expanded: list[seal.Ciphertext] | None = None
         self.context = context
 
     @property
     def ciphertexts(self) -> list[seal.Ciphertext]:
         """The ciphertexts, expanded from their seeded form on first use (in-process evaluation)."""
-        if self._ciphertexts and not isinstance(self._ciphertexts[0], seal.Ciphertext):
+        if not self._ciphertexts or isinstance(self._ciphertexts[0], seal.Ciphertext):
+            return self._ciphertexts
+        if self._expanded is None:
             blobs = wire.save_objects(self._ciphertexts)
-            self._ciphertexts = wire.load_objects(blobs, seal.Ciphertext, self.context.context, "ciphertext")
-        return self._ciphertexts
+            self._expanded = wire.load_objects(blobs, seal.Ciphertext, self.context.context, "ciphertext")
+        return self._expanded
 
     def __len__(self) -> int:
         return self.n_samples
