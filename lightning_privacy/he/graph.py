@@ -41,31 +41,25 @@ class Affine:
 
 
 @dataclass(frozen=True)
-class Add:
+class _Binary:
+    """An elementwise operation on two encrypted values of the same shape."""
+
+    name: str
+    left: str
+    right: str
+    output: str
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        return (self.left, self.right)
+
+
+class Add(_Binary):
     """Elementwise sum of two encrypted values (residual connections)."""
 
-    name: str
-    left: str
-    right: str
-    output: str
 
-    @property
-    def inputs(self) -> tuple[str, ...]:
-        return (self.left, self.right)
-
-
-@dataclass(frozen=True)
-class Multiply:
+class Multiply(_Binary):
     """Elementwise product of two encrypted values (``Mul(x, x)`` is a square)."""
-
-    name: str
-    left: str
-    right: str
-    output: str
-
-    @property
-    def inputs(self) -> tuple[str, ...]:
-        return (self.left, self.right)
 
 
 @dataclass(frozen=True)

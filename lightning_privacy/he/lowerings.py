@@ -88,9 +88,13 @@ def transpose(node: onnx.NodeProto, state: ImportState) -> None:
     linear(node, state, 0)
 
 
-def _binary(node: onnx.NodeProto, state: ImportState) -> tuple[str, str] | None:
-    """Resolved names of both inputs when both are encrypted (shapes must match), else None."""
+def _encrypted_pair(node: onnx.NodeProto, state: ImportState) -> tuple[str, str] | None:
+    """Resolved names of both inputs when both are encrypted (shapes must match).
+
+    With one constant operand the node is an affine map: it is lowered here and None is returned.
+    """
     if len(state.encrypted_inputs(node)) != 2:
+        linear(node, state, _single_encrypted(node, state, (0, 1)))
         return None
     left, right = node.input
     if state.shapes[left] != state.shapes[right]:
@@ -102,18 +106,13 @@ def _binary(node: onnx.NodeProto, state: ImportState) -> tuple[str, str] | None:
 
 def add(node: onnx.NodeProto, state: ImportState) -> None:
     """Encrypted + constant (affine) or encrypted + encrypted (residual)."""
-    pair = _binary(node, state)
-    if pair is None:
-        linear(node, state, _single_encrypted(node, state, (0, 1)))
-        return
-    state.add_layer(Add(node.name or node.output[0], *pair, node.output[0]), state.shapes[node.input[0]])
+    if pair := _encrypted_pair(node, state):
+        state.add_layer(Add(node.name or node.output[0], *pair, node.output[0]), state.shapes[node.input[0]])
 
 
 def sub(node: onnx.NodeProto, state: ImportState) -> None:
     """``x - c``, ``c - x`` or ``x - y`` (as ``x + (-1) * y``)."""
-    pair = _binary(node, state)
-    if pair is None:
-        linear(node, state, _single_encrypted(node, state, (0, 1)))
+    if not (pair := _encrypted_pair(node, state)):
         return
     shape = state.shapes[node.input[1]]
     d = int(np.prod(shape))
@@ -125,11 +124,8 @@ def sub(node: onnx.NodeProto, state: ImportState) -> None:
 
 def mul(node: onnx.NodeProto, state: ImportState) -> None:
     """Encrypted times constant (affine) or elementwise product of two encrypted values (square)."""
-    pair = _binary(node, state)
-    if pair is None:
-        linear(node, state, _single_encrypted(node, state, (0, 1)))
-        return
-    state.add_layer(Multiply(node.name or node.output[0], *pair, node.output[0]), state.shapes[node.input[0]])
+    if pair := _encrypted_pair(node, state):
+        state.add_layer(Multiply(node.name or node.output[0], *pair, node.output[0]), state.shapes[node.input[0]])
 
 
 def div(node: onnx.NodeProto, state: ImportState) -> None:
