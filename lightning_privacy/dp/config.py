@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
 from lightning_privacy.errors import PrivacyConfigError
@@ -82,12 +82,3 @@ class DPConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict form, as stored in checkpoints."""
         return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "DPConfig":
-        """Inverse of :meth:`to_dict`; unknown keys are rejected."""
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise PrivacyConfigError(f"Unknown DP config keys {sorted(unknown)}; known: {sorted(known)}.")
-        return cls(**data)
