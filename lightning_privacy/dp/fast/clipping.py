@@ -1,0 +1,108 @@
+"""Make an Opacus ``DPOptimizer`` clip with the fast hooks instead of ``p.grad_sample``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from opacus.optimizers import DPOptimizer
+
+from lightning_privacy.dp.fast.hooks import FastGradSampleHooks
+
+
+class _FastClipping:
+    """Mixed in before the optimizer's own class: only per-sample clipping changes.
+
+    ``clip_and_accumulate`` sets or accumulates ``p.summed_grad`` exactly as Opacus does, so noise,
+    scaling, step hooks, skipped steps (physical batches) and ``DistributedDPOptimizer``'s
+    rank-0 noise and all-reduce run Opacus' own code.
+    """
+
+    _fast_hooks: FastGradSampleHooks
+    _fast_passes: int
+
+    def clip_and_accumulate(self) -> None:
+        params = self.params
+        grads, self._fast_passes = self._fast_hooks.clipped_sum(params, self.max_grad_norm)
+        for p, grad in zip(params, grads):
+            if p.summed_grad is not None:
+                p.summed_grad += grad
+            else:
+                p.summed_grad = grad
+            if getattr(p, "grad_sample", None) is not None:
+                p.grad_sample = None  # consumed, as Opacus marks it processed
+
+    @property
+    def accumulated_iterations(self) -> int:
+        return self._fast_passes
+
+    def pre_step(self, closure: Callable[[], float] | None = None) -> bool | None:
+        # Opacus' pre_step, except its early return: it tests `self.grad_samples`, which fast layers
+        # never fill; only an optimizer without trainable parameters skips the private step.
+        if len(self.params) == 0:
+            return True
+        self.clip_and_accumulate()
+        if self._check_skip_next_step():
+            self._is_last_step_skipped = True
+            return False
+        self.add_noise()
+        self.scale_grad()
+        if self.step_hook:
+            self.step_hook(self)
+        self._is_last_step_skipped = False
+        return True
+
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        super().zero_grad(set_to_none)
+        self._fast_hooks.clear(self.params)
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def _fast_class(cls: type) -> type:
+    if cls not in _CLASSES:
+        _CLASSES[cls] = type(f"Fast{cls.__name__}", (_FastClipping, cls), {"__module__": __name__})
+    return _CLASSES[cls]
+
+
+def fast_clipping(optimizer: DPOptimizer, hooks: FastGradSampleHooks) -> DPOptimizer:
+    """Make ``optimizer`` take its per-sample norms and clipped sums from ``hooks``.
+
+    The optimizer object is kept (its state, param groups, step hook and generator are shared);
+    its class is swapped for a subclass of its own class (``FastDPOptimizer``,
+    ``FastDistributedDPOptimizer``) that overrides ``clip_and_accumulate``, ``pre_step``'s early
+    return, ``accumulated_iterations`` and ``zero_grad`` (which also drops the fast records).
+    Clipping is flat: one norm per sample over all the optimizer's trainable parameters, fast and
+    fallback layers together, factor ``min(1, C / (‖g_i‖ + 1e-6))``.
+
+    Args:
+        optimizer: an Opacus ``DPOptimizer`` or ``DistributedDPOptimizer`` with flat clipping.
+        hooks: the :class:`FastGradSampleHooks` attached to the model whose parameters it optimizes.
+
+    Returns:
+        ``optimizer`` itself.
+
+    Raises:
+        TypeError: for a non-Opacus optimizer, or one that clips differently (per-layer,
+            adaptive, Opacus' own ghost clipping), whose ``clip_and_accumulate`` this would replace.
+
+    Example::
+
+        hooks = FastGradSampleHooks(model)
+        optimizer = fast_clipping(DPOptimizer(sgd, noise_multiplier=1.0, max_grad_norm=1.0,
+                                              expected_batch_size=64), hooks)
+    """
+    cls = type(optimizer)
+    if not isinstance(optimizer, DPOptimizer):
+        raise TypeError(f"fast_clipping needs an Opacus DPOptimizer, got {cls.__name__}.")
+    if not issubclass(cls, _FastClipping):
+        if cls.clip_and_accumulate is not DPOptimizer.clip_and_accumulate:
+            raise TypeError(
+                f"{cls.__name__} clips in its own way (per-layer, adaptive or ghost clipping); fast "
+                "clipping replaces flat clipping only. Use DPOptimizer or DistributedDPOptimizer."
+            )
+        optimizer.__class__ = _fast_class(cls)
+    optimizer._fast_hooks = hooks
+    optimizer._fast_passes = 1
+    hooks.skip_duplicate_grads([p for group in optimizer.param_groups for p in group["params"]])
+    return optimizer

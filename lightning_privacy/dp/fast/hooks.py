@@ -1,0 +1,308 @@
+"""Attach the fast rules (and Opacus' grad samplers for the rest) to an unmodified module."""
+
+from __future__ import annotations
+
+import functools
+import types
+from collections import defaultdict
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from opacus.grad_sample import GradSampleHooks
+from opacus.layers import DPGRU, DPLSTM, DPRNN
+from torch import Tensor, nn
+
+from lightning_privacy.dp.fast.rules import FAST_RULES, LayerState, Prepared
+
+_RECURRENT = (DPRNN, DPLSTM, DPGRU)
+
+
+def _own_trainable(module: nn.Module) -> list[nn.Parameter]:
+    return [p for p in module.parameters(recurse=False) if p.requires_grad]
+
+
+def _plan(module: nn.Module, batch_first: bool) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
+    """``(fast, fallback)`` layers by qualified name, in ``named_modules`` order.
+
+    Walks like Opacus' ``GradSampleHooks``: a module with trainable parameters of its own is a
+    layer; one without a grad sampler (fast or Opacus) is handed whole to functorch, so its
+    children are not visited. A layer that shares a trainable parameter with another layer (tied
+    weights) falls back too: Opacus sums its per-sample gradients over the layers before the norm.
+    """
+    fast: dict[str, nn.Module] = {}
+    fallback: dict[str, nn.Module] = {}
+    claims: dict[int, int] = defaultdict(int)
+
+    def walk(m: nn.Module, name: str) -> None:
+        own = _own_trainable(m)
+        if own:
+            rule = FAST_RULES.get(type(m))
+            if rule is not None and rule.eligible(m, batch_first):
+                fast[name] = m
+            else:
+                fallback[name] = m
+                if type(m) not in GradSampleHooks.GRAD_SAMPLERS and not isinstance(m, _RECURRENT):
+                    for p in m.parameters():
+                        if p.requires_grad:
+                            claims[id(p)] += 1
+                    return
+            for p in own:
+                claims[id(p)] += 1
+        for child_name, child in m.named_children():
+            walk(child, f"{name}.{child_name}" if name else child_name)
+
+    walk(module, "")
+    for name, m in list(fast.items()):
+        if any(claims[id(p)] > 1 for p in _own_trainable(m)):
+            fallback[name] = fast.pop(name)
+    order = {n: i for i, (n, _) in enumerate(module.named_modules(remove_duplicate=False))}
+    return (dict(sorted(fast.items(), key=lambda kv: order[kv[0]])),
+            dict(sorted(fallback.items(), key=lambda kv: order[kv[0]])))  # fmt: skip
+
+
+def fast_rule_coverage(module: nn.Module) -> tuple[list[str], list[str]]:
+    """Which trainable layers of ``module`` the fast mode covers, and which fall back to Opacus.
+
+    A layer is a module with trainable parameters of its own. Frozen layers are in neither list.
+    A layer with neither a fast rule nor an Opacus grad sampler is listed as a fallback (Opacus
+    computes its per-sample gradients with functorch, its children included); whether Opacus can
+    handle it at all is the module validator's question, so nothing is raised here.
+
+    Args:
+        module: the model, unmodified.
+
+    Returns:
+        ``(fast, fallback)``: qualified layer names as in ``module.named_modules()`` (``""`` is the
+        model itself).
+
+    Example::
+
+        fast, fallback = fast_rule_coverage(model)
+        mode = "fast" if not fallback else "hooks"
+    """
+    fast, fallback = _plan(module, batch_first=True)
+    return list(fast), list(fallback)
+
+
+class _FallbackHooks(GradSampleHooks):
+    """Opacus' ``GradSampleHooks`` on a given list of layers only (the ones without a fast rule)."""
+
+    def __init__(self, root: nn.Module, layers: list[nn.Module], **kwargs: Any) -> None:
+        self._layers = layers
+        super().__init__(root, strict=False, **kwargs)
+
+    def iterate_submodules(self, module: nn.Module) -> Iterator[nn.Module]:
+        yield from self._layers
+
+
+def _fast_forward(state: LayerState, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """The forward of a fast layer while attached: records in training under grad, else the class's.
+
+    Bound to the module as an instance attribute; ``state.module is module`` fails on a deep copy
+    of the attached model, which then runs the plain forward.
+    """
+    hooks: FastGradSampleHooks = state.owner
+    if (
+        not hooks._attached
+        or state.module is not module
+        or not module.training
+        or not torch.is_grad_enabled()
+        or not _own_trainable(module)
+        or kwargs
+        or len(args) != 1
+    ):
+        return type(module).forward(module, *args, **kwargs)
+    if hooks._backward_seen:
+        hooks._pass += 1
+        hooks._backward_seen = False
+    return state.rule.forward(state, module, hooks._pass, args[0])
+
+
+class FastGradSampleHooks:
+    """Per-sample clipping by book-keeping, attached to an unmodified module.
+
+    For each trainable Linear, Conv1d/Conv2d, Embedding, LayerNorm and GroupNorm layer, the layer
+    runs (while attached, in training, under grad) through a custom autograd function that keeps
+    its input and, in backward, its output gradient. :func:`fast_clipping` then computes each
+    sample's gradient norm from these (the ghost-norm identities) and the clipped sum as one
+    contraction per layer: no per-sample gradient is materialised for these layers and there is
+    no second backward. Autograd's own (unclipped) gradient of a parameter is skipped once a fast
+    optimizer owns the parameter, unless the parameter carries a tensor hook of the user's.
+
+    Other trainable layers get Opacus' per-layer grad samplers (``p.grad_sample``), in the same
+    backward pass; the clipping step combines both into one flat per-sample norm.
+
+    Nothing wraps the module: ``state_dict`` keys, ``requires_grad`` flags and the user's hooks
+    are untouched. While attached, each fast layer has an instance attribute ``forward`` (the
+    class's forward is used in eval mode, under ``no_grad`` and on a deep copy); :meth:`cleanup`
+    removes it with everything else.
+
+    Args:
+        module: the model.
+        loss_reduction: ``"mean"`` or ``"sum"``, how the loss reduces over the batch (as in
+            Opacus: with ``"mean"`` the output gradients are multiplied by the batch size).
+        batch_first: whether dim 0 of the layers' inputs is the batch (else dim 1, as in Opacus;
+            convolutions and GroupNorm then fall back).
+
+    Raises:
+        ValueError: for another ``loss_reduction``, or if Opacus hooks are already attached.
+
+    Example::
+
+        hooks = FastGradSampleHooks(model)
+        optimizer = fast_clipping(DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                              noise_multiplier=1.0, max_grad_norm=1.0,
+                                              expected_batch_size=64), hooks)
+        ...  # train as usual
+        hooks.cleanup()
+    """
+
+    def __init__(self, module: nn.Module, *, loss_reduction: str = "mean", batch_first: bool = True) -> None:
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}.")
+        self._module = module
+        self.loss_reduction = loss_reduction
+        self.batch_first = batch_first
+        fast, fallback = _plan(module, batch_first)
+        self.fast_layers: list[str] = list(fast)
+        self.fallback_layers: list[str] = list(fallback)
+        self._pass = 0
+        self._backward_seen = False
+        self._skip_ids: set[int] = set()
+        self._attached = True
+        self._fallback: _FallbackHooks | None = None
+        if fallback:
+            self._fallback = _FallbackHooks(
+                module, list(fallback.values()), batch_first=batch_first, loss_reduction=loss_reduction
+            )
+        self._fallback_ids = {
+            id(p) for m in fallback.values() for p in m.parameters()
+        } if fallback else set()  # fmt: skip
+        self._layers: list[LayerState] = []
+        self._param_layer: dict[int, LayerState] = {}
+        for name, m in fast.items():
+            state = LayerState(name, m, FAST_RULES[type(m)], self)
+            m.forward = types.MethodType(functools.partial(_fast_forward, state), m)
+            self._layers.append(state)
+            for p in m.parameters(recurse=False):
+                self._param_layer[id(p)] = state
+
+    def skip_duplicate_grads(self, params: list[Tensor]) -> None:
+        """Stop autograd from computing the (unclipped) gradients of ``params`` in fast layers.
+
+        Called by :func:`fast_clipping` for the parameters its optimizer owns: their clipped sum
+        comes from the records, so autograd's own weight gradient would be wasted work.
+        """
+        self._skip_ids.update(id(p) for p in params)
+
+    def cleanup(self) -> None:
+        """Remove every trace from the module: forwards, Opacus hooks and attributes, records."""
+        if not self._attached:
+            return
+        self._attached = False
+        for state in self._layers:
+            state.calls.clear()
+            state.module.__dict__.pop("forward", None)
+        if self._fallback is not None:
+            self._fallback.cleanup()
+            for m in self._fallback._layers:
+                for attr in ("activations", "max_batch_len"):
+                    m.__dict__.pop(attr, None)
+        self._skip_ids.clear()
+
+    # ------------------------------------------------------------------ the clipping step
+
+    def clear(self, params: list[Tensor]) -> None:
+        """Drop the records of the fast layers owning ``params`` (``zero_grad``)."""
+        for state in self._layers_of(params):
+            state.calls.clear()
+
+    def _layers_of(self, params: list[Tensor]) -> list[LayerState]:
+        ids = {id(p) for p in params}
+        return [s for s in self._layers if any(id(p) in ids for p in s.module.parameters(recurse=False))]
+
+    def clipped_sum(self, params: list[Tensor], max_grad_norm: float) -> tuple[list[Tensor], int]:
+        """The sum over samples of the flat-clipped per-sample gradients of ``params``.
+
+        Each sample's gradient over all of ``params`` (fast and fallback layers together) is scaled
+        by ``min(1, C / (‖g_i‖ + 1e-6))``, as Opacus' ``DPOptimizer.clip_and_accumulate`` does. The
+        records of the fast layers involved are consumed.
+
+        Returns:
+            One tensor per parameter (its dtype), and the number of backward passes the records
+            came from (Opacus' ``accumulated_iterations``; 1 for an empty batch).
+
+        Raises:
+            RuntimeError: after :meth:`cleanup`, or when the fast records and Opacus' per-sample
+                gradients disagree on the batches.
+            ValueError: for a parameter that no attached layer computes (as Opacus).
+        """
+        if not self._attached:
+            raise RuntimeError("These FastGradSampleHooks were cleaned up; attach new ones to train privately.")
+        dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+        device = params[0].device
+        fast_params = [p for p in params if id(p) in self._param_layer]
+        fallback_params = [p for p in params if id(p) not in self._param_layer]
+        for p in fallback_params:
+            if id(p) not in self._fallback_ids:
+                raise ValueError(
+                    f"A parameter of shape {tuple(p.shape)} belongs to no layer of the attached model, so it "
+                    "has no per-sample gradient; attach the hooks to the model that owns it."
+                )
+
+        # Fast records, per pass: [(pass_id, prepared, params)].
+        prepared: list[tuple[int, Prepared, list[Tensor]]] = []
+        for state in self._layers_of(fast_params):
+            calls, state.calls = state.calls, []
+            by_pass: dict[int, list] = defaultdict(list)
+            for c in calls:
+                by_pass[c.pass_id].append(c)
+            mine = [p for p in state.module.parameters(recurse=False) if any(p is q for q in fast_params)]
+            for pass_id, group in by_pass.items():
+                prepared.append((pass_id, state.rule.prepare(state.module, group, self.batch_first), mine))
+        pass_ids = sorted({pid for pid, _, _ in prepared})
+        sizes = {pid: obj.batch_size for pid, obj, _ in prepared}
+
+        # Opacus' per-sample gradients of the fallback layers: one tensor per backward pass.
+        fallback = {}
+        for p in fallback_params:
+            gs = getattr(p, "grad_sample", None)
+            fallback[id(p)] = [] if gs is None else (gs if isinstance(gs, list) else [gs])
+        fallback_sizes = next((([len(g) for g in v]) for v in fallback.values() if v), None)
+        if pass_ids and fallback_sizes is not None and fallback_sizes != [sizes[p] for p in pass_ids]:
+            raise RuntimeError(
+                f"Per-sample batches disagree: fast layers saw {[sizes[p] for p in pass_ids]}, Opacus' grad "
+                f"samplers {fallback_sizes}. Run one forward and one backward per optimizer step."
+            )
+        batch_sizes = [sizes[p] for p in pass_ids] if pass_ids else (fallback_sizes or [])
+        offsets = [0]
+        for b in batch_sizes:
+            offsets.append(offsets[-1] + b)
+        slot = {pid: slice(offsets[k], offsets[k + 1]) for k, pid in enumerate(pass_ids)}
+        scale = {pid: float(sizes[pid]) if self.loss_reduction == "mean" else 1.0 for pid in pass_ids}
+
+        sq = torch.zeros(offsets[-1], dtype=dtype, device=device)
+        for pid, obj, mine in prepared:
+            for p in mine:
+                sq[slot[pid]] += obj.sq_norms(p).to(dtype) * scale[pid] ** 2
+        for gs_list in fallback.values():
+            for k, gs in enumerate(gs_list):
+                sq[offsets[k] : offsets[k + 1]] += gs.reshape(len(gs), -1).to(dtype).square().sum(1)
+        factor = (max_grad_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
+
+        sums: dict[int, Tensor] = {}
+
+        def add(p: Tensor, t: Tensor) -> None:
+            sums[id(p)] = t if id(p) not in sums else sums[id(p)] + t
+
+        for pid, obj, mine in prepared:
+            weights = factor[slot[pid]] * scale[pid]
+            for p in mine:
+                add(p, obj.weighted_sum(p, weights.to(obj.dtype)).to(dtype))
+        for p in fallback_params:
+            for k, gs in enumerate(fallback[id(p)]):
+                add(p, torch.einsum("i,i...", factor[offsets[k] : offsets[k + 1]], gs.to(dtype)))
+        grads = [sums[id(p)].to(p.dtype) if id(p) in sums else torch.zeros_like(p) for p in params]
+        return grads, max(1, len(batch_sizes))
+
