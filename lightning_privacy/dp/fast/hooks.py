@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import types
 from collections import defaultdict
 from collections.abc import Iterator
@@ -288,7 +289,7 @@ class FastGradSampleHooks:
                 sq[slot[pid]] += obj.sq_norms(p).to(dtype) * scale[pid] ** 2
         for gs_list in fallback.values():
             for k, gs in enumerate(gs_list):
-                sq[offsets[k] : offsets[k + 1]] += gs.reshape(len(gs), -1).to(dtype).square().sum(1)
+                sq[offsets[k] : offsets[k + 1]] += gs.reshape(len(gs), math.prod(gs.shape[1:])).to(dtype).square().sum(1)
         factor = (max_grad_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
 
         sums: dict[int, Tensor] = {}

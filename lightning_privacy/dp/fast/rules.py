@@ -24,6 +24,7 @@ book-keeping; Li et al. (2022) the ghost norm.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -184,7 +185,7 @@ class LinearRule(Rule):
 
 def _seq(t: Tensor, dtype: torch.dtype) -> Tensor:
     """``[B, ..., d]`` as ``[B, T, d]`` in ``dtype``."""
-    return t.reshape(t.shape[0], -1, t.shape[-1]).to(dtype)
+    return t.reshape(t.shape[0], math.prod(t.shape[1:-1]), t.shape[-1]).to(dtype)
 
 
 # --------------------------------------------------------------------------- Conv1d / Conv2d
@@ -258,8 +259,8 @@ class ConvRule(Rule):
             x, g = c.saved[0].to(dtype), c.grad_output.to(dtype)
             b = x.shape[0]
             cols = self._unfold(module, x, c.saved[1])  # [B, C_in·k, L]
-            a_parts.append(cols.view(b, groups, -1, cols.shape[-1]).mT)
-            g_parts.append(g.reshape(b, groups, g.shape[1] // groups, -1).mT)
+            a_parts.append(cols.view(b, groups, cols.shape[1] // groups, cols.shape[-1]).mT)
+            g_parts.append(g.reshape(b, groups, g.shape[1] // groups, math.prod(g.shape[2:])).mT)
         a, g = torch.cat(a_parts, 2), torch.cat(g_parts, 2)
         bias_grad = g.sum(2).flatten(1)  # [B, C_out]
         return _GroupedPrepared(module, a, g, bias_grad)
@@ -333,10 +334,9 @@ class EmbeddingRule(Rule):
 
     def prepare(self, module, calls, batch_first):
         dtype = _compute_dtype(module.weight, *(c.grad_output for c in calls))
-        d = module.embedding_dim
-        idx = torch.cat([_batch_front(c.saved[0], batch_first).flatten(1) for c in calls], 1)
-        g = torch.cat([_batch_front(c.grad_output, batch_first).reshape(idx.shape[0], -1, d).to(dtype)
-                       for c in calls], 1)  # fmt: skip
+        idx = [_batch_front(c.saved[0], batch_first) for c in calls]
+        idx = torch.cat([i.reshape(i.shape[0], math.prod(i.shape[1:])) for i in idx], 1)
+        g = torch.cat([_seq(_batch_front(c.grad_output, batch_first), dtype) for c in calls], 1)
         return _EmbeddingPrepared(module, idx, g)
 
 
@@ -403,7 +403,7 @@ class _NormRule(Rule):
             y = _batch_front(c.saved[0], batch_first).to(dtype)
             g = _batch_front(c.grad_output, batch_first).to(dtype)
             dims = self._sum_dims(module, y.dim())
-            wg, bg = (g * y).sum(dims), g.sum(dims)
+            wg, bg = ((g * y).sum(dims), g.sum(dims)) if dims else (g * y, g)  # sum([]) would sum all
             weight_grad = wg if weight_grad is None else weight_grad + wg
             bias_grad = bg if bias_grad is None else bias_grad + bg
         return _AffinePrepared(module, weight_grad, bias_grad)
