@@ -1,9 +1,9 @@
 """The Lightning face of lightning-privacy: the ``DifferentialPrivacy`` callback and ``DPStrategy``.
 
-Importing this package registers ``Trainer(strategy="dp")``.
+Importing this package registers ``Trainer(strategy="dp")`` and ``Trainer(strategy="dp_ddp")``.
 """
 
 from lightning_privacy.callbacks.differential_privacy import DifferentialPrivacy
-from lightning_privacy.callbacks.strategy import DPStrategy
+from lightning_privacy.callbacks.strategy import DPDDPStrategy, DPStrategy
 
-__all__ = ["DPStrategy", "DifferentialPrivacy"]
+__all__ = ["DPDDPStrategy", "DPStrategy", "DifferentialPrivacy"]

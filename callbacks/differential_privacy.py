@@ -12,6 +12,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_privacy.callbacks import mlflow_privacy
 from lightning_privacy.dp import DPConfig, DPSGDEngine, check_modules, fix_modules
+from lightning_privacy.dp.data import PhysicalBatchLoader
 from lightning_privacy.errors import PrivacyBudgetExhaustedError, PrivacyConfigError
 
 
@@ -59,10 +60,22 @@ class DifferentialPrivacy(Callback):
             instead of raising; each replacement is named in a warning.
         log_every_n_steps: also log ε every N optimizer steps (ε is always logged every epoch).
         allow_config_change: resume from a checkpoint trained with a different DP config.
+        grad_sample_mode: ``"auto"`` (default: ``"fast"`` when every trainable layer has a fast
+            rule, else ``"hooks"``), ``"fast"``, ``"hooks"`` or ``"functorch"``. The chosen mode is
+            logged.
+        max_physical_batch_size: split each Poisson batch into physical batches of at most this
+            many examples (bounded memory); the optimizer steps once per Poisson batch, ε is
+            unchanged. Use it instead of ``accumulate_grad_batches``.
+
+    Works with: ``precision="bf16-mixed"`` (clipping and noise in fp32), frozen layers (no
+    per-sample cost), manual optimization with one optimizer, and ``strategy="dp_ddp"`` (several
+    processes; see :class:`DPDDPStrategy`).
 
     Raises:
         IncompatibleModuleError: the model has modules that break per-sample gradients.
-        PrivacyConfigError: an inconsistent setting (e.g. gradient accumulation, several devices).
+        PrivacyConfigError: an inconsistent setting: ``accumulate_grad_batches > 1``,
+            ``gradient_clip_val``, several optimizers, plain ``strategy="ddp"``, two private steps
+            or two backward passes on one batch in manual optimization.
         PrivacyStateMismatchError: resuming with a different DP config.
         UnreachableEpsilonError: ``target_epsilon`` cannot be reached.
 
@@ -91,6 +104,8 @@ class DifferentialPrivacy(Callback):
         fix_modules: bool = False,
         log_every_n_steps: Optional[int] = None,
         allow_config_change: bool = False,
+        grad_sample_mode: str = "auto",
+        max_physical_batch_size: Optional[int] = None,
     ) -> None:
         self.config = DPConfig(
             noise_multiplier=noise_multiplier,
@@ -104,6 +119,8 @@ class DifferentialPrivacy(Callback):
             secure_mode=secure_mode,
             max_epsilon=max_epsilon,
             loss_reduction=loss_reduction,
+            grad_sample_mode=grad_sample_mode,
+            max_physical_batch_size=max_physical_batch_size,
         )
         if log_every_n_steps is not None and log_every_n_steps <= 0:
             raise PrivacyConfigError(f"log_every_n_steps must be a positive integer, got {log_every_n_steps}.")
@@ -113,6 +130,10 @@ class DifferentialPrivacy(Callback):
         self.engine = DPSGDEngine(self.config)
         self._trainer: Optional[pl.Trainer] = None
         self._last_logged_step: Optional[int] = None
+        self._physical_loader: Optional[PhysicalBatchLoader] = None
+        self._ends_logical_batch = True
+        self._steps_at_batch_start = 0
+        self._backwards_since_step = 0
 
     @property
     def epsilon(self) -> float:
@@ -125,19 +146,7 @@ class DifferentialPrivacy(Callback):
         if stage != "fit":
             return
         self._trainer = trainer
-        if trainer.accumulate_grad_batches != 1:
-            raise PrivacyConfigError(
-                f"accumulate_grad_batches={trainer.accumulate_grad_batches} changes the sampling the "
-                "accountant assumes. Use a larger batch_size instead (it is the expected Poisson batch size)."
-            )
-        if trainer.world_size != 1:
-            raise PrivacyConfigError(
-                f"DifferentialPrivacy runs on one device; this Trainer has world_size={trainer.world_size}."
-            )
-        if not pl_module.automatic_optimization:
-            raise PrivacyConfigError(
-                "DifferentialPrivacy needs automatic optimization (Lightning's closure-based optimizer_step)."
-            )
+        self._check_trainer(trainer)
         if self.fix_modules:
             for replaced in fix_modules(pl_module):
                 warnings.warn(f"DifferentialPrivacy(fix_modules=True) replaced {replaced}.", stacklevel=2)
@@ -146,16 +155,66 @@ class DifferentialPrivacy(Callback):
         if not isinstance(source, _PrivateTrainSource):
             trainer.fit_loop._data_source = _PrivateTrainSource(source, self)
 
+    def _check_trainer(self, trainer: "pl.Trainer") -> None:
+        """Refuse the Trainer settings that would silently change what the guarantee covers."""
+        if trainer.accumulate_grad_batches != 1:
+            raise PrivacyConfigError(
+                f"accumulate_grad_batches={trainer.accumulate_grad_batches} would take one optimizer step over "
+                "several Poisson batches, which is not the sampling the accountant assumes. To bound memory, "
+                "set max_physical_batch_size on DifferentialPrivacy instead (it splits each Poisson batch and "
+                "steps once per batch); to take larger steps, raise the DataLoader's batch_size (the expected "
+                "Poisson batch size)."
+            )
+        if trainer.gradient_clip_val is not None:
+            raise PrivacyConfigError(
+                f"Trainer(gradient_clip_val={trainer.gradient_clip_val}) would clip the batch gradient, which "
+                "DP-SGD replaces with the clipped sum of per-sample gradients plus noise: it would have no "
+                "effect. Remove gradient_clip_val; the per-sample bound is DifferentialPrivacy(max_grad_norm=...)."
+            )
+        if trainer.world_size != 1 and not getattr(trainer.strategy, "is_dp_strategy", False):
+            raise PrivacyConfigError(
+                f"DifferentialPrivacy with strategy {type(trainer.strategy).__name__} and world_size="
+                f"{trainer.world_size}: plain DDP all-reduces unclipped gradients and samples without Poisson. "
+                "Use Trainer(strategy='dp_ddp') (or DPDDPStrategy(...)): it clips on each rank, adds the noise "
+                "once globally and Poisson-samples each rank's share."
+            )
+        module = trainer.lightning_module
+        if not module.automatic_optimization and self.config.max_physical_batch_size is not None:
+            raise PrivacyConfigError(
+                "max_physical_batch_size needs automatic optimization: with manual optimization you call "
+                "step() yourself, so split batches in your training_step and call step() once per batch."
+            )
+
+    @staticmethod
+    def _several_optimizers_error(count: int) -> PrivacyConfigError:
+        return PrivacyConfigError(
+            f"DP-SGD with {count} optimizers is not supported: each optimizer's step on the same Poisson "
+            "batch would be a separate noisy release of the same examples, and counting them as separate "
+            "steps would under-report ε. Use one optimizer with parameter groups (each group can have its "
+            "own learning rate), or train the parts in separate runs."
+        )
+
     def _private_loader(self, loader: Any) -> Any:
         trainer = self._trainer
         max_epochs = trainer.max_epochs if trainer.max_epochs not in (None, -1) else None
         max_steps = trainer.max_steps if trainer.max_steps not in (None, -1) else None
-        return self.engine.private_loader(loader, planned_epochs=max_epochs, planned_steps=max_steps)
+        private = self.engine.private_loader(
+            loader, planned_epochs=max_epochs, planned_steps=max_steps, signal_optimizers=False
+        )
+        if isinstance(private, PhysicalBatchLoader):
+            self._physical_loader = private
+            epoch_loop = trainer.fit_loop.epoch_loop
+            # Lightning steps the optimizer (and counts a global step, steps LR schedulers) only
+            # when a physical batch ends its Poisson batch; before that it accumulates.
+            epoch_loop._should_accumulate = lambda: not self._ends_logical_batch
+        return private
 
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         # The loader (hence q and σ) exists only now; the optimizers were built and restored before.
-        self.engine.attach(pl_module)
         strategy = trainer.strategy
+        if len(strategy.optimizers) > 1:
+            raise self._several_optimizers_error(len(strategy.optimizers))
+        self.engine.attach(pl_module)
         strategy.optimizers = [self.engine.wrap_optimizer(opt) for opt in strategy.optimizers]
         plan = self.engine.plan
         mlflow_privacy.log_params(
@@ -165,6 +224,8 @@ class DifferentialPrivacy(Callback):
                 "max_grad_norm": self.config.max_grad_norm,
                 "delta": self.config.delta,
                 "accountant": self.config.accountant,
+                "grad_sample_mode": self.engine.grad_sample_mode,
+                "max_physical_batch_size": self.config.max_physical_batch_size,
             },
         )
         target = "" if self.config.target_epsilon is None else (
@@ -173,7 +234,11 @@ class DifferentialPrivacy(Callback):
         rank_zero_info(
             f"DP-SGD: noise_multiplier={plan.noise_multiplier:.4f}{target}, max_grad_norm={self.config.max_grad_norm}, "
             f"sample_rate={plan.sample_rate:.4g} (expected batch {plan.expected_batch_size} of "
-            f"{plan.dataset_size}), delta={self.config.delta}, accountant={self.config.accountant}."
+            f"{plan.dataset_size}{f' over {plan.world_size} processes' if plan.world_size > 1 else ''}), "
+            f"delta={self.config.delta}, accountant={self.config.accountant}, "
+            f"per-sample clipping mode={self.engine.grad_sample_mode}"
+            + (f", physical batches of at most {self.config.max_physical_batch_size}"
+               if self.config.max_physical_batch_size else "") + "."
         )
         if plan.allowed_steps is not None:
             rank_zero_info(
@@ -191,9 +256,46 @@ class DifferentialPrivacy(Callback):
 
     # ------------------------------------------------------------------ during training
 
+    def on_train_batch_start(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
+    ) -> None:
+        if self._physical_loader is not None:
+            flags = self._physical_loader.last_flags
+            self._ends_logical_batch = flags.popleft() if flags else True
+        self._steps_at_batch_start = self.engine.steps
+        self._backwards_since_step = 0
+
+    def on_after_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if not self._ends_logical_batch:
+            # A physical batch inside a Poisson batch: clip it into the running sum now, so the
+            # next physical batch starts from empty per-sample state.
+            self.engine.accumulate_physical_batch()
+            return
+        self._backwards_since_step += 1
+        if self._backwards_since_step > 1:
+            raise PrivacyConfigError(
+                "Two backward passes before one private step: per-sample gradients of different examples "
+                "would be added together before clipping, which voids the per-sample bound. Call step() "
+                "after each backward (manual optimization), or use max_physical_batch_size to split batches."
+            )
+
+    def on_before_zero_grad(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: Any) -> None:
+        self._backwards_since_step = 0
+
+    def on_before_optimizer_step(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: Any
+    ) -> None:
+        self._backwards_since_step = 0
+
     def on_train_batch_end(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if self.engine.steps - self._steps_at_batch_start > 1:
+            raise PrivacyConfigError(
+                f"{self.engine.steps - self._steps_at_batch_start} private steps on one Poisson batch: each "
+                "step is a separate noisy release of the same examples, which the accountant cannot count as "
+                "independent steps. Call optimizer.step() at most once per training batch."
+            )
         steps = self.engine.steps
         if self.log_every_n_steps and steps and steps % self.log_every_n_steps == 0:
             self._log_epsilon(trainer, pl_module, on_step=True)
@@ -246,6 +348,9 @@ class DifferentialPrivacy(Callback):
         if stage != "fit":
             return
         self.engine.detach()
+        self._physical_loader = None
+        self._ends_logical_batch = True
+        trainer.fit_loop.epoch_loop.__dict__.pop("_should_accumulate", None)
         strategy = trainer.strategy
         strategy.optimizers = [getattr(opt, "original_optimizer", opt) for opt in strategy.optimizers]
 

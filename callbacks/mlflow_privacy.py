@@ -37,6 +37,8 @@ def log_params(trainer: "pl.Trainer", params: dict[str, Any]) -> None:
 
     Without an ``MLFlowLogger`` but inside an active MLflow run, they become that run's params.
     """
+    if not trainer.is_global_zero:
+        return
     prefixed = {TAG_PREFIX + k: v for k, v in params.items()}
     for lg in trainer.loggers:
         lg.log_hyperparams(prefixed)
@@ -47,8 +49,8 @@ def log_params(trainer: "pl.Trainer", params: dict[str, Any]) -> None:
 
 
 def log_epsilon_to_active_run(trainer: "pl.Trainer", epsilon: float, step: int) -> None:
-    """ε as a metric of the active MLflow run, when no ``MLFlowLogger`` carries it already."""
-    if has_mlflow_logger(trainer) or _active_run_id() is None or not math.isfinite(epsilon):
+    """ε as a metric of the active MLflow run, when no ``MLFlowLogger`` carries it already (rank 0 only)."""
+    if not trainer.is_global_zero or has_mlflow_logger(trainer) or _active_run_id() is None or not math.isfinite(epsilon):
         return
     import mlflow
 
@@ -57,6 +59,8 @@ def log_epsilon_to_active_run(trainer: "pl.Trainer", epsilon: float, step: int) 
 
 def set_tags(trainer: "pl.Trainer", tags: dict[str, Any]) -> None:
     """``privacy.*`` tags on the MLflow run(s) of this training: the logger's, else the active one."""
+    if not trainer.is_global_zero:
+        return
     prefixed = {TAG_PREFIX + k: str(v) for k, v in tags.items()}
     runs = _logger_runs(trainer)
     if runs:

@@ -1,15 +1,36 @@
-"""``DPStrategy``: the same DP-SGD as the callback, chosen with ``Trainer(strategy="dp")``."""
+"""DP strategies: the same DP-SGD as the callback, chosen with ``Trainer(strategy="dp")`` on one
+device or ``Trainer(strategy="dp_ddp", devices=N)`` across processes."""
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from datetime import timedelta
+from typing import Any, Literal, Optional, Union
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.strategies import SingleDeviceStrategy, StrategyRegistry
+from opacus.distributed import DifferentiallyPrivateDistributedDataParallel
+from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy, StrategyRegistry
+from torch import nn
 
 from lightning_privacy.callbacks.differential_privacy import DifferentialPrivacy
 from lightning_privacy.errors import PrivacyConfigError
+
+_DEFAULTS = {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "delta": 1e-5}
+
+
+def _install(privacy: DifferentialPrivacy, model: "pl.LightningModule", name: str) -> None:
+    """Put the strategy's callback on the model's Trainer (once), refusing a second DP callback."""
+    trainer: Optional[pl.Trainer] = model._trainer
+    if trainer is None:
+        return
+    others = [cb for cb in trainer.callbacks if isinstance(cb, DifferentialPrivacy) and cb is not privacy]
+    if others:
+        raise PrivacyConfigError(
+            f"The Trainer has both strategy='{name}' and a DifferentialPrivacy callback; use one of them "
+            "(give the DP settings to the strategy)."
+        )
+    if privacy not in trainer.callbacks:
+        trainer.callbacks.append(privacy)
 
 
 class DPStrategy(SingleDeviceStrategy):
@@ -33,6 +54,7 @@ class DPStrategy(SingleDeviceStrategy):
     """
 
     strategy_name = "dp"
+    is_dp_strategy = True
 
     def __init__(self, device: Union[str, torch.device] = "cpu", **dp_kwargs: Any) -> None:
         super().__init__(device=device)
@@ -40,28 +62,108 @@ class DPStrategy(SingleDeviceStrategy):
 
     def connect(self, model: "pl.LightningModule") -> None:
         super().connect(model)
-        trainer: Optional[pl.Trainer] = model._trainer
-        if trainer is None:
-            return
-        others = [cb for cb in trainer.callbacks if isinstance(cb, DifferentialPrivacy) and cb is not self.privacy]
-        if others:
-            raise PrivacyConfigError(
-                "The Trainer has both strategy='dp' and a DifferentialPrivacy callback; use one of them."
-            )
-        if self.privacy not in trainer.callbacks:
-            trainer.callbacks.append(self.privacy)
+        _install(self.privacy, model, self.strategy_name)
+
+    @classmethod
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        strategy_registry.register(
+            cls.strategy_name, cls, description="DP-SGD on one device (lightning-privacy)", **_DEFAULTS
+        )
+
+
+class DPDDPStrategy(DDPStrategy):
+    """DP-SGD across processes (DDP), as a Lightning strategy: ``Trainer(strategy="dp_ddp", devices=2)``.
+
+    What changes against plain DDP, so that the guarantee holds for the global batch:
+
+    - each rank Poisson-samples its own shard of the data with the *global* rate
+      q = world_size × batch_size / N and an independent generator (empty batches included, so
+      ranks stay in step);
+    - gradients are not all-reduced during backward (Opacus' ``DifferentiallyPrivateDistributedDataParallel``
+      replaces torch's DDP wrapper; it only broadcasts the initial weights). Each rank clips its
+      per-sample gradients first; then only rank 0 adds noise N(0, σ²C²) and the noised sums are
+      all-reduced, so the update carries the noise once, with standard deviation σC/B for the
+      global expected batch B;
+    - the accountant counts steps at the global q, so ε is the same on every rank; it is logged
+      (and sent to MLflow) by rank 0 only; checkpoints carry the ledger.
+
+    It installs one :class:`DifferentialPrivacy` callback built from ``dp_kwargs``; the registered
+    ``"dp_ddp"`` uses ``noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5``. On CPU the process
+    group uses gloo.
+
+    Args:
+        process_group_backend: ``"gloo"`` / ``"nccl"``; default chosen by Lightning for the device.
+        timeout: process-group timeout.
+        start_method: how processes start, as for ``DDPStrategy`` (``"popen"`` re-runs your
+            script; ``"spawn"`` works from notebooks and tests).
+        **dp_kwargs: any argument of :class:`DifferentialPrivacy`.
+
+    Raises:
+        PrivacyConfigError: when the Trainer also has a ``DifferentialPrivacy`` callback.
+
+    Example::
+
+        >>> from pytorch_lightning import Trainer
+        >>> strategy = DPDDPStrategy(target_epsilon=3.0, delta=1e-5, max_grad_norm=1.0)
+        >>> trainer = Trainer(strategy=strategy, accelerator="cpu", devices=2, max_epochs=3)
+    """
+
+    strategy_name = "dp_ddp"
+    is_dp_strategy = True
+
+    def __init__(
+        self,
+        accelerator: Optional["pl.accelerators.Accelerator"] = None,
+        parallel_devices: Optional[list[torch.device]] = None,
+        cluster_environment: Optional[Any] = None,
+        checkpoint_io: Optional[Any] = None,
+        precision_plugin: Optional[Any] = None,
+        process_group_backend: Optional[str] = None,
+        timeout: Optional[timedelta] = timedelta(minutes=30),
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+        **dp_kwargs: Any,
+    ) -> None:
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+            start_method=start_method,
+        )
+        self.privacy = DifferentialPrivacy(**dp_kwargs)
+
+    def connect(self, model: "pl.LightningModule") -> None:
+        super().connect(model)
+        _install(self.privacy, model, self.strategy_name)
+
+    def setup(self, trainer: "pl.Trainer") -> None:
+        # The private loader already gives each rank its share; Lightning must not re-shard it.
+        trainer._accelerator_connector.use_distributed_sampler = False
+        super().setup(trainer)
+
+    def _setup_model(self, model: nn.Module) -> nn.Module:
+        return DifferentiallyPrivateDistributedDataParallel(model)
 
     @classmethod
     def register_strategies(cls, strategy_registry: Any) -> None:
         strategy_registry.register(
             cls.strategy_name,
             cls,
-            description="DP-SGD on one device (lightning-privacy)",
-            noise_multiplier=1.0,
-            max_grad_norm=1.0,
-            delta=1e-5,
+            description="DP-SGD across processes: per-rank Poisson sampling and clipping, noise once (lightning-privacy)",
+            **_DEFAULTS,
+        )
+        strategy_registry.register(
+            "dp_ddp_spawn",
+            cls,
+            description="dp_ddp with start_method='spawn' (lightning-privacy)",
+            start_method="spawn",
+            **_DEFAULTS,
         )
 
 
-if DPStrategy.strategy_name not in StrategyRegistry:
-    DPStrategy.register_strategies(StrategyRegistry)
+for _strategy in (DPStrategy, DPDDPStrategy):
+    if _strategy.strategy_name not in StrategyRegistry:
+        _strategy.register_strategies(StrategyRegistry)

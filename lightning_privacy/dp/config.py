@@ -8,6 +8,7 @@ from typing import Any, Optional
 from lightning_privacy.errors import PrivacyConfigError
 
 ACCOUNTANTS = ("prv", "rdp", "gdp", "pld")
+GRAD_SAMPLE_MODES = ("auto", "fast", "hooks", "functorch", "ew")
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,14 @@ class DPConfig:
             ``torchcsprng``) and use Opacus' floating-point-attack resistant noise.
         max_epsilon: a hard budget: training stops before the step that would exceed it.
         loss_reduction: how the user's loss reduces over the batch, ``"mean"`` or ``"sum"``.
+        grad_sample_mode: how per-sample gradients are clipped. ``"auto"`` (default) picks
+            ``"fast"`` (book-keeping: norms and the clipped sum from stored activations and output
+            gradients, no per-sample gradients materialised) when every trainable layer has a fast
+            rule, else ``"hooks"``. ``"hooks"`` and ``"functorch"`` are Opacus' grad samplers;
+            ``"ew"`` (Opacus' ExpandedWeights) is refused, because it must own the forward call.
+        max_physical_batch_size: split each Poisson (logical) batch into physical batches of at
+            most this many examples, to bound memory; the optimizer still steps once per logical
+            batch and ε is unchanged. ``None`` (default) keeps whole batches.
 
     Example::
 
@@ -50,6 +59,8 @@ class DPConfig:
     secure_mode: bool = False
     max_epsilon: Optional[float] = None
     loss_reduction: str = "mean"
+    grad_sample_mode: str = "auto"
+    max_physical_batch_size: Optional[int] = None
 
     def __post_init__(self) -> None:
         if (self.noise_multiplier is None) == (self.target_epsilon is None):
@@ -74,7 +85,17 @@ class DPConfig:
             raise PrivacyConfigError(f"accountant must be one of {ACCOUNTANTS}, got {self.accountant!r}.")
         if self.loss_reduction not in ("mean", "sum"):
             raise PrivacyConfigError(f"loss_reduction must be 'mean' or 'sum', got {self.loss_reduction!r}.")
-        for name in ("epochs", "steps"):
+        if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
+            raise PrivacyConfigError(
+                f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {self.grad_sample_mode!r}."
+            )
+        if self.grad_sample_mode == "ew":
+            raise PrivacyConfigError(
+                "grad_sample_mode='ew' (Opacus' ExpandedWeights) needs Opacus to own the model's forward "
+                "call, which an unmodified training_step does not give it. Use 'fast', 'hooks' or "
+                "'functorch' (all give the same clipped gradients)."
+            )
+        for name in ("epochs", "steps", "max_physical_batch_size"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise PrivacyConfigError(f"{name} must be a positive integer, got {value}.")
@@ -82,3 +103,11 @@ class DPConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict form, as stored in checkpoints."""
         return asdict(self)
+
+    def privacy_dict(self) -> dict[str, Any]:
+        """The settings that change the guarantee (compared on resume); how gradients are computed
+        (``grad_sample_mode``, ``max_physical_batch_size``) does not, so it may change between runs."""
+        d = self.to_dict()
+        for key in ("grad_sample_mode", "max_physical_batch_size"):
+            d.pop(key)
+        return d

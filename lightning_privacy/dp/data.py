@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Optional
+import collections
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any, Callable, Optional
 
 import torch
 from opacus.data_loader import DPDataLoader
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, IterableDataset, Sampler
 
 from lightning_privacy.errors import PrivacyConfigError
 
@@ -34,13 +37,88 @@ def expected_batch_size_and_size(loader: DataLoader) -> tuple[int, int]:
     return loader.batch_size, size
 
 
-def poisson_loader(loader: DataLoader, generator: Optional[torch.Generator] = None) -> DPDataLoader:
+class DistributedPoissonBatchSampler(Sampler[list[int]]):
+    """Poisson sampling across ``world_size`` processes: this rank's share of one global Poisson batch.
+
+    The dataset is split into ``world_size`` fixed shards (``rank::world_size``); each rank includes
+    every example of its shard independently with probability ``sample_rate`` (the *global* q), so
+    the union over ranks is exactly a Poisson sample of the whole dataset. Every rank yields the same
+    number of batches, *including empty ones* (skipping one would leave the other ranks waiting in
+    the gradient all-reduce). ``generator`` must be independent across ranks: identical generators
+    would make inclusion decisions correlated across shards, which voids privacy amplification.
+    """
+
+    def __init__(
+        self,
+        total_size: int,
+        sample_rate: float,
+        rank: int,
+        world_size: int,
+        num_batches: Optional[int] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> None:
+        if not 0 <= rank < world_size:
+            raise PrivacyConfigError(f"rank {rank} is not in [0, world_size={world_size}).")
+        self.indices = list(range(rank, total_size, world_size))
+        self.sample_rate = sample_rate
+        self.num_batches = num_batches if num_batches is not None else int(1 / sample_rate)
+        self.generator = generator
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        shard = torch.tensor(self.indices, dtype=torch.long)
+        for _ in range(self.num_batches):
+            mask = torch.rand(len(shard), generator=self.generator) < self.sample_rate
+            yield shard[mask].tolist()
+
+
+def rank_generator(rank: int, generator: Optional[torch.Generator] = None) -> torch.Generator:
+    """A sampling generator for ``rank`` that differs from every other rank's.
+
+    ``generator`` (e.g. a secure one) is returned as is. Otherwise the seed mixes the process' torch
+    seed (identical on all ranks after ``seed_everything``) with the rank, so runs stay reproducible
+    while ranks draw independent inclusion decisions.
+    """
+    if generator is not None:
+        return generator
+    g = torch.Generator()
+    g.manual_seed((torch.initial_seed() * 1_000_003 + 7919 * (rank + 1)) % (2**63 - 1))
+    return g
+
+
+def poisson_loader(
+    loader: DataLoader,
+    generator: Optional[torch.Generator] = None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> DataLoader:
     """A loader over ``loader.dataset`` that includes each example independently with q = B / N.
 
-    Batch sizes vary around the user's batch size B; there are ``N // B`` batches per epoch. Workers,
-    pinning and the collate function of ``loader`` are kept.
+    Batch sizes vary around the user's batch size B; there are ``N // B`` batches per epoch, empty
+    ones included. Workers, pinning and the collate function of ``loader`` are kept. With
+    ``world_size > 1`` each rank's ``loader`` has the per-process batch size B, the global batch is
+    ``B * world_size`` (q = B * world_size / N), and this rank gets its share of it
+    (:class:`DistributedPoissonBatchSampler`).
     """
     batch_size, size = expected_batch_size_and_size(loader)
+    if world_size > 1:
+        sample_rate = min(1.0, batch_size * world_size / size)
+        single = poisson_loader(loader, generator=generator)  # for Opacus' empty-batch collate
+        return DataLoader(
+            loader.dataset,
+            batch_sampler=DistributedPoissonBatchSampler(
+                size, sample_rate, rank, world_size, generator=rank_generator(rank, generator)
+            ),
+            collate_fn=single.collate_fn,
+            num_workers=loader.num_workers,
+            pin_memory=loader.pin_memory,
+            timeout=loader.timeout,
+            worker_init_fn=loader.worker_init_fn,
+            multiprocessing_context=loader.multiprocessing_context,
+            persistent_workers=loader.persistent_workers if loader.num_workers > 0 else False,
+        )
     return DPDataLoader(
         loader.dataset,
         sample_rate=min(1.0, batch_size / size),
@@ -53,3 +131,76 @@ def poisson_loader(loader: DataLoader, generator: Optional[torch.Generator] = No
         multiprocessing_context=loader.multiprocessing_context,
         persistent_workers=loader.persistent_workers if loader.num_workers > 0 else False,
     )
+
+
+def split_batch(batch: Any, max_size: int) -> list[Any]:
+    """Split a collated batch (tensors, or tuples / lists / dicts of them) along dim 0 into chunks
+    of at most ``max_size`` examples. An empty batch stays one (empty) chunk."""
+    size = _batch_len(batch)
+    if size is None:
+        raise PrivacyConfigError(
+            "max_physical_batch_size needs batches made of tensors (or tuples, lists, dicts of tensors) "
+            f"that share their first dimension; got {type(batch).__name__}."
+        )
+    n = max(1, math.ceil(size / max_size))
+    return [_slice(batch, i * max_size, (i + 1) * max_size) for i in range(n)]
+
+
+def _batch_len(batch: Any) -> Optional[int]:
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0] if batch.dim() else None
+    items = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else None
+    if items is None:
+        return None
+    sizes = {_batch_len(x) for x in items if isinstance(x, (torch.Tensor, list, tuple, dict))}
+    sizes.discard(None)
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def _slice(batch: Any, start: int, stop: int) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch[start:stop]
+    if isinstance(batch, dict):
+        return type(batch)({k: _slice(v, start, stop) for k, v in batch.items()})
+    if isinstance(batch, (list, tuple)):
+        parts = [_slice(x, start, stop) if isinstance(x, (torch.Tensor, list, tuple, dict)) else x for x in batch]
+        return type(batch)(*parts) if hasattr(batch, "_fields") else type(batch)(parts)
+    return batch
+
+
+class PhysicalBatchLoader:
+    """Iterates a loader of logical (Poisson) batches as physical batches of at most ``max_size``.
+
+    For every physical batch it yields, it appends to :attr:`last_flags` whether that batch ends
+    its logical batch, and calls ``on_chunk(is_last)`` if given (the engine uses it to tell its
+    optimizers to accumulate instead of stepping, in plain loops). It has no ``len``: the number of
+    physical batches depends on the sampled batch sizes.
+    """
+
+    def __init__(
+        self, loader: DataLoader, max_size: int, on_chunk: Optional[Callable[[bool], None]] = None
+    ) -> None:
+        self.loader = loader
+        self.max_size = max_size
+        self.on_chunk = on_chunk
+        self.last_flags: collections.deque[bool] = collections.deque()
+
+    @property
+    def dataset(self) -> Any:
+        return self.loader.dataset
+
+    @property
+    def logical_batches(self) -> int:
+        """Logical batches (optimizer steps) per epoch."""
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Any]:
+        self.last_flags.clear()
+        for batch in self.loader:
+            chunks: Sequence[Any] = split_batch(batch, self.max_size)
+            for i, chunk in enumerate(chunks):
+                last = i == len(chunks) - 1
+                self.last_flags.append(last)
+                if self.on_chunk is not None:
+                    self.on_chunk(last)
+                yield chunk

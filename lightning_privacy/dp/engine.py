@@ -15,14 +15,14 @@ from typing import Any, Optional
 
 import torch
 from opacus.grad_sample import GradSampleHooks
-from opacus.optimizers import DPOptimizer
+from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
 from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_privacy.dp.accounting import PrivacyLedger
 from lightning_privacy.dp.calibration import calibrate_noise_multiplier, steps_within_budget
 from lightning_privacy.dp.config import DPConfig
-from lightning_privacy.dp.data import expected_batch_size_and_size, poisson_loader
+from lightning_privacy.dp.data import PhysicalBatchLoader, expected_batch_size_and_size, poisson_loader
 from lightning_privacy.errors import (
     PrivacyBudgetExhaustedError,
     PrivacyConfigError,
@@ -34,12 +34,22 @@ log = logging.getLogger(__name__)
 STATE_VERSION = 1
 
 
+def _world() -> tuple[int, int]:
+    """(rank, world size) of the default process group; (0, 1) without one."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 @dataclass(frozen=True)
 class SamplingPlan:
     """What the run will do, fixed once the training data is known.
 
     ``allowed_steps`` is the total number of private steps (history included) that fit under
-    ``max_epsilon``; ``None`` when no budget is set.
+    ``max_epsilon``; ``None`` when no budget is set. ``expected_batch_size`` and ``sample_rate`` are
+    global: with ``world_size`` processes, each samples ``expected_batch_size / world_size`` examples
+    in expectation.
     """
 
     dataset_size: int
@@ -49,6 +59,7 @@ class SamplingPlan:
     noise_multiplier: float
     planned_steps: Optional[int]
     allowed_steps: Optional[int]
+    world_size: int = 1
 
     def as_params(self) -> dict[str, Any]:
         return {
@@ -56,6 +67,7 @@ class SamplingPlan:
             "sample_rate": self.sample_rate,
             "expected_batch_size": self.expected_batch_size,
             "dataset_size": self.dataset_size,
+            "world_size": self.world_size,
         }
 
 
@@ -99,7 +111,9 @@ class DPSGDEngine:
         self.ledger = PrivacyLedger()
         self.plan: Optional[SamplingPlan] = None
         self._generator = _secure_generator(config.secure_mode)
-        self._hooks: Optional[GradSampleHooks] = None
+        self._hooks: Optional[Any] = None
+        self._optimizers: list[DPOptimizer] = []
+        self.grad_sample_mode: Optional[str] = None
         self._restored_noise_multiplier: Optional[float] = None
         if config.accountant == "gdp":
             warnings.warn(
@@ -115,16 +129,32 @@ class DPSGDEngine:
         loader: DataLoader,
         planned_epochs: Optional[int] = None,
         planned_steps: Optional[int] = None,
-    ) -> DataLoader:
+        signal_optimizers: bool = True,
+    ) -> Any:
         """The training loader to use instead of ``loader``, and the plan of the run.
 
         ``planned_epochs`` / ``planned_steps`` come from the trainer; the config's ``epochs`` /
         ``steps`` take precedence. They decide σ for ``target_epsilon`` and bound the budget search.
+
+        In a ``torch.distributed`` process group of W processes, ``loader``'s batch size is the
+        per-process one: the global expected batch is W times it, q is global, and each rank
+        Poisson-samples its own shard with an independent generator.
+
+        With ``max_physical_batch_size`` the result is a :class:`PhysicalBatchLoader`; with
+        ``signal_optimizers`` (plain loops) it tells the wrapped optimizers to accumulate on all
+        but the last physical batch of each logical batch (their ``step()`` then only clips and
+        accumulates). The Lightning callback passes ``False`` and drives accumulation itself.
         """
-        batch_size, size = expected_batch_size_and_size(loader)
+        local_batch, size = expected_batch_size_and_size(loader)
+        rank, world = _world()
+        batch_size = local_batch * world
         sample_rate = min(1.0, batch_size / size)
         if self.config.poisson_sampling:
-            loader = poisson_loader(loader, generator=self._generator)
+            loader = poisson_loader(loader, generator=self._generator, rank=rank, world_size=world)
+        elif world > 1:
+            raise PrivacyConfigError(
+                "poisson_sampling=False is not supported with several processes; keep Poisson sampling."
+            )
         else:
             warnings.warn(
                 "poisson_sampling=False: batches are shuffled, not Poisson-sampled, so the reported ε "
@@ -145,14 +175,21 @@ class DPSGDEngine:
                 history=self.ledger.events,
                 limit=None if planned is None else max(0, planned - self.ledger.steps),
             )
-        self.plan = SamplingPlan(size, batch_size, sample_rate, steps_per_epoch, sigma, planned, allowed)
+        self.plan = SamplingPlan(size, batch_size, sample_rate, steps_per_epoch, sigma, planned, allowed, world)
         if size * self.config.delta >= 1:
             warnings.warn(
                 f"delta={self.config.delta} is not below 1/dataset_size = {1 / size:.2g}: such a δ allows "
                 "leaking whole examples. Use delta well below 1/N.",
                 stacklevel=2,
             )
+        if self.config.max_physical_batch_size is not None:
+            on_chunk = self._signal_optimizers if signal_optimizers else None
+            return PhysicalBatchLoader(loader, self.config.max_physical_batch_size, on_chunk)
         return loader
+
+    def _signal_optimizers(self, last: bool) -> None:
+        for optimizer in self._optimizers:
+            optimizer.signal_skip_step(do_skip=not last)
 
     def _planned_steps(
         self, steps_per_epoch: int, planned_epochs: Optional[int], planned_steps: Optional[int]
@@ -184,38 +221,93 @@ class DPSGDEngine:
 
     # ------------------------------------------------------------------ model and optimizer
 
+    def resolve_grad_sample_mode(self, model: nn.Module) -> str:
+        """The clipping mode used for ``model``: the config's, with ``"auto"`` resolved to
+        ``"fast"`` when every trainable layer has a fast rule and to ``"hooks"`` otherwise."""
+        mode = self.config.grad_sample_mode
+        if mode != "auto":
+            return mode
+        from lightning_privacy.dp import fast as fast_rules
+
+        if not hasattr(fast_rules, "fast_rule_coverage"):  # TEMP until the fast engine lands
+            return "hooks"
+        fast, fallback = fast_rules.fast_rule_coverage(model)
+        return "fast" if fast and not fallback else "hooks"
+
     def attach(self, model: nn.Module) -> None:
-        """Compute per-sample gradients for ``model``'s trainable layers (in train mode, under grad)."""
+        """Compute per-sample gradients (or, in fast mode, per-sample norms) for ``model``'s
+        trainable layers, in train mode under grad. Frozen layers cost nothing per sample."""
         if self._hooks is not None:
             return
         # Opacus' backward hooks fire on layer outputs even when the input needs no grad (the first
         # layer); torch warns about it every step although the per-sample gradients are right.
         warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
-        self._hooks = GradSampleHooks(model, batch_first=True, loss_reduction=self.config.loss_reduction, strict=False)
+        mode = self.resolve_grad_sample_mode(model)
+        if mode == "fast":
+            from lightning_privacy.dp.fast import FastGradSampleHooks
+
+            self._hooks = FastGradSampleHooks(model, loss_reduction=self.config.loss_reduction)
+        else:
+            self._hooks = GradSampleHooks(
+                model,
+                batch_first=True,
+                loss_reduction=self.config.loss_reduction,
+                strict=False,
+                force_functorch=mode == "functorch",
+            )
+        self.grad_sample_mode = mode
+        log.info("Per-sample clipping mode: %s.", mode)
 
     def detach(self) -> None:
         """Remove the hooks and per-sample state; the model is a plain module again."""
+        self._optimizers = []
         if self._hooks is None:
             return
         self._hooks.cleanup()
         self._hooks = None
 
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> DPOptimizer:
-        """A ``DPOptimizer`` around ``optimizer`` (sharing its param groups and state) that records each step."""
+        """A ``DPOptimizer`` around ``optimizer`` (sharing its param groups and state) that records each step.
+
+        In a process group it is Opacus' ``DistributedDPOptimizer``: each rank clips its own
+        examples, only rank 0 adds the noise N(0, σ²C²), and the noised sums are all-reduced, so the
+        update carries the noise once, not once per rank. Call :meth:`attach` first.
+        """
         plan = self._require_plan()
+        if self._hooks is None:
+            raise PrivacyConfigError("Call attach(model) before wrap_optimizer(): the optimizer clips what the hooks record.")
         if isinstance(optimizer, DPOptimizer):
             optimizer = optimizer.original_optimizer
-        private = DPOptimizer(
+        cls = _DistributedDPOptimizer if plan.world_size > 1 else DPOptimizer
+        private = cls(
             optimizer,
             noise_multiplier=plan.noise_multiplier,
             max_grad_norm=self.config.max_grad_norm,
-            expected_batch_size=plan.expected_batch_size,
+            # per process: DistributedDPOptimizer divides by it, then averages over the ranks
+            expected_batch_size=plan.expected_batch_size / plan.world_size,
             loss_reduction=self.config.loss_reduction,
             generator=self._generator,
             secure_mode=self.config.secure_mode,
         )
+        if self.grad_sample_mode == "fast":
+            from lightning_privacy.dp.fast import fast_clipping
+
+            private = fast_clipping(private, self._hooks)
+        else:
+            _clip_in_fp32(private)
         private.attach_step_hook(self._record_step)
+        self._optimizers.append(private)
         return private
+
+    def accumulate_physical_batch(self) -> None:
+        """Clip this physical batch's per-sample gradients into the optimizers' running sums and
+        clear them, without stepping: what a skipped step does, for loops that do not call
+        ``step()`` on such batches (the Lightning callback)."""
+        for optimizer in self._optimizers:
+            optimizer.clip_and_accumulate()
+            optimizer._is_last_step_skipped = True  # keep summed_grad through zero_grad
+            optimizer.zero_grad(set_to_none=True)
+            optimizer._is_last_step_skipped = False
 
     def _record_step(self, optimizer: DPOptimizer) -> None:
         # Called by DPOptimizer after noise is added and before the parameters change: the last
@@ -272,7 +364,7 @@ class DPSGDEngine:
         if state.get("version") != STATE_VERSION:
             raise PrivacyStateMismatchError(f"Unknown privacy state version {state.get('version')!r}.")
         saved = state["config"]
-        current = self.config.to_dict()
+        current = self.config.privacy_dict()
         changed = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
         if changed and not allow_config_change:
             diff = ", ".join(f"{k}: checkpoint={old!r} now={new!r}" for k, (old, new) in changed.items())
@@ -284,3 +376,31 @@ class DPSGDEngine:
         self.ledger = PrivacyLedger.from_state_dict(state["ledger"])
         if not changed:
             self._restored_noise_multiplier = state.get("noise_multiplier")
+
+
+class _DistributedDPOptimizer(DistributedDPOptimizer):
+    """Opacus' distributed optimizer, whose ranks other than 0 set ``p.grad`` to a *view* of the
+    clipped sum; ``zero_grad(set_to_none=False)`` (Lightning's call) cannot detach a view in place.
+    Here every rank owns a plain ``p.grad``."""
+
+    def add_noise(self) -> None:
+        super().add_noise()
+        for p in self.params:
+            if p.grad is not None and (p.grad._is_view() or p.grad.grad_fn is not None):
+                p.grad = p.grad.detach().clone()
+
+
+def _clip_in_fp32(optimizer: DPOptimizer) -> None:
+    """Make ``optimizer`` clip in fp32 even when per-sample gradients come out of autocast in a
+    lower precision (``precision="bf16-mixed"``): norms, clip factors and sums in bf16 would lose
+    the bound C to rounding."""
+    clip = optimizer.clip_and_accumulate
+
+    def clip_and_accumulate() -> None:
+        for p in optimizer.params:
+            gs = getattr(p, "grad_sample", None)
+            if isinstance(gs, torch.Tensor) and gs.dtype != torch.float32 and gs.is_floating_point():
+                p.grad_sample = gs.float()
+        clip()
+
+    optimizer.clip_and_accumulate = clip_and_accumulate
