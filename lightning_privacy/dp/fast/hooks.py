@@ -223,6 +223,7 @@ class FastGradSampleHooks:
         ids = {id(p) for p in params}
         return [s for s in self._layers if any(id(p) in ids for p in s.module.parameters(recurse=False))]
 
+    @torch.no_grad()
     def clipped_sum(self, params: list[Tensor], max_grad_norm: float) -> tuple[list[Tensor], int]:
         """The sum over samples of the flat-clipped per-sample gradients of ``params``.
 

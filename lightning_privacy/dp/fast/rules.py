@@ -55,6 +55,7 @@ class LayerState:
     calls: list[Call] = field(default_factory=list)
 
     def record(self, pass_id: int, saved: tuple[Any, ...], grad_output: Tensor) -> None:
+        saved = tuple(t.detach() if isinstance(t, Tensor) else t for t in saved)
         self.calls.append(Call(pass_id, saved, grad_output.detach()))
         self.owner._backward_seen = True
 
