@@ -274,3 +274,38 @@ def test_deep_copy_while_attached_runs_plain_forward():
     nn.functional.cross_entropy(twin(x), y).backward()
     assert twin.up.weight.grad is not None  # ordinary autograd: the copy is not attached
     assert all(not s.calls for s in hooks._layers)
+
+
+@pytest.mark.parametrize("kind", ["cnn", "mixed"])
+def test_engine_fast_mode_equals_hooks_mode(kind):
+    """Through ``DPSGDEngine``: ``grad_sample_mode="fast"`` steps as ``"hooks"`` does (noise 0)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_privacy.dp.config import DPConfig
+    from lightning_privacy.dp.engine import DPSGDEngine
+
+    x, y = batch(kind, 8)
+    models = []
+    for mode in ("fast", "hooks"):
+        torch.manual_seed(0)
+        model = MODELS[kind][0]()
+        engine = DPSGDEngine(DPConfig(noise_multiplier=1.0, max_grad_norm=C, delta=1e-3, grad_sample_mode=mode))
+        engine.private_loader(DataLoader(TensorDataset(x, y), batch_size=8), planned_epochs=1)
+        engine.attach(model)
+        assert engine.grad_sample_mode == mode
+        opt = engine.wrap_optimizer(torch.optim.SGD(model.parameters(), lr=LR))
+        opt.noise_multiplier = 0.0
+        train_step(model, opt, x, y)
+        assert engine.steps == 1
+        engine.detach()
+        models.append(model)
+    assert_same_params(*models)
+
+
+def test_engine_auto_mode_picks_fast_when_every_layer_has_a_rule():
+    from lightning_privacy.dp.config import DPConfig
+    from lightning_privacy.dp.engine import DPSGDEngine
+
+    engine = DPSGDEngine(DPConfig(noise_multiplier=1.0))
+    assert engine.resolve_grad_sample_mode(cnn()) == "fast"
+    assert engine.resolve_grad_sample_mode(Encoder(fallback=True)) == "hooks"
