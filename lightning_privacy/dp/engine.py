@@ -305,9 +305,10 @@ class DPSGDEngine:
         ``step()`` on such batches (the Lightning callback)."""
         for optimizer in self._optimizers:
             optimizer.clip_and_accumulate()
-            optimizer._is_last_step_skipped = True  # keep summed_grad through zero_grad
+            # As after a skipped step: zero_grad (here, and Lightning's before the next backward)
+            # keeps summed_grad until the real step, which resets the flag.
+            optimizer._is_last_step_skipped = True
             optimizer.zero_grad(set_to_none=True)
-            optimizer._is_last_step_skipped = False
 
     def _record_step(self, optimizer: DPOptimizer) -> None:
         # Called by DPOptimizer after noise is added and before the parameters change: the last
