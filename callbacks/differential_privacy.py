@@ -318,7 +318,9 @@ class DifferentialPrivacy(Callback):
                 lg.log_metrics({"epsilon": eps}, step=step)
             pl_module.log("epsilon", eps, prog_bar=True, logger=False, on_step=True, on_epoch=False, batch_size=1)
         else:
-            pl_module.log("epsilon", eps, prog_bar=True, on_step=False, on_epoch=True, batch_size=1)
+            # ε is identical on every rank; syncing (a mean of equal values) keeps Lightning quiet.
+            pl_module.log("epsilon", eps, prog_bar=True, on_step=False, on_epoch=True, batch_size=1,
+                          sync_dist=trainer.world_size > 1)
         mlflow_privacy.log_epsilon_to_active_run(trainer, eps, step)
 
     def _stop_if_budget_spent(self, trainer: "pl.Trainer") -> None:
