@@ -42,8 +42,10 @@ def _rdp_epsilon(sigma: float, q: float, steps: int) -> float:
     return acc.get_epsilon(delta=1e-5)
 
 
-def test_ddp_update_equals_single_process_clipped_sum(tmp_path):
-    ranks = _run(tmp_path, "--mode", "update", "--steps", "1")
+@pytest.mark.parametrize("mode", ["hooks", "fast"])
+def test_ddp_update_equals_single_process_clipped_sum(tmp_path, mode):
+    ranks = _run(tmp_path, "--mode", "update", "--steps", "1", "--grad-sample-mode", mode)
+    assert [r["mode"] for r in ranks] == [mode, mode]
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert ranks[0]["plan"]["sample_rate"] == pytest.approx(2 * ddp_worker.BATCH / ddp_worker.N)
     shards = [set(sum(r["seen"], [])) for r in ranks]
@@ -70,7 +72,8 @@ def test_ddp_update_equals_single_process_clipped_sum(tmp_path):
 
 
 def test_ddp_noise_is_added_once_globally_and_epsilon_uses_global_rate(tmp_path):
-    first = _run(tmp_path / "a", "--mode", "noise", "--steps", "2")
+    first = _run(tmp_path / "a", "--mode", "noise", "--steps", "2", "--grad-sample-mode", "auto")
+    assert first[0]["mode"] == "fast"  # what "auto" picks for this model
     q = 2 * ddp_worker.BATCH / ddp_worker.N
     for r in first:
         assert r["steps"] == 2
@@ -95,7 +98,8 @@ def test_ddp_noise_is_added_once_globally_and_epsilon_uses_global_rate(tmp_path)
     assert len(client.search_runs([run.info.experiment_id])) == 1
 
     # Resume from the checkpoint to 4 steps: the ledger continues on both ranks.
-    resumed = _run(tmp_path / "b", "--mode", "noise", "--steps", "4", "--ckpt", str(tmp_path / "a" / "last.ckpt"))
+    resumed = _run(tmp_path / "b", "--mode", "noise", "--steps", "4", "--grad-sample-mode", "auto",
+                   "--ckpt", str(tmp_path / "a" / "last.ckpt"))  # fmt: skip
     for r in resumed:
         assert r["steps"] == 4
         assert r["epsilon"] == pytest.approx(_rdp_epsilon(1.0, q, 4), rel=1e-9)
