@@ -227,11 +227,9 @@ class DPSGDEngine:
         mode = self.config.grad_sample_mode
         if mode != "auto":
             return mode
-        from lightning_privacy.dp import fast as fast_rules
+        from lightning_privacy.dp.fast import fast_rule_coverage
 
-        if not hasattr(fast_rules, "fast_rule_coverage"):  # TEMP until the fast engine lands
-            return "hooks"
-        fast, fallback = fast_rules.fast_rule_coverage(model)
+        fast, fallback = fast_rule_coverage(model)
         return "fast" if fast and not fallback else "hooks"
 
     def attach(self, model: nn.Module) -> None:
@@ -260,6 +258,11 @@ class DPSGDEngine:
 
     def detach(self) -> None:
         """Remove the hooks and per-sample state; the model is a plain module again."""
+        for optimizer in self._optimizers:  # Opacus' zero_grad leaves these attributes behind
+            for p in optimizer.params:
+                for attr in ("grad_sample", "summed_grad"):
+                    if attr in p.__dict__:
+                        delattr(p, attr)
         self._optimizers = []
         if self._hooks is None:
             return
