@@ -110,14 +110,17 @@ def _fast_forward(state: LayerState, module: nn.Module, *args: Any, **kwargs: An
         or not module.training
         or not torch.is_grad_enabled()
         or not _own_trainable(module)
-        or kwargs
-        or len(args) != 1
+        or len(args) + len(kwargs) != 1
     ):
         return type(module).forward(module, *args, **kwargs)
     if hooks._backward_seen:
         hooks._pass += 1
         hooks._backward_seen = False
-    return state.rule.forward(state, module, hooks._pass, args[0])
+    # Every fast layer's forward takes one tensor, `input`; any other call raises in the class's forward.
+    x = args[0] if args else kwargs.get("input")
+    if x is None:
+        return type(module).forward(module, *args, **kwargs)
+    return state.rule.forward(state, module, hooks._pass, x)
 
 
 class FastGradSampleHooks:

@@ -105,6 +105,12 @@ class Rule:
         raise NotImplementedError
 
 
+def _sq_norms(per_sample: Tensor) -> Tensor:
+    """``[B]`` squared norms of ``[B, ...]`` per-sample tensors (no squared temporary)."""
+    flat = per_sample.reshape(per_sample.shape[0], math.prod(per_sample.shape[1:]))
+    return torch.linalg.vector_norm(flat, dim=1).square()
+
+
 def _batch_front(t: Tensor, batch_first: bool) -> Tensor:
     return t if batch_first else t.movedim(1, 0)
 
@@ -137,13 +143,13 @@ class _GroupedPrepared(Prepared):
         if self.mode == "gram":
             return ((a @ a.mT) * (g @ g.mT)).sum((1, 2, 3))
         self.per_sample = g.mT @ a  # [B, g, o, i]
-        return self.per_sample.square().sum((1, 2, 3))
+        return _sq_norms(self.per_sample)
 
     def weighted_sum(self, param: Tensor, weights: Tensor) -> Tensor:
         if param is self.module.bias:
             return (weights @ self.bias_grad).view_as(param)
         if self.per_sample is not None:
-            summed = torch.einsum("b,bgoi->goi", weights, self.per_sample)
+            summed = weights @ self.per_sample.reshape(self.batch_size, param.numel())
         else:
             summed = torch.einsum("bgto,bgti->goi", self.g * weights.view(-1, 1, 1, 1), self.a)
         return summed.reshape(param.shape)
@@ -179,8 +185,8 @@ class LinearRule(Rule):
 
     def prepare(self, module, calls, batch_first):
         dtype = _compute_dtype(module.weight, *(c.grad_output for c in calls))
-        a = torch.cat([_seq(_batch_front(c.saved[0], batch_first), dtype) for c in calls], 1)
-        g = torch.cat([_seq(_batch_front(c.grad_output, batch_first), dtype) for c in calls], 1)
+        a = _cat([_seq(_batch_front(c.saved[0], batch_first), dtype) for c in calls], 1)
+        g = _cat([_seq(_batch_front(c.grad_output, batch_first), dtype) for c in calls], 1)
         return _GroupedPrepared(module, a.unsqueeze(1), g.unsqueeze(1), g.sum(1))
 
 
@@ -254,17 +260,37 @@ class ConvRule(Rule):
 
     def prepare(self, module, calls, batch_first):
         dtype = _compute_dtype(module.weight, *(c.grad_output for c in calls))
-        groups = module.groups
+        groups, b = module.groups, calls[0].grad_output.shape[0]
+        positions = sum(math.prod(c.grad_output.shape[2:]) for c in calls)
+        d_in, d_out = math.prod(module.weight.shape[1:]), module.out_channels // groups
+        bias_grad = _add([c.grad_output.to(dtype).flatten(2).sum(2) for c in calls])  # [B, C_out]
+        if 2 * positions * positions >= d_in * d_out:
+            # Per-sample weight gradients are smaller than the Gram matrices: one grouped conv
+            # backward with the batch folded into the groups gives them, without an unfold.
+            weight_grad = _add([self._per_sample_weight_grad(module, c, dtype) for c in calls])
+            return _PerSamplePrepared(module, weight_grad, bias_grad)
         a_parts, g_parts = [], []
         for c in calls:
             x, g = c.saved[0].to(dtype), c.grad_output.to(dtype)
-            b = x.shape[0]
             cols = self._unfold(module, x, c.saved[1])  # [B, C_in·k, L]
-            a_parts.append(cols.view(b, groups, cols.shape[1] // groups, cols.shape[-1]).mT)
-            g_parts.append(g.reshape(b, groups, g.shape[1] // groups, math.prod(g.shape[2:])).mT)
-        a, g = torch.cat(a_parts, 2), torch.cat(g_parts, 2)
-        bias_grad = g.sum(2).flatten(1)  # [B, C_out]
-        return _GroupedPrepared(module, a, g, bias_grad)
+            a_parts.append(cols.view(b, groups, d_in, cols.shape[-1]).mT)
+            g_parts.append(g.reshape(b, groups, d_out, math.prod(g.shape[2:])).mT)
+        return _GroupedPrepared(module, _cat(a_parts, 2), _cat(g_parts, 2), bias_grad)
+
+    @staticmethod
+    def _per_sample_weight_grad(module: nn.Module, call: Call, dtype: torch.dtype) -> Tensor:
+        """``[B, *weight.shape]``: the conv weight gradient of each sample."""
+        (x, padding), g = call.saved, call.grad_output.to(dtype)
+        b, weight = x.shape[0], module.weight
+        if b == 0:
+            return g.new_zeros((0, *weight.shape))
+        _, gw, _ = torch.ops.aten.convolution_backward(
+            g.reshape(1, -1, *g.shape[2:]), x.to(dtype).reshape(1, -1, *x.shape[2:]),
+            g.new_empty(1).expand(b * weight.shape[0], *weight.shape[1:]), None, list(module.stride),
+            list(padding), list(module.dilation), False, [0] * (weight.dim() - 2), b * module.groups,
+            [False, True, False],
+        )  # fmt: skip
+        return gw.view(b, *weight.shape)
 
     @staticmethod
     def _unfold(module: nn.Module, x: Tensor, padding: tuple[int, ...]) -> Tensor:
@@ -274,6 +300,19 @@ class ConvRule(Rule):
                 padding=(0, padding[0]), stride=(1, module.stride[0]),
             )  # fmt: skip
         return F.unfold(x, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride)
+
+
+def _add(parts: list[Tensor]) -> Tensor:
+    """The sum of the parts (``sum()`` would start with a copy of the first: ``0 + t``)."""
+    total = parts[0]
+    for t in parts[1:]:
+        total = total + t
+    return total
+
+
+def _cat(parts: list[Tensor], dim: int) -> Tensor:
+    """``torch.cat``, without the copy for the usual single call per pass."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
 
 
 # --------------------------------------------------------------------------- Embedding
@@ -336,8 +375,8 @@ class EmbeddingRule(Rule):
     def prepare(self, module, calls, batch_first):
         dtype = _compute_dtype(module.weight, *(c.grad_output for c in calls))
         idx = [_batch_front(c.saved[0], batch_first) for c in calls]
-        idx = torch.cat([i.reshape(i.shape[0], math.prod(i.shape[1:])) for i in idx], 1)
-        g = torch.cat([_seq(_batch_front(c.grad_output, batch_first), dtype) for c in calls], 1)
+        idx = _cat([i.reshape(i.shape[0], math.prod(i.shape[1:])) for i in idx], 1)
+        g = _cat([_seq(_batch_front(c.grad_output, batch_first), dtype) for c in calls], 1)
         return _EmbeddingPrepared(module, idx, g)
 
 
@@ -371,8 +410,9 @@ class _AffineFn(torch.autograd.Function):
         return gy, gw, gb, None, None, None
 
 
-class _AffinePrepared(Prepared):
-    """Materialised per-sample affine gradients: ``[B, channels]``, small by nature."""
+class _PerSamplePrepared(Prepared):
+    """Materialised per-sample gradients ``[B, *param.shape]`` of a weight and a bias: the norm
+    affine parameters (one value per channel, small by nature) and small convolutions."""
 
     def __init__(self, module: nn.Module, weight_grad: Tensor, bias_grad: Tensor) -> None:
         self.module, self.weight_grad, self.bias_grad = module, weight_grad, bias_grad
@@ -382,10 +422,11 @@ class _AffinePrepared(Prepared):
         return self.bias_grad if param is self.module.bias else self.weight_grad
 
     def sq_norms(self, param):
-        return self._per_sample(param).flatten(1).square().sum(1)
+        return _sq_norms(self._per_sample(param))
 
     def weighted_sum(self, param, weights):
-        return torch.einsum("b,b...->...", weights, self._per_sample(param)).view_as(param)
+        per_sample = self._per_sample(param)
+        return (weights @ per_sample.reshape(per_sample.shape[0], param.numel())).view_as(param)
 
 
 class _NormRule(Rule):
@@ -407,7 +448,7 @@ class _NormRule(Rule):
             wg, bg = ((g * y).sum(dims), g.sum(dims)) if dims else (g * y, g)  # sum([]) would sum all
             weight_grad = wg if weight_grad is None else weight_grad + wg
             bias_grad = bg if bias_grad is None else bias_grad + bg
-        return _AffinePrepared(module, weight_grad, bias_grad)
+        return _PerSamplePrepared(module, weight_grad, bias_grad)
 
     def _sum_dims(self, module: nn.Module, ndim: int) -> list[int]:
         raise NotImplementedError
