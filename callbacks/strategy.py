@@ -18,34 +18,44 @@ from lightning_privacy.errors import PrivacyConfigError
 _DEFAULTS = {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "delta": 1e-5}
 
 
-def _install(privacy: DifferentialPrivacy, model: "pl.LightningModule", name: str) -> None:
-    """Put the strategy's callback on the model's Trainer (once), refusing a second DP callback."""
+def _install(strategy: Any, model: "pl.LightningModule") -> None:
+    """Put the strategy's callback on the model's Trainer (once).
+
+    A ``DifferentialPrivacy`` callback already on the Trainer is adopted when the strategy was
+    given no DP arguments (``strategy="dp_ddp"`` plus a configured callback); with DP arguments on
+    both it is an error, since it would be unclear which settings hold.
+    """
     trainer: Optional[pl.Trainer] = model._trainer
     if trainer is None:
         return
-    others = [cb for cb in trainer.callbacks if isinstance(cb, DifferentialPrivacy) and cb is not privacy]
+    others = [cb for cb in trainer.callbacks if isinstance(cb, DifferentialPrivacy) and cb is not strategy.privacy]
+    if len(others) == 1 and strategy._default_privacy:
+        strategy.privacy = others[0]
+        return
     if others:
         raise PrivacyConfigError(
-            f"The Trainer has both strategy='{name}' and a DifferentialPrivacy callback; use one of them "
-            "(give the DP settings to the strategy)."
+            f"The Trainer has both strategy='{strategy.strategy_name}' with DP arguments and a "
+            "DifferentialPrivacy callback; use one of them (give the DP settings to either the "
+            "strategy or the callback, not both)."
         )
-    if privacy not in trainer.callbacks:
-        trainer.callbacks.append(privacy)
+    if strategy.privacy not in trainer.callbacks:
+        trainer.callbacks.append(strategy.privacy)
 
 
 class DPStrategy(SingleDeviceStrategy):
     """DP-SGD on one device, as a Lightning strategy.
 
     It installs one :class:`DifferentialPrivacy` callback built from its keyword arguments, so the
-    strategy and the callback are two faces of one mechanism. ``Trainer(strategy="dp")`` uses the
-    registered defaults: ``noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5``.
+    strategy and the callback are two faces of one mechanism. Without DP arguments
+    (``Trainer(strategy="dp")``) it uses a ``DifferentialPrivacy`` callback given to the Trainer, or
+    else ``noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5``.
 
     Args:
         device: the one device to train on (default CPU).
         **dp_kwargs: any argument of :class:`DifferentialPrivacy`.
 
     Raises:
-        PrivacyConfigError: when the Trainer already has a ``DifferentialPrivacy`` callback.
+        PrivacyConfigError: when it has DP arguments and the Trainer also has a ``DifferentialPrivacy`` callback.
 
     Example::
 
@@ -58,17 +68,17 @@ class DPStrategy(SingleDeviceStrategy):
 
     def __init__(self, device: Union[str, torch.device] = "cpu", **dp_kwargs: Any) -> None:
         super().__init__(device=device)
-        self.privacy = DifferentialPrivacy(**dp_kwargs)
+        # Written as a direct call so that LightningCLI (jsonargparse) sees the callback's arguments.
+        self.privacy = DifferentialPrivacy(**dp_kwargs) if dp_kwargs else DifferentialPrivacy(**_DEFAULTS)
+        self._default_privacy = not dp_kwargs
 
     def connect(self, model: "pl.LightningModule") -> None:
         super().connect(model)
-        _install(self.privacy, model, self.strategy_name)
+        _install(self, model)
 
     @classmethod
     def register_strategies(cls, strategy_registry: Any) -> None:
-        strategy_registry.register(
-            cls.strategy_name, cls, description="DP-SGD on one device (lightning-privacy)", **_DEFAULTS
-        )
+        strategy_registry.register(cls.strategy_name, cls, description="DP-SGD on one device (lightning-privacy)")
 
 
 class DPDDPStrategy(DDPStrategy):
@@ -87,9 +97,10 @@ class DPDDPStrategy(DDPStrategy):
     - the accountant counts steps at the global q, so ε is the same on every rank; it is logged
       (and sent to MLflow) by rank 0 only; checkpoints carry the ledger.
 
-    It installs one :class:`DifferentialPrivacy` callback built from ``dp_kwargs``; the registered
-    ``"dp_ddp"`` uses ``noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5``. On CPU the process
-    group uses gloo.
+    It installs one :class:`DifferentialPrivacy` callback built from ``dp_kwargs``. Without DP
+    arguments (``Trainer(strategy="dp_ddp")``) it uses a ``DifferentialPrivacy`` callback given to
+    the Trainer, or else ``noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5``. On CPU the
+    process group uses gloo.
 
     Args:
         process_group_backend: ``"gloo"`` / ``"nccl"``; default chosen by Lightning for the device.
@@ -99,7 +110,7 @@ class DPDDPStrategy(DDPStrategy):
         **dp_kwargs: any argument of :class:`DifferentialPrivacy`.
 
     Raises:
-        PrivacyConfigError: when the Trainer also has a ``DifferentialPrivacy`` callback.
+        PrivacyConfigError: when it has DP arguments and the Trainer also has a ``DifferentialPrivacy`` callback.
 
     Example::
 
@@ -133,11 +144,13 @@ class DPDDPStrategy(DDPStrategy):
             timeout=timeout,
             start_method=start_method,
         )
-        self.privacy = DifferentialPrivacy(**dp_kwargs)
+        # Written as a direct call so that LightningCLI (jsonargparse) sees the callback's arguments.
+        self.privacy = DifferentialPrivacy(**dp_kwargs) if dp_kwargs else DifferentialPrivacy(**_DEFAULTS)
+        self._default_privacy = not dp_kwargs
 
     def connect(self, model: "pl.LightningModule") -> None:
         super().connect(model)
-        _install(self.privacy, model, self.strategy_name)
+        _install(self, model)
 
     def setup(self, trainer: "pl.Trainer") -> None:
         # The private loader already gives each rank its share; Lightning must not re-shard it.
@@ -153,14 +166,12 @@ class DPDDPStrategy(DDPStrategy):
             cls.strategy_name,
             cls,
             description="DP-SGD across processes: per-rank Poisson sampling and clipping, noise once (lightning-privacy)",
-            **_DEFAULTS,
         )
         strategy_registry.register(
             "dp_ddp_spawn",
             cls,
             description="dp_ddp with start_method='spawn' (lightning-privacy)",
             start_method="spawn",
-            **_DEFAULTS,
         )
 
 

@@ -212,3 +212,12 @@ def test_frozen_backbone_pays_no_per_sample_cost_and_stays_frozen(tmp_path, mode
     assert all(torch.equal(a, b) for a, b in zip(frozen, model.net[0].parameters()))
     assert not any(torch.equal(a, b) for a, b in zip(head, model.net[2].parameters()))
     assert [p.requires_grad for p in model.parameters()] == [False, False, True, True]
+
+
+def test_strategy_by_name_adopts_the_trainers_dp_callback(tmp_path):
+    dp = DifferentialPrivacy(target_epsilon=2.0, delta=1e-5, accountant="rdp")
+    trainer = pl.Trainer(strategy="dp", callbacks=[dp], **trainer_kwargs(tmp_path, max_epochs=1))
+    trainer.fit(Classifier())
+    assert trainer.strategy.privacy is dp
+    assert sum(isinstance(cb, DifferentialPrivacy) for cb in trainer.callbacks) == 1
+    assert 1.9 < dp.epsilon <= 2.0
