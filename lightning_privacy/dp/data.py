@@ -133,17 +133,26 @@ def poisson_loader(
     )
 
 
-def split_batch(batch: Any, max_size: int) -> list[Any]:
-    """Split a collated batch (tensors, or tuples / lists / dicts of them) along dim 0 into chunks
-    of at most ``max_size`` examples. An empty batch stays one (empty) chunk."""
+def batch_len(batch: Any) -> int:
+    """Number of examples in a collated batch (tensors, or tuples / lists / dicts of them)."""
     size = _batch_len(batch)
     if size is None:
         raise PrivacyConfigError(
             "max_physical_batch_size needs batches made of tensors (or tuples, lists, dicts of tensors) "
             f"that share their first dimension; got {type(batch).__name__}."
         )
-    n = max(1, math.ceil(size / max_size))
-    return [_slice(batch, i * max_size, (i + 1) * max_size) for i in range(n)]
+    return size
+
+
+def split_batch(batch: Any, max_size: int, chunks: Optional[int] = None) -> list[Any]:
+    """Split a collated batch along dim 0 into chunks of at most ``max_size`` examples.
+
+    ``chunks`` (at least what ``max_size`` needs) pads the split with empty chunks, so that several
+    processes can take the same number of physical steps. An empty batch stays one empty chunk.
+    """
+    size = batch_len(batch)
+    n = max(1, math.ceil(size / max_size), chunks or 0)
+    return [_slice(batch, min(size, i * max_size), min(size, (i + 1) * max_size)) for i in range(n)]
 
 
 def _batch_len(batch: Any) -> Optional[int]:
@@ -175,14 +184,23 @@ class PhysicalBatchLoader:
     its logical batch, and calls ``on_chunk(is_last)`` if given (the engine uses it to tell its
     optimizers to accumulate instead of stepping, in plain loops). It has no ``len``: the number of
     physical batches depends on the sampled batch sizes.
+
+    ``agree_chunks(n)`` (several processes) returns the number of chunks every process uses for
+    the current logical batch, the largest over the ranks: ranks with fewer examples pad with
+    empty physical batches, so all take the same number of steps between collectives.
     """
 
     def __init__(
-        self, loader: DataLoader, max_size: int, on_chunk: Optional[Callable[[bool], None]] = None
+        self,
+        loader: DataLoader,
+        max_size: int,
+        on_chunk: Optional[Callable[[bool], None]] = None,
+        agree_chunks: Optional[Callable[[int], int]] = None,
     ) -> None:
         self.loader = loader
         self.max_size = max_size
         self.on_chunk = on_chunk
+        self.agree_chunks = agree_chunks
         self.last_flags: collections.deque[bool] = collections.deque()
 
     @property
@@ -197,7 +215,10 @@ class PhysicalBatchLoader:
     def __iter__(self) -> Iterator[Any]:
         self.last_flags.clear()
         for batch in self.loader:
-            chunks: Sequence[Any] = split_batch(batch, self.max_size)
+            n = None
+            if self.agree_chunks is not None:
+                n = self.agree_chunks(max(1, math.ceil(batch_len(batch) / self.max_size)))
+            chunks: Sequence[Any] = split_batch(batch, self.max_size, n)
             for i, chunk in enumerate(chunks):
                 last = i == len(chunks) - 1
                 self.last_flags.append(last)

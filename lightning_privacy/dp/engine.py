@@ -184,7 +184,8 @@ class DPSGDEngine:
             )
         if self.config.max_physical_batch_size is not None:
             on_chunk = self._signal_optimizers if signal_optimizers else None
-            return PhysicalBatchLoader(loader, self.config.max_physical_batch_size, on_chunk)
+            agree = _max_over_ranks if world > 1 else None
+            return PhysicalBatchLoader(loader, self.config.max_physical_batch_size, on_chunk, agree)
         return loader
 
     def _signal_optimizers(self, last: bool) -> None:
@@ -380,6 +381,12 @@ class DPSGDEngine:
         self.ledger = PrivacyLedger.from_state_dict(state["ledger"])
         if not changed:
             self._restored_noise_multiplier = state.get("noise_multiplier")
+
+
+def _max_over_ranks(value: int) -> int:
+    t = torch.tensor([value], dtype=torch.long)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t.item())
 
 
 class _DistributedDPOptimizer(DistributedDPOptimizer):

@@ -42,33 +42,46 @@ def _rdp_epsilon(sigma: float, q: float, steps: int) -> float:
     return acc.get_epsilon(delta=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["hooks", "fast"])
-def test_ddp_update_equals_single_process_clipped_sum(tmp_path, mode):
-    ranks = _run(tmp_path, "--mode", "update", "--steps", "1", "--grad-sample-mode", mode)
+@pytest.mark.parametrize(("mode", "physical", "steps"), [("hooks", None, 1), ("fast", None, 1), ("fast", 4, 3)])
+def test_ddp_update_equals_single_process_clipped_sum(tmp_path, mode, physical, steps):
+    extra = ["--physical", str(physical)] if physical else []
+    ranks = _run(tmp_path, "--mode", "update", "--steps", str(steps), "--grad-sample-mode", mode, *extra)
     assert [r["mode"] for r in ranks] == [mode, mode]
-    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert [r["steps"] for r in ranks] == [steps, steps]
     assert ranks[0]["plan"]["sample_rate"] == pytest.approx(2 * ddp_worker.BATCH / ddp_worker.N)
-    shards = [set(sum(r["seen"], [])) for r in ranks]
-    assert not shards[0] & shards[1]  # each rank samples its own share
-    assert all(i % 2 == 0 for i in shards[0]) and all(i % 2 == 1 for i in shards[1])
+    if physical:  # ranks pad with empty physical batches so that they step together
+        assert len(ranks[0]["seen"]) == len(ranks[1]["seen"]) > steps
+    per_step = [[set(), set()] for _ in range(steps)]
+    for r, result in enumerate(ranks):
+        for step, idx in result["seen"]:
+            if physical:
+                assert len(idx) <= physical
+            per_step[step][r] |= set(idx)
+    for shards in per_step:
+        assert not shards[0] & shards[1]  # each rank samples its own share
+        assert all(i % 2 == 0 for i in shards[0]) and all(i % 2 == 1 for i in shards[1])
 
-    # Independent reference: one process, an explicit loop over the union of both ranks' examples.
+    # Independent reference: one process, an explicit per-sample loop over the union of both
+    # ranks' examples at each step.
     model = ddp_worker.Net()
     model.load_state_dict({k: torch.tensor(v) for k, v in ranks[0]["before"].items()})
     data = ddp_worker.Indexed()
     clip, expected_batch = 0.5, 2 * ddp_worker.BATCH
-    total = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
-    for i in sorted(shards[0] | shards[1]):
-        model.zero_grad()
-        nn.functional.cross_entropy(model.net(data.x[i : i + 1]), data.y[i : i + 1]).backward()
-        grads = {name: p.grad.clone() for name, p in model.named_parameters()}
-        norm = torch.sqrt(sum((g**2).sum() for g in grads.values()))
-        for name, g in grads.items():
-            total[name] += g * min(1.0, clip / (norm.item() + 1e-6))
+    for shards in per_step:
+        total = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
+        for i in sorted(shards[0] | shards[1]):
+            model.zero_grad()
+            nn.functional.cross_entropy(model.net(data.x[i : i + 1]), data.y[i : i + 1]).backward()
+            grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+            norm = torch.sqrt(sum((g**2).sum() for g in grads.values()))
+            for name, g in grads.items():
+                total[name] += g * min(1.0, clip / (norm.item() + 1e-6))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p -= 1.0 * total[name] / expected_batch
     for name, p in model.named_parameters():
-        expected = p.detach() - 1.0 * total[name] / expected_batch
         for r in ranks:
-            torch.testing.assert_close(torch.tensor(r["after"][name]), expected, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(torch.tensor(r["after"][name]), p.detach(), rtol=1e-5, atol=1e-6)
 
 
 def test_ddp_noise_is_added_once_globally_and_epsilon_uses_global_rate(tmp_path):

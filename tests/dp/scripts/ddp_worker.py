@@ -4,7 +4,7 @@ references: the examples each rank used per step, the parameters before and afte
 
 Modes:
   update   σ is set to 0 on the wrapped optimizer after set-up (test only: DPConfig refuses σ = 0),
-           one step, so the update must equal a single-process clipped sum over the same examples.
+           so each update must equal a single-process clipped sum over the same examples.
   noise    a model whose loss has zero gradient: after the steps, the parameter change is pure
            noise, whose standard deviation must be σC/B (B the global expected batch).
   resume   `--ckpt` given: resume from it to `--steps` steps.
@@ -48,11 +48,11 @@ class Net(pl.LightningModule):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(FEATURES, width), nn.Tanh(), nn.Linear(width, 3))
         self.zero_grad_loss = zero_grad_loss
-        self.seen: list[list[int]] = []
+        self.seen: list[tuple[int, list[int]]] = []  # (optimizer step, example indices)
 
     def training_step(self, batch, batch_idx):
         x, y, idx = batch
-        self.seen.append(idx.tolist())
+        self.seen.append((self.trainer.global_step, idx.tolist()))
         out = self.net(x)
         if self.zero_grad_loss:
             return (out * 0.0).sum()
@@ -78,6 +78,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1)
     ap.add_argument("--ckpt", default=None)
     ap.add_argument("--grad-sample-mode", default="hooks")
+    ap.add_argument("--physical", type=int, default=None)
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
@@ -86,7 +87,7 @@ def main() -> None:
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     strategy = DPDDPStrategy(
         noise_multiplier=1.0, max_grad_norm=0.5, delta=1e-5, accountant="rdp",
-        grad_sample_mode=args.grad_sample_mode, process_group_backend="gloo",
+        grad_sample_mode=args.grad_sample_mode, process_group_backend="gloo", max_physical_batch_size=args.physical,
     )  # fmt: skip
     uri = f"sqlite:///{os.path.join(args.out, 'mlflow.db')}"
     trainer = pl.Trainer(
