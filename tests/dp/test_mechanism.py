@@ -14,6 +14,7 @@ from dp_accounting.pld import PLDAccountant
 from opacus.accountants import create_accountant
 from opacus.data_loader import DPDataLoader
 from torch import nn
+from torch.utils.data import DataLoader
 
 from lightning_privacy.callbacks import DifferentialPrivacy
 from tests.dp.models import Classifier, make_dataset, trainer_kwargs
@@ -173,3 +174,32 @@ def test_reported_epsilon_equals_reference_accountant_for_the_steps_taken(tmp_pa
     assert dp.epsilon == pytest.approx(reference, rel=1e-9 if accountant != "pld" else 1e-3)
     assert dp.epsilon <= 2.0 + 1e-9
     assert dp.epsilon > 1.9  # calibration aims at the target, not far below it
+
+
+def test_engine_physical_batches_in_a_plain_loop_step_once_per_poisson_batch():
+    """Plain PyTorch loop: the engine's loader tells the optimizer to accumulate on all but the
+    last physical batch, so the update equals the whole-batch one (σ = 0, same Poisson draws)."""
+    from lightning_privacy.dp import DPConfig, DPSGDEngine
+
+    results = []
+    for physical in (None, 5):
+        torch.manual_seed(3)
+        net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+        engine = DPSGDEngine(DPConfig(noise_multiplier=1.0, max_grad_norm=0.3, accountant="rdp",
+                                      max_physical_batch_size=physical, grad_sample_mode="hooks"))  # fmt: skip
+        loader = engine.private_loader(DataLoader(make_dataset(n=256), batch_size=32))
+        engine.attach(net)
+        opt = engine.wrap_optimizer(torch.optim.SGD(net.parameters(), lr=1.0))
+        opt.noise_multiplier = 0.0
+        chunks = 0
+        for x, y in loader:
+            chunks += 1
+            opt.zero_grad()
+            nn.functional.cross_entropy(net(x), y).backward()
+            opt.step()
+        engine.detach()
+        results.append((net, engine.steps, chunks))
+    (whole, steps_whole, n_whole), (split, steps_split, n_split) = results
+    assert steps_whole == steps_split == n_whole == 8 and n_split > 3 * n_whole
+    for a, b in zip(whole.parameters(), split.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
