@@ -54,13 +54,14 @@ def _clipped_per_sample_sum(model: Classifier, x, y, clip: float) -> dict[str, t
     return total
 
 
+@pytest.mark.parametrize("mode", ["hooks", "fast"])
 @pytest.mark.parametrize("poisson", [True, False])
-def test_one_step_equals_lr_times_clipped_mean_from_per_sample_loop(tmp_path, poisson):
+def test_one_step_equals_lr_times_clipped_mean_from_per_sample_loop(tmp_path, poisson, mode):
     torch.manual_seed(0)
     model = Classifier(batch_size=32, lr=0.5)
     clip = 0.05  # small enough that most per-sample gradients are actually clipped
     rec = _Recorder(zero_noise=True)
-    dp = DifferentialPrivacy(noise_multiplier=1.0, max_grad_norm=clip, poisson_sampling=poisson)
+    dp = DifferentialPrivacy(noise_multiplier=1.0, max_grad_norm=clip, poisson_sampling=poisson, grad_sample_mode=mode)
     trainer = pl.Trainer(callbacks=[dp, rec], **trainer_kwargs(tmp_path, max_steps=1, max_epochs=1, limit_val_batches=0))
     trainer.fit(model)
     x, y = rec.batches[0]
@@ -89,12 +90,13 @@ class _ZeroGradModel(Classifier):
         return torch.optim.SGD(self.parameters(), lr=1.0)
 
 
-def test_noise_on_zero_gradient_has_std_sigma_c_over_b(tmp_path):
+@pytest.mark.parametrize("mode", ["hooks", "fast"])
+def test_noise_on_zero_gradient_has_std_sigma_c_over_b(tmp_path, mode):
     torch.manual_seed(1)
     model = _ZeroGradModel()
     rec = _Recorder()
     sigma, clip, batch = 2.0, 0.7, 64
-    dp = DifferentialPrivacy(noise_multiplier=sigma, max_grad_norm=clip)
+    dp = DifferentialPrivacy(noise_multiplier=sigma, max_grad_norm=clip, grad_sample_mode=mode)
     pl.Trainer(callbacks=[dp, rec], **trainer_kwargs(tmp_path, max_steps=1, limit_val_batches=0)).fit(model)
     deltas = torch.cat([(p.detach() - rec.before[n]).flatten() for n, p in model.net.named_parameters()])
     expected = sigma * clip / batch
