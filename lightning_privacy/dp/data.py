@@ -112,18 +112,20 @@ def poisson_loader(
                 size, sample_rate, rank, world_size, generator=rank_generator(rank, generator)
             ),
             collate_fn=single.collate_fn,
-            num_workers=loader.num_workers,
-            pin_memory=loader.pin_memory,
-            timeout=loader.timeout,
-            worker_init_fn=loader.worker_init_fn,
-            multiprocessing_context=loader.multiprocessing_context,
-            persistent_workers=loader.persistent_workers if loader.num_workers > 0 else False,
+            **_worker_settings(loader),
         )
     return DPDataLoader(
         loader.dataset,
         sample_rate=min(1.0, batch_size / size),
         collate_fn=loader.collate_fn,
         generator=generator,
+        **_worker_settings(loader),
+    )
+
+
+def _worker_settings(loader: DataLoader) -> dict[str, Any]:
+    """The user's loader settings a private loader keeps: workers, pinning, timeouts."""
+    return dict(
         num_workers=loader.num_workers,
         pin_memory=loader.pin_memory,
         timeout=loader.timeout,
