@@ -61,8 +61,8 @@ class DifferentialPrivacy(Callback):
         log_every_n_steps: also log ε every N optimizer steps (ε is always logged every epoch).
         allow_config_change: resume from a checkpoint trained with a different DP config.
         grad_sample_mode: ``"auto"`` (default: ``"fast"`` when every trainable layer has a fast
-            rule, else ``"hooks"``), ``"fast"``, ``"hooks"`` or ``"functorch"``. The chosen mode is
-            logged.
+            rule, else ``"hooks"``), ``"fast"``, or Opacus' ``"hooks"``, ``"functorch"`` or ``"ew"``
+            (ExpandedWeights). The chosen mode is logged.
         max_physical_batch_size: split each Poisson batch into physical batches of at most this
             many examples (bounded memory); the optimizer steps once per Poisson batch, ε is
             unchanged. Use it instead of ``accumulate_grad_batches``.

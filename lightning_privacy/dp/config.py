@@ -38,7 +38,7 @@ class DPConfig:
             ``"fast"`` (book-keeping: norms and the clipped sum from stored activations and output
             gradients, no per-sample gradients materialised) when every trainable layer has a fast
             rule, else ``"hooks"``. ``"hooks"`` and ``"functorch"`` are Opacus' grad samplers;
-            ``"ew"`` (Opacus' ExpandedWeights) is refused, because it must own the forward call.
+            ``"ew"`` is PyTorch's ExpandedWeights (as Opacus' ``"ew"``), attached per layer.
         max_physical_batch_size: split each Poisson (logical) batch into physical batches of at
             most this many examples, to bound memory; the optimizer still steps once per logical
             batch and ε is unchanged. ``None`` (default) keeps whole batches.
@@ -88,12 +88,6 @@ class DPConfig:
         if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
             raise PrivacyConfigError(
                 f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {self.grad_sample_mode!r}."
-            )
-        if self.grad_sample_mode == "ew":
-            raise PrivacyConfigError(
-                "grad_sample_mode='ew' (Opacus' ExpandedWeights) needs Opacus to own the model's forward "
-                "call, which an unmodified training_step does not give it. Use 'fast', 'hooks' or "
-                "'functorch' (all give the same clipped gradients)."
             )
         for name in ("epochs", "steps", "max_physical_batch_size"):
             value = getattr(self, name)

@@ -246,6 +246,10 @@ class DPSGDEngine:
             from lightning_privacy.dp.fast import FastGradSampleHooks
 
             self._hooks = FastGradSampleHooks(model, loss_reduction=self.config.loss_reduction)
+        elif mode == "ew":
+            from lightning_privacy.dp.expanded import ExpandedWeightsHooks
+
+            self._hooks = ExpandedWeightsHooks(model, loss_reduction=self.config.loss_reduction)
         else:
             self._hooks = GradSampleHooks(
                 model,

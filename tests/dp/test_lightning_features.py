@@ -18,7 +18,7 @@ from lightning_privacy.callbacks import DifferentialPrivacy
 from lightning_privacy.errors import PrivacyConfigError
 from tests.dp.models import Classifier, trainer_kwargs
 
-MODES = ["hooks", "fast"]
+MODES = ["hooks", "fast", "ew"]
 
 
 class _ZeroNoise(pl.Callback):
@@ -142,7 +142,14 @@ def test_several_optimizers_are_refused_with_the_reason(tmp_path):
 # ---------------------------------------------------------------------- precision, clipping
 
 
-@pytest.mark.parametrize("mode", MODES)
+def test_bf16_mixed_with_ew_is_refused(tmp_path):
+    dp = DifferentialPrivacy(noise_multiplier=1.0, grad_sample_mode="ew")
+    trainer = pl.Trainer(callbacks=[dp], precision="bf16-mixed", **trainer_kwargs(tmp_path, max_steps=1))
+    with pytest.raises(PrivacyConfigError, match="'ew' does not run under autocast"):
+        trainer.fit(Classifier())
+
+
+@pytest.mark.parametrize("mode", ["hooks", "fast"])
 def test_bf16_mixed_clips_and_adds_noise_in_fp32(tmp_path, mode):
     class Probe(pl.Callback):
         dtypes: set = set()
@@ -198,6 +205,9 @@ def test_frozen_backbone_pays_no_per_sample_cost_and_stays_frozen(tmp_path, mode
             hooks = dp.engine._hooks
             if mode == "fast":  # per-sample work is planned for the head only
                 assert (hooks.fast_layers, hooks.fallback_layers) == (["net.2"], [])
+            elif mode == "ew":
+                assert hooks.layers == ["net.2"]
+                assert all(p.grad_sample is not None for p in head.parameters())
             else:
                 assert all(p.grad is not None for p in head.parameters())
 

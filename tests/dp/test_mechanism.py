@@ -54,7 +54,7 @@ def _clipped_per_sample_sum(model: Classifier, x, y, clip: float) -> dict[str, t
     return total
 
 
-@pytest.mark.parametrize("mode", ["hooks", "fast"])
+@pytest.mark.parametrize("mode", ["hooks", "fast", "functorch", "ew"])
 @pytest.mark.parametrize("poisson", [True, False])
 def test_one_step_equals_lr_times_clipped_mean_from_per_sample_loop(tmp_path, poisson, mode):
     torch.manual_seed(0)
@@ -205,3 +205,20 @@ def test_engine_physical_batches_in_a_plain_loop_step_once_per_poisson_batch():
     assert steps_whole == steps_split == n_whole == 8 and n_split > 3 * n_whole
     for a, b in zip(whole.parameters(), split.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_ew_mode_names_layers_without_an_expanded_weights_rule():
+    from lightning_privacy.dp import DPConfig, DPSGDEngine
+    from lightning_privacy.errors import PrivacyConfigError
+
+    class Scale(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.s = nn.Parameter(torch.ones(3))
+
+        def forward(self, x):
+            return x * self.s
+
+    engine = DPSGDEngine(DPConfig(noise_multiplier=1.0, grad_sample_mode="ew"))
+    with pytest.raises(PrivacyConfigError, match=r"no rule for 1 \(Scale\)(.|\n)*'hooks'"):
+        engine.attach(nn.Sequential(nn.Linear(4, 3), Scale()))
