@@ -26,7 +26,7 @@ done): the extra memory training needs, Linux only. Ratios are to ``torch`` (pla
 rows) and to ``lightning`` (the Lightning rows, which also get a ratio to ``torch``).
 
 Run: ``python benchmarks/dp_overhead.py [--threads 1 2] [--models cnn mlp transformer]
-[--profile transformer]`` (``--profile`` prints torch.profiler's top operators of ``ours`` and
+[--modes torch ours] [--profile transformer]`` (``--profile`` prints torch.profiler's top operators of ``ours`` and
 ``torch`` for one model instead of the table).
 """
 
@@ -251,14 +251,16 @@ def _run(model: str, mode: str, threads: int) -> dict | None:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def table(models: list[str], threads: list[int]) -> None:
+def table(models: list[str], threads: list[int], modes: list[str] = MODES) -> None:
     head = f"{'model':<12}{'mode':<14}" + "".join(
         f"{f'ms/step@{t}':>12}{'× time':>8}" for t in threads
     ) + f"{'extra MB':>10}{'× mem':>8}{'peak MB':>9}"  # fmt: skip
     print(head)
     for model in models:
-        results = {t: {mode: _run(model, mode, t) for mode in MODES} for t in threads}
-        for mode in MODES:
+        refs = {"torch"} | ({"lightning"} if "lightning+dp" in modes else set())
+        needed = [m for m in MODES if m in modes or m in refs]  # the rows asked for and their references
+        results = {t: {mode: _run(model, mode, t) for mode in needed} for t in threads}
+        for mode in needed:
             ref_mode = "lightning" if mode == "lightning+dp" else "torch"
             line = f"{model:<12}{mode:<14}"
             for t in threads:
@@ -296,6 +298,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, nargs="+", default=[1])
     parser.add_argument("--models", nargs="+", default=list(STEPS), choices=list(STEPS))
+    parser.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
     parser.add_argument("--profile", choices=list(STEPS))
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -304,7 +307,7 @@ def main() -> None:
     elif args.profile:
         profile(args.profile, args.threads[0])
     else:
-        table(args.models, args.threads)
+        table(args.models, args.threads, args.modes)
 
 
 if __name__ == "__main__":

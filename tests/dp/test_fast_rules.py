@@ -95,10 +95,11 @@ def test_linear(b, t, d_in, d_out, bias, mix, seed):
 
 
 @SETTINGS
-@given(b=batch, groups=st.sampled_from([1, 2]), c_in=st.integers(1, 3), c_out=st.integers(1, 3),
+@given(b=batch, groups=st.sampled_from([1, 2]), c_in=st.integers(1, 5), c_out=st.integers(1, 3),
        k=st.integers(1, 3), stride=st.integers(1, 2), dilation=st.integers(1, 2),
        padding=st.sampled_from([0, 1, "same", "circular"]), length=st.integers(5, 9), mix=mix, seed=seed)  # fmt: skip
 def test_conv1d(b, groups, c_in, c_out, k, stride, dilation, padding, length, mix, seed):
+    """Up to 3 input channels per group take ``F.unfold``'s patches, more the channels-last gather."""
     torch.manual_seed(seed)
     kwargs = {"padding": padding, "stride": stride}
     if padding == "same":
@@ -123,6 +124,26 @@ def test_conv2d(b, groups, c_in, c_out, k, stride, padding, size, bias, mix, see
     x = torch.randn(b, c_in * groups, *size)
     out_shape = conv(torch.randn(1, c_in * groups, *size)).shape[1:]
     check_rule(conv, x, tuple(out_shape), mix, seed)
+
+
+class ConvTwice(nn.Module):
+    """One convolution applied twice in a forward: two records per pass, both in the same sum."""
+
+    def __init__(self, channels: int, k: int, dilation: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, k, padding="same", dilation=dilation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(torch.tanh(self.conv(x)))
+
+
+@SETTINGS
+@given(b=batch, channels=st.sampled_from([2, 4, 6]), k=st.sampled_from([1, 3]), dilation=st.integers(1, 2),
+       size=st.sampled_from([(2, 3), (5, 6)]), mix=mix, seed=seed)  # fmt: skip
+def test_conv2d_called_twice(b, channels, k, dilation, size, mix, seed):
+    """Both patch layouts, Gram and materialised: the second call must not reuse the first's memory."""
+    torch.manual_seed(seed)
+    check_rule(ConvTwice(channels, k, dilation), torch.randn(b, channels, *size), (channels, *size), mix, seed)
 
 
 @SETTINGS

@@ -14,7 +14,7 @@ from opacus.grad_sample import GradSampleHooks
 from opacus.layers import DPGRU, DPLSTM, DPRNN
 from torch import Tensor, nn
 
-from lightning_privacy.dp.fast.rules import FAST_RULES, LayerState, Prepared
+from lightning_privacy.dp.fast.rules import FAST_RULES, LayerState, Prepared, Workspace
 
 _RECURRENT = (DPRNN, DPLSTM, DPGRU)
 
@@ -183,6 +183,7 @@ class FastGradSampleHooks:
         self._fallback_ids = {
             id(p) for m in fallback.values() for p in m.parameters()
         } if fallback else set()  # fmt: skip
+        self._workspace = Workspace()
         self._layers: list[LayerState] = []
         self._param_layer: dict[int, LayerState] = {}
         for name, m in fast.items():
@@ -214,6 +215,7 @@ class FastGradSampleHooks:
                 for attr in ("activations", "max_batch_len"):
                     m.__dict__.pop(attr, None)
         self._skip_ids.clear()
+        self._workspace.clear()
 
     # ------------------------------------------------------------------ the clipping step
 
@@ -245,6 +247,7 @@ class FastGradSampleHooks:
         """
         if not self._attached:
             raise RuntimeError("These FastGradSampleHooks were cleaned up; attach new ones to train privately.")
+        self._workspace.release()  # the previous step's tensors are gone
         dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
         device = params[0].device
         fast_params = [p for p in params if id(p) in self._param_layer]
@@ -265,7 +268,7 @@ class FastGradSampleHooks:
                 by_pass[c.pass_id].append(c)
             mine = [p for p in state.module.parameters(recurse=False) if any(p is q for q in fast_params)]
             for pass_id, group in by_pass.items():
-                prepared.append((pass_id, state.rule.prepare(state.module, group, self.batch_first), mine))
+                prepared.append((pass_id, state.rule.prepare(state.module, group, self.batch_first, self._workspace), mine))
         pass_ids = sorted({pid for pid, _, _ in prepared})
         sizes = {pid: obj.batch_size for pid, obj, _ in prepared}
 
