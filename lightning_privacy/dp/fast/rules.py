@@ -41,7 +41,7 @@ class Call:
 
     pass_id: int
     saved: tuple[Any, ...]
-    grad_output: Tensor
+    grad_output: Tensor | None  # None where backward already reduced it (the norms' affine gradients)
 
 
 @dataclass
@@ -54,9 +54,9 @@ class LayerState:
     owner: object  # the FastGradSampleHooks; typed loosely to keep this module free of it
     calls: list[Call] = field(default_factory=list)
 
-    def record(self, pass_id: int, saved: tuple[Any, ...], grad_output: Tensor) -> None:
+    def record(self, pass_id: int, saved: tuple[Any, ...], grad_output: Tensor | None) -> None:
         saved = tuple(t.detach() if isinstance(t, Tensor) else t for t in saved)
-        self.calls.append(Call(pass_id, saved, grad_output.detach()))
+        self.calls.append(Call(pass_id, saved, None if grad_output is None else grad_output.detach()))
         self.owner._backward_seen = True
 
     def wants_grad(self, param: Tensor | None) -> bool:
@@ -494,7 +494,11 @@ class EmbeddingRule(Rule):
 
 
 class _AffineFn(torch.autograd.Function):
-    """``y·w + b`` with ``w, b`` broadcast over ``shape`` (the normalised input ``y`` is saved)."""
+    """``y·w + b`` with ``w, b`` broadcast over ``shape`` (the normalised input ``y`` is saved).
+
+    Backward records the per-sample affine gradients themselves (one value per channel and sample),
+    so neither ``y`` nor the output gradient outlives the backward pass.
+    """
 
     @staticmethod
     def forward(ctx, y, weight, bias, state, pass_id, shape):
@@ -508,7 +512,7 @@ class _AffineFn(torch.autograd.Function):
         y, weight = ctx.saved_tensors
         state: LayerState = ctx.state
         module = state.module
-        state.record(ctx.pass_id, (y,), g)
+        state.record(ctx.pass_id, state.rule.per_sample(module, y, g, state.owner.batch_first), None)
         gy = gw = gb = None
         if ctx.needs_input_grad[0]:
             gy = g * weight.view(ctx.shape).to(g.dtype)
@@ -518,6 +522,36 @@ class _AffineFn(torch.autograd.Function):
         if ctx.has_bias and state.wants_grad(module.bias):
             gb = g.sum(dims).view_as(module.bias)
         return gy, gw, gb, None, None, None
+
+
+class _LayerNormFn(torch.autograd.Function):
+    """LayerNorm in one kernel, as ``nn.LayerNorm`` runs it (saving the input, mean and rstd, not a
+    normalised copy); backward recomputes ``y = (x - mean)·rstd`` for the per-sample gradients."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, state, pass_id):
+        module = state.module
+        out, mean, rstd = torch.native_layer_norm(x, module.normalized_shape, weight, bias, module.eps)
+        ctx.save_for_backward(x, mean, rstd, weight, bias)
+        ctx.state, ctx.pass_id = state, pass_id
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, mean, rstd, weight, bias = ctx.saved_tensors
+        state: LayerState = ctx.state
+        module = state.module
+        dtype = _compute_dtype(weight, g)
+        y = (x.to(dtype) - mean) * rstd
+        state.record(ctx.pass_id, state.rule.per_sample(module, y, g, state.owner.batch_first), None)
+        del y
+        mask = [ctx.needs_input_grad[0], state.wants_grad(weight), bias is not None and state.wants_grad(bias)]
+        if not any(mask):
+            return None, None, None, None, None
+        gx, gw, gb = torch.ops.aten.native_layer_norm_backward(
+            g, x, list(module.normalized_shape), mean, rstd, weight, bias, mask
+        )
+        return gx, gw, gb, None, None
 
 
 class _PerSamplePrepared(Prepared):
@@ -548,23 +582,30 @@ class _NormRule(Rule):
         y, shape = self._normalise(module, x)
         return _AffineFn.apply(y, module.weight, module.bias, state, pass_id, shape)
 
+    def per_sample(self, module: nn.Module, y: Tensor, g: Tensor, batch_first: bool) -> tuple[Tensor, Tensor]:
+        """The per-sample gradients of the weight and the bias (``[B, C]``), from backward."""
+        dtype = _compute_dtype(module.weight, g)
+        y = _batch_front(y, batch_first).to(dtype)
+        g = _batch_front(g, batch_first).to(dtype)
+        dims = self._sum_dims(module, y.dim())
+        return ((g * y).sum(dims), g.sum(dims)) if dims else (g * y, g)  # sum([]) would sum all
+
     def prepare(self, module, calls, batch_first, ws):
-        dtype = _compute_dtype(module.weight, *(c.grad_output for c in calls))
-        weight_grad = bias_grad = None
-        for c in calls:
-            y = _batch_front(c.saved[0], batch_first).to(dtype)
-            g = _batch_front(c.grad_output, batch_first).to(dtype)
-            dims = self._sum_dims(module, y.dim())
-            wg, bg = ((g * y).sum(dims), g.sum(dims)) if dims else (g * y, g)  # sum([]) would sum all
-            weight_grad = wg if weight_grad is None else weight_grad + wg
-            bias_grad = bg if bias_grad is None else bias_grad + bg
-        return _PerSamplePrepared(module, weight_grad, bias_grad)
+        weight_grad = _add([c.saved[0] for c in calls])
+        bias_grad = _add([c.saved[1] for c in calls])
+        dtype = _compute_dtype(weight_grad, bias_grad)  # several calls: the widest
+        return _PerSamplePrepared(module, weight_grad.to(dtype), bias_grad.to(dtype))
 
     def _sum_dims(self, module: nn.Module, ndim: int) -> list[int]:
         raise NotImplementedError
 
 
 class LayerNormRule(_NormRule):
+    def forward(self, state, module, pass_id, x):
+        if torch.is_autocast_enabled(x.device.type):  # autocast's casts apply to F.layer_norm
+            return super().forward(state, module, pass_id, x)
+        return _LayerNormFn.apply(x, module.weight, module.bias, state, pass_id)
+
     def _normalise(self, module, x):
         y = F.layer_norm(x, module.normalized_shape, None, None, module.eps)
         return y, (1,) * (x.dim() - len(module.normalized_shape)) + tuple(module.normalized_shape)
