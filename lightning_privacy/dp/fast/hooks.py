@@ -109,7 +109,7 @@ def _fast_forward(state: LayerState, module: nn.Module, *args: Any, **kwargs: An
         or state.module is not module
         or not module.training
         or not torch.is_grad_enabled()
-        or not _own_trainable(module)
+        or not any(p is not None and p.requires_grad for p in module._parameters.values())
         or len(args) + len(kwargs) != 1
     ):
         return type(module).forward(module, *args, **kwargs)
@@ -225,8 +225,8 @@ class FastGradSampleHooks:
             state.calls.clear()
 
     def _layers_of(self, params: list[Tensor]) -> list[LayerState]:
-        ids = {id(p) for p in params}
-        return [s for s in self._layers if any(id(p) in ids for p in s.module.parameters(recurse=False))]
+        owners = {id(s) for s in (self._param_layer.get(id(p)) for p in params) if s is not None}
+        return [s for s in self._layers if id(s) in owners]
 
     @torch.no_grad()
     def clipped_sum(self, params: list[Tensor], max_grad_norm: float) -> tuple[list[Tensor], int]:
@@ -251,6 +251,7 @@ class FastGradSampleHooks:
         dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
         device = params[0].device
         fast_params = [p for p in params if id(p) in self._param_layer]
+        fast_ids = {id(p) for p in fast_params}
         fallback_params = [p for p in params if id(p) not in self._param_layer]
         for p in fallback_params:
             if id(p) not in self._fallback_ids:
@@ -266,7 +267,7 @@ class FastGradSampleHooks:
             by_pass: dict[int, list] = defaultdict(list)
             for c in calls:
                 by_pass[c.pass_id].append(c)
-            mine = [p for p in state.module.parameters(recurse=False) if any(p is q for q in fast_params)]
+            mine = [p for p in state.module.parameters(recurse=False) if id(p) in fast_ids]
             for pass_id, group in by_pass.items():
                 prepared.append((pass_id, state.rule.prepare(state.module, group, self.batch_first, self._workspace), mine))
         pass_ids = sorted({pid for pid, _, _ in prepared})
