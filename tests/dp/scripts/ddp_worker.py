@@ -116,6 +116,8 @@ def main() -> None:
     }
     with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
+    if torch.distributed.is_initialized():  # close gloo before interpreter exit
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
