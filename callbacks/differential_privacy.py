@@ -279,9 +279,6 @@ class DifferentialPrivacy(Callback):
                 "after each backward (manual optimization), or use max_physical_batch_size to split batches."
             )
 
-    def on_before_zero_grad(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: Any) -> None:
-        self._backwards_since_step = 0
-
     def on_before_optimizer_step(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: Any
     ) -> None:
