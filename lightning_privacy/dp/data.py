@@ -8,7 +8,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any, Callable, Optional
 
 import torch
-from opacus.data_loader import DPDataLoader
+from opacus.data_loader import DPDataLoader, dtype_safe, shape_safe, wrap_collate_with_empty
 from torch.utils.data import DataLoader, IterableDataset, Sampler
 
 from lightning_privacy.errors import PrivacyConfigError
@@ -54,24 +54,22 @@ class DistributedPoissonBatchSampler(Sampler[list[int]]):
         sample_rate: float,
         rank: int,
         world_size: int,
-        num_batches: Optional[int] = None,
         generator: Optional[torch.Generator] = None,
     ) -> None:
         if not 0 <= rank < world_size:
             raise PrivacyConfigError(f"rank {rank} is not in [0, world_size={world_size}).")
-        self.indices = list(range(rank, total_size, world_size))
+        self.shard = torch.arange(rank, total_size, world_size)
         self.sample_rate = sample_rate
-        self.num_batches = num_batches if num_batches is not None else int(1 / sample_rate)
+        self.num_batches = int(1 / sample_rate)  # as many as single-process Poisson sampling
         self.generator = generator
 
     def __len__(self) -> int:
         return self.num_batches
 
     def __iter__(self) -> Iterator[list[int]]:
-        shard = torch.tensor(self.indices, dtype=torch.long)
         for _ in range(self.num_batches):
-            mask = torch.rand(len(shard), generator=self.generator) < self.sample_rate
-            yield shard[mask].tolist()
+            mask = torch.rand(len(self.shard), generator=self.generator) < self.sample_rate
+            yield self.shard[mask].tolist()
 
 
 def rank_generator(rank: int, generator: Optional[torch.Generator] = None) -> torch.Generator:
@@ -105,13 +103,18 @@ def poisson_loader(
     batch_size, size = expected_batch_size_and_size(loader)
     if world_size > 1:
         sample_rate = min(1.0, batch_size * world_size / size)
-        single = poisson_loader(loader, generator=generator)  # for Opacus' empty-batch collate
+        first = loader.dataset[0]
         return DataLoader(
             loader.dataset,
             batch_sampler=DistributedPoissonBatchSampler(
                 size, sample_rate, rank, world_size, generator=rank_generator(rank, generator)
             ),
-            collate_fn=single.collate_fn,
+            # Opacus' collate for empty batches, as DPDataLoader builds it
+            collate_fn=wrap_collate_with_empty(
+                collate_fn=loader.collate_fn,
+                sample_empty_shapes=[(0, *shape_safe(x)) for x in first],
+                dtypes=[dtype_safe(x) for x in first],
+            ),
             **_worker_settings(loader),
         )
     return DPDataLoader(
@@ -146,6 +149,11 @@ def batch_len(batch: Any) -> int:
     return size
 
 
+def chunks_needed(size: int, max_size: int) -> int:
+    """Physical batches of at most ``max_size`` for ``size`` examples (one, for an empty batch)."""
+    return max(1, math.ceil(size / max_size))
+
+
 def split_batch(batch: Any, max_size: int, chunks: Optional[int] = None) -> list[Any]:
     """Split a collated batch along dim 0 into chunks of at most ``max_size`` examples.
 
@@ -153,7 +161,7 @@ def split_batch(batch: Any, max_size: int, chunks: Optional[int] = None) -> list
     processes can take the same number of physical steps. An empty batch stays one empty chunk.
     """
     size = batch_len(batch)
-    n = max(1, math.ceil(size / max_size), chunks or 0)
+    n = max(chunks_needed(size, max_size), chunks or 0)
     return [_slice(batch, min(size, i * max_size), min(size, (i + 1) * max_size)) for i in range(n)]
 
 
@@ -209,17 +217,12 @@ class PhysicalBatchLoader:
     def dataset(self) -> Any:
         return self.loader.dataset
 
-    @property
-    def logical_batches(self) -> int:
-        """Logical batches (optimizer steps) per epoch."""
-        return len(self.loader)
-
     def __iter__(self) -> Iterator[Any]:
         self.last_flags.clear()
         for batch in self.loader:
             n = None
             if self.agree_chunks is not None:
-                n = self.agree_chunks(max(1, math.ceil(batch_len(batch) / self.max_size)))
+                n = self.agree_chunks(chunks_needed(batch_len(batch), self.max_size))
             chunks: Sequence[Any] = split_batch(batch, self.max_size, n)
             for i, chunk in enumerate(chunks):
                 last = i == len(chunks) - 1
