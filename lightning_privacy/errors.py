@@ -49,6 +49,22 @@ class EncryptionInputError(LightningPrivacyError, ValueError):
     """Input to encrypt or evaluate is malformed: wrong shape, NaN/inf, bad ciphertext bytes."""
 
 
+class ModelMismatchError(EncryptionInputError):
+    """A public context or ciphertext was made for other CKKS parameters or keys than the model.
+
+    Raised when the context's real SEAL parameters (ring dimension, coefficient moduli) differ from
+    the model's, or its Galois or relinearization keys do not cover what the model evaluates.
+    """
+
+
+class InputRangeError(EncryptionInputError):
+    """An input lies outside the range the compiled model evaluates correctly under encryption.
+
+    Either a value would exceed the CKKS modulus at some layer (overflow: the decrypted result would
+    be garbage), or an approximated activation would be evaluated outside its polynomial's interval.
+    """
+
+
 class SecretKeyExposureError(LightningPrivacyError, PermissionError):
     """A context holding the secret key reached code that must only ever see public keys."""
 
@@ -59,6 +75,10 @@ class ApproximationWarning(UserWarning):
 
 class CalibrationRangeWarning(UserWarning):
     """Inputs lie outside the range the model was calibrated on."""
+
+
+class ModelIntegrityWarning(UserWarning):
+    """A compiled model was loaded from files that carry no content hash (an older format)."""
 
 
 # --------------------------------------------------------------------------- serving (mlflow_plugins)
