@@ -19,6 +19,8 @@ from lightning_privacy.mlflow_plugins import ckks, protocol
 from lightning_privacy.mlflow_plugins.protocol import EncryptedRequest, ErrorCode
 
 _SINGLE_LAYOUT_CHUNK = 16
+#: Most characters of a server's error message quoted (MLflow's messages may echo the request).
+_MAX_QUOTED = 2000
 
 
 class EncryptedClient:
@@ -28,7 +30,8 @@ class EncryptedClient:
     input, splits it into requests, sends the public context once per server, and decrypts the
     answers. The secret key never leaves this object; decrypted outputs are never sent anywhere
     (sending them back would break IND-CPA-D security of CKKS). If the server answers
-    ``UNKNOWN_KEY_ID`` (e.g. it restarted), the client re-sends its context and retries once.
+    ``UNKNOWN_KEY_ID`` (e.g. it restarted), the client re-sends its context and retries once; a
+    request whose connection is reset (a keep-alive connection the server closed) is sent once more.
 
     Args:
         model: model URI (``models:/NAME@ALIAS``, ``runs:/...``, a local path) or a
@@ -47,7 +50,10 @@ class EncryptedClient:
 
     Raises:
         ServingConfigError: an unknown ``layout``, or ``url=None`` with a ``CompiledModel``.
-        EncryptedRequestError: from the predict methods, when the server rejects a request.
+        EncryptedRequestError: from the predict methods, when the server rejects a request: ``code``
+            is the server's ``lightning_privacy_code``, else MLflow's ``error_code``, else
+            ``HTTP_<status>``; the message is the server's.
+        requests.ConnectionError: the server cannot be reached (twice in a row).
 
     Example::
 
@@ -162,6 +168,20 @@ class EncryptedClient:
                 raise protocol.from_error_body({**e.json_kwargs, "message": e.message}) or e from None
             return protocol.decode_response(answer)
         data = json.dumps(body)
+        try:
+            response = self._send(data)
+        except requests.ConnectionError as error:
+            if isinstance(error, requests.Timeout):
+                raise
+            # uvicorn closes keep-alive connections idle for 5 s; a request sent on one as it closes
+            # meets a reset (seen on 2/24 requests after 5 s idle). Encrypted predictions change no
+            # server state but the context cache, so they are sent once more, on a new connection.
+            response = self._send(data)
+        if response.status_code != 200:
+            raise _rejection(response)
+        return protocol.decode_response(response.json())
+
+    def _send(self, data: str) -> requests.Response:
         response = self._session.post(
             self.url, data=data, headers={"Content-Type": "application/json"}, timeout=self.timeout
         )
@@ -169,9 +189,27 @@ class EncryptedClient:
             self.bytes_sent += len(data)
             self.bytes_received += len(response.content)
             self.requests_sent += 1
-        if response.status_code == 400:
-            error = protocol.from_error_body(response.json())
-            if error is not None:
-                raise error
-        response.raise_for_status()
-        return protocol.decode_response(response.json())
+        return response
+
+
+def _rejection(response: requests.Response) -> EncryptedRequestError:
+    """The error an HTTP answer other than 200 stands for, with the server's own words.
+
+    Ours carry a ``lightning_privacy_code``; MLflow's own errors (e.g. a body that is not JSON)
+    keep MLflow's ``error_code``; anything else (a proxy's page) gets ``HTTP_<status>``.
+    """
+    status = f"HTTP {response.status_code} ({response.reason})"
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict):
+        ours = protocol.from_error_body(body)
+        if ours is not None:
+            return ours
+        if "message" in body:
+            code = str(body.get("error_code") or f"HTTP_{response.status_code}")
+            return EncryptedRequestError(code, f"The server answered {status}: {str(body['message'])[:_MAX_QUOTED]}")
+    return EncryptedRequestError(
+        f"HTTP_{response.status_code}", f"The server answered {status}: {response.text[:_MAX_QUOTED]}"
+    )

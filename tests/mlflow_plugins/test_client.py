@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import io
 import json
+import socket
+import struct
+import threading
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pandas as pd
 import pytest
+import requests
 from mlflow.exceptions import MlflowException
 from mlflow.pyfunc.scoring_server import infer_and_parse_data
 
@@ -76,14 +81,12 @@ class FakeCompiled:
 
 class FakeResponse:
     def __init__(self, status_code: int, body: dict) -> None:
-        self.status_code, self._body = status_code, body
+        self.status_code, self._body, self.reason = status_code, body, "stand-in"
         self.content = json.dumps(body).encode()
+        self.text = self.content.decode()
 
     def json(self) -> dict:
         return self._body
-
-    def raise_for_status(self) -> None:
-        assert self.status_code == 200
 
 
 class FakeServer:
@@ -96,14 +99,17 @@ class FakeServer:
     def restart(self) -> None:
         self.model = ckks._CKKSModelWrapper(FakeCompiled())
 
-    def post(self, url: str, data: str, headers: dict, timeout: float) -> FakeResponse:
+    def handle(self, data: str) -> tuple[int, dict]:
         body = json.loads(data)
         self.bodies.append(body)
         try:
             out = self.model.predict(infer_and_parse_data(body))
         except MlflowException as e:
-            return FakeResponse(e.get_http_status_code(), json.loads(e.serialize_as_json()))
-        return FakeResponse(200, {"predictions": out.to_dict("records")})
+            return e.get_http_status_code(), json.loads(e.serialize_as_json())
+        return 200, {"predictions": out.to_dict("records")}
+
+    def post(self, url: str, data: str, headers: dict, timeout: float) -> FakeResponse:
+        return FakeResponse(*self.handle(data))
 
 
 @pytest.fixture
@@ -188,3 +194,91 @@ def test_bad_arguments_are_refused():
         EncryptedClient(FakeCompiled(), url="http://127.0.0.1:1", layout="diagonal")
     with pytest.raises(ServingConfigError, match="model URI"):
         EncryptedClient(FakeCompiled())
+
+
+# ------------------------------------------------------------------ over HTTP: a stub server on 127.0.0.1
+
+
+class StubHandler(BaseHTTPRequestHandler):
+    """Answers with the FakeServer's wrapper, after the faults queued in ``server.faults``."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+        data = self.rfile.read(int(self.headers["Content-Length"]))
+        fault = self.server.faults.pop(0) if self.server.faults else None
+        if fault == "reset":
+            # What a stale keep-alive connection looks like to the client: a TCP reset.
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.close_connection = True
+            self.connection.close()
+            return
+        if fault is not None:  # (status, body) sent as is
+            status, body = fault
+        else:
+            status, body = self.server.fake.handle(data.decode())
+        payload = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def stub(server):
+    """An HTTP server on a free loopback port in a thread, with a list of faults to inject."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), StubHandler)
+    httpd.daemon_threads = True
+    httpd.fake, httpd.faults = server, []
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield httpd
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=10)
+
+
+@pytest.fixture
+def http_client(stub) -> EncryptedClient:
+    host, port = stub.server_address[:2]
+    with EncryptedClient(FakeCompiled(), url=f"http://{host}:{port}", timeout=30) as client:
+        yield client
+
+
+def test_a_reset_connection_is_retried_once(http_client, stub, server):
+    x = np.ones((1, 3))
+    stub.faults.append("reset")
+    np.testing.assert_array_equal(http_client.predict_logits(x), 2 * x)
+    assert len(server.bodies) == 1 and not stub.faults  # the reset request was sent again, and answered
+    stub.faults.extend(["reset", "reset"])
+    with pytest.raises(requests.ConnectionError):
+        http_client.predict_logits(x)  # a second reset in a row is not hidden
+
+
+def test_the_servers_message_is_raised_for_an_mlflow_error_body(http_client, stub):
+    mlflow_error = {"error_code": "BAD_REQUEST", "message": "Invalid input: the model failed on it."}
+    stub.faults.append((400, mlflow_error))
+    with pytest.raises(EncryptedRequestError, match="the model failed on it") as info:
+        http_client.predict_logits(np.ones((1, 3)))
+    assert info.value.code == "BAD_REQUEST"
+
+
+def test_a_non_json_error_body_is_raised_with_its_status(http_client, stub):
+    stub.faults.append((502, "upstream proxy broke"))
+    with pytest.raises(EncryptedRequestError, match="502.*upstream proxy broke") as info:
+        http_client.predict_logits(np.ones((1, 3)))
+    assert info.value.code == "HTTP_502"
+
+
+def test_our_code_is_raised_from_any_error_status(http_client, stub):
+    ours = {"error_code": "BAD_REQUEST", "message": "too big", "lightning_privacy_code": "REQUEST_TOO_LARGE"}
+    stub.faults.append((413, ours))
+    with pytest.raises(EncryptedRequestError, match="too big") as info:
+        http_client.predict_logits(np.ones((1, 3)))
+    assert info.value.code == "REQUEST_TOO_LARGE"
