@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 
 .PHONY: demo test
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# CPU build first: a bare torch requirement would pull a multi-GB CUDA build.
