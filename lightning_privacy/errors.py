@@ -102,3 +102,10 @@ class ServingConfigError(LightningPrivacyError, ValueError):
 
 class ScoringServerError(LightningPrivacyError, RuntimeError):
     """``mlflow models serve`` did not come up, or exited; the message ends with its log."""
+
+
+class UnsupportedMlflowVersionError(LightningPrivacyError, RuntimeError):
+    """The installed MLflow lacks an internal this package hooks into (see ``mlflow_plugins/_mlflow_fence.py``).
+
+    The message names the MLflow version, the missing part and the versions the tests cover.
+    """

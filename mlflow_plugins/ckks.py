@@ -61,10 +61,11 @@ from lightning_privacy.errors import (
     EncryptionInputError,
     SecretKeyExposureError,
 )
-from lightning_privacy.mlflow_plugins import protocol
+from lightning_privacy.mlflow_plugins import _mlflow_fence, protocol
 from lightning_privacy.mlflow_plugins.context_cache import ContextCache
 from lightning_privacy.mlflow_plugins.privacy_tags import copy_privacy_tags
 from lightning_privacy.mlflow_plugins.protocol import EncryptedRequest, ErrorCode
+from lightning_privacy.mlflow_plugins.request_limits import RequestLimits
 
 FLAVOR_NAME = "ckks"
 #: Run tags copied onto the registered model version (written by the DifferentialPrivacy callback).
@@ -244,7 +245,16 @@ def load_model(model_uri: str, dst_path: str | None = None) -> he.CompiledModel:
 
 
 def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> _CKKSModelWrapper:
-    """Load the pyfunc implementation; called by ``mlflow.pyfunc.load_model``."""
+    """Load the pyfunc implementation; called by ``mlflow.pyfunc.load_model``.
+
+    In the scoring server this also makes MLflow refuse request bodies beyond the
+    :class:`RequestLimits` (read from the environment) before it parses them.
+
+    Raises:
+        ServingConfigError: a request limit in the environment is not a positive integer.
+        UnsupportedMlflowVersionError: this MLflow has no place to check bodies before parsing.
+    """
+    _mlflow_fence.install_invocations_guard(RequestLimits.from_env().http_refusal)
     return _CKKSModelWrapper(he.CompiledModel.load(path))
 
 

@@ -62,6 +62,13 @@ class ErrorCode(str, Enum):
     CONTEXT_TOO_LARGE = "CONTEXT_TOO_LARGE"
     INVALID_CIPHERTEXT = "INVALID_CIPHERTEXT"
     MODEL_MISMATCH = "MODEL_MISMATCH"
+    REQUEST_TOO_LARGE = "REQUEST_TOO_LARGE"
+    REQUEST_TOO_DEEP = "REQUEST_TOO_DEEP"
+    INTERNAL_ERROR = "INTERNAL_ERROR"
+
+
+#: HTTP status of a rejection, where it is not 400.
+HTTP_STATUS = {ErrorCode.REQUEST_TOO_LARGE: 413}
 
 
 @dataclass(frozen=True)
@@ -137,6 +144,11 @@ class _RejectedRequest(MlflowException):
 def to_mlflow_exception(error: EncryptedRequestError) -> MlflowException:
     """The HTTP 400 the scoring server sends for ``error``, with its code in the body."""
     return _RejectedRequest(str(error), error_code=BAD_REQUEST, **{ERROR_CODE_FIELD: ErrorCode(error.code).value})
+
+
+def error_response(error: EncryptedRequestError) -> tuple[int, str]:
+    """HTTP status and JSON body for ``error``, for answers made before MLflow's parser runs."""
+    return HTTP_STATUS.get(ErrorCode(error.code), 400), to_mlflow_exception(error).serialize_as_json()
 
 
 def from_error_body(body: Mapping[str, Any]) -> EncryptedRequestError | None:

@@ -15,12 +15,16 @@ import requests
 from lightning_privacy import he
 from lightning_privacy.mlflow_plugins import EncryptedClient, ScoringServer, ckks, protocol
 from lightning_privacy.mlflow_plugins.protocol import EncryptedRequest
+from lightning_privacy.mlflow_plugins.request_limits import MAX_JSON_DEPTH_ENV, MAX_REQUEST_BYTES_ENV
 from tests.mlflow_plugins.conftest import assert_matches_reference
 from tests.mlflow_plugins.test_ckks_flavor import PRIVACY_TAGS
 
 pytestmark = pytest.mark.slow
 
 MODEL_NAME = "digits-ckks"
+#: The server's body limit in this module: above the largest request here (a batch-layout request
+#: with its context, 17.6 MB), below the default, so that a 413 costs little to provoke.
+MAX_REQUEST_BYTES = 24 * 2**20
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +52,7 @@ def server(store, compiled, tmp_path_factory):
             mlflow.set_registry_uri(None)
     server = ScoringServer(
         f"models:/{MODEL_NAME}@champion",
-        env={"MLFLOW_TRACKING_URI": store, "MLFLOW_REGISTRY_URI": store},
+        env={"MLFLOW_TRACKING_URI": store, "MLFLOW_REGISTRY_URI": store, MAX_REQUEST_BYTES_ENV: str(MAX_REQUEST_BYTES)},
         log_path=tmp_path_factory.mktemp("logs") / "server.log",
     )
     try:
@@ -175,6 +179,32 @@ def test_bad_request_gets_400_and_the_server_keeps_serving(server, client, bad_r
     assert answer[protocol.ERROR_CODE_FIELD] == code
     assert phrase in answer["message"]
     assert len(response.content) < 2000  # the request is not echoed back
+    x = digits.x_test[:1]
+    assert_matches_reference(client.predict_logits(x), reference(x))
+
+
+def _post_raw(server: ScoringServer, data: bytes) -> requests.Response:
+    return requests.post(
+        f"{server.url}/invocations", data=data, headers={"Content-Type": "application/json"}, timeout=120
+    )
+
+
+def test_deeply_nested_json_gets_400_before_mlflow_parses_it(server, client, digits, reference):
+    body = b'{"dataframe_split": {"data": ' + b"[" * 1000 + b"]" * 1000 + b"}}"
+    response = _post_raw(server, body)
+    assert response.status_code == 400, response.text[:500]
+    assert response.json()[protocol.ERROR_CODE_FIELD] == "REQUEST_TOO_DEEP"
+    assert MAX_JSON_DEPTH_ENV in response.json()["message"]
+    x = digits.x_test[:1]
+    assert_matches_reference(client.predict_logits(x), reference(x))
+
+
+def test_a_body_over_the_limit_gets_413(server, client, digits, reference):
+    cell = "A" * (MAX_REQUEST_BYTES + 1)
+    response = _post(server, {"dataframe_split": {"columns": ["ciphertext"], "data": [[cell]]}})
+    assert response.status_code == 413, response.text[:500]
+    assert response.json()[protocol.ERROR_CODE_FIELD] == "REQUEST_TOO_LARGE"
+    assert MAX_REQUEST_BYTES_ENV in response.json()["message"] and len(response.content) < 2000
     x = digits.x_test[:1]
     assert_matches_reference(client.predict_logits(x), reference(x))
 

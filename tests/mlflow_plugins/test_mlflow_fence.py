@@ -1,0 +1,58 @@
+"""The one private MLflow touch: it fails loudly on a version without it, and guards bodies when it works."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import mlflow.pyfunc.scoring_server as scoring_server
+import pytest
+
+from lightning_privacy.errors import UnsupportedMlflowVersionError
+from lightning_privacy.mlflow_plugins import _mlflow_fence, protocol
+from lightning_privacy.mlflow_plugins.request_limits import RequestLimits
+
+
+@pytest.fixture
+def server_module(monkeypatch):
+    """MLflow's scoring server module with ``invocations`` replaced by a recorder, restored after the test."""
+    calls = []
+
+    def invocations(data, content_type, model, input_schema):
+        calls.append(data)
+        return scoring_server.InvocationsResponse(response="{}", status=200, mimetype="application/json")
+
+    monkeypatch.setattr(scoring_server, "invocations", invocations)
+    return calls
+
+
+def test_missing_invocations_is_an_unsupported_version(monkeypatch):
+    monkeypatch.delattr(scoring_server, "invocations")
+    with pytest.raises(UnsupportedMlflowVersionError, match=f"mlflow version {mlflow.__version__}.*invocations"):
+        _mlflow_fence.install_invocations_guard(RequestLimits().http_refusal)
+
+
+def test_missing_response_type_is_an_unsupported_version(server_module, monkeypatch):
+    monkeypatch.delattr(scoring_server, "InvocationsResponse")
+    with pytest.raises(UnsupportedMlflowVersionError, match="InvocationsResponse"):
+        _mlflow_fence.install_invocations_guard(RequestLimits().http_refusal)
+
+
+def test_another_signature_is_an_unsupported_version(monkeypatch):
+    monkeypatch.setattr(scoring_server, "invocations", lambda data, content_type, model: None)
+    with pytest.raises(UnsupportedMlflowVersionError, match="takes"):
+        _mlflow_fence.install_invocations_guard(RequestLimits().http_refusal)
+    assert not hasattr(scoring_server.invocations, "__lightning_privacy_guard__")  # nothing was patched
+
+
+def test_guard_answers_refused_bodies_and_passes_the_others(server_module):
+    _mlflow_fence.install_invocations_guard(RequestLimits(max_bytes=10_000, max_depth=8).http_refusal)
+    _mlflow_fence.install_invocations_guard(RequestLimits(max_bytes=1, max_depth=1).http_refusal)  # no-op
+    deep = b"[" * 9 + b"]" * 9
+    refused = scoring_server.invocations(deep, "application/json", None, None)
+    assert refused.status == 400 and json.loads(refused.response)[protocol.ERROR_CODE_FIELD] == "REQUEST_TOO_DEEP"
+    large = scoring_server.invocations("x" * 10_001, "application/json", None, None)
+    assert large.status == 413 and json.loads(large.response)[protocol.ERROR_CODE_FIELD] == "REQUEST_TOO_LARGE"
+    fine = b'{"inputs": [[1, 2]]}'
+    assert scoring_server.invocations(fine, "application/json", None, None).status == 200
+    assert server_module == [fine]  # only the accepted body reached MLflow
