@@ -346,6 +346,15 @@ class DifferentialPrivacy(Callback):
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage != "fit":
             return
+        self._restore(trainer)
+
+    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+        # Lightning calls no teardown hook when fit fails: the model, the optimizers and the
+        # process-wide step guard must be restored here too.
+        self._restore(trainer)
+
+    def _restore(self, trainer: "pl.Trainer") -> None:
+        """Undo what set-up and training start did: hooks, optimizer wrappers, step guard."""
         self.engine.detach()
         self._physical_loader = None
         self._ends_logical_batch = True

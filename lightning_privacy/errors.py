@@ -34,6 +34,16 @@ class PrivacyBudgetExhaustedError(LightningPrivacyError, RuntimeError):
     """Not even one more step fits in the privacy budget."""
 
 
+class UncoveredParameterError(PrivacyConfigError):
+    """A trainable parameter got a gradient that per-sample clipping did not see (e.g. a bare
+    ``nn.Parameter`` used outside the forward of the layer that owns it); stepping would train it
+    without the per-sample bound, or on noise alone."""
+
+
+class UntrainedParameterWarning(UserWarning):
+    """Trainable parameters that DP-SGD will not train: there are none, or the loss does not reach them."""
+
+
 # --------------------------------------------------------------------------- private inference (he)
 
 

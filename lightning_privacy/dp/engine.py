@@ -17,6 +17,8 @@ import torch
 from opacus.grad_sample import GradSampleHooks
 from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.utils.hooks import RemovableHandle
 from torch.utils.data import DataLoader
 
 from lightning_privacy.dp.accounting import PrivacyLedger
@@ -27,6 +29,7 @@ from lightning_privacy.errors import (
     PrivacyBudgetExhaustedError,
     PrivacyConfigError,
     PrivacyStateMismatchError,
+    UntrainedParameterWarning,
 )
 
 log = logging.getLogger(__name__)
@@ -113,6 +116,9 @@ class DPSGDEngine:
         self._generator = _secure_generator(config.secure_mode)
         self._hooks: Optional[Any] = None
         self._optimizers: list[DPOptimizer] = []
+        self._param_names: dict[int, str] = {}
+        self._step_guard: RemovableHandle | None = None
+        self._authorized_steps: set[int] = set()
         self.grad_sample_mode: Optional[str] = None
         self._restored_noise_multiplier: Optional[float] = None
         if config.accountant == "gdp":
@@ -235,9 +241,24 @@ class DPSGDEngine:
 
     def attach(self, model: nn.Module) -> None:
         """Compute per-sample gradients (or, in fast mode, per-sample norms) for ``model``'s
-        trainable layers, in train mode under grad. Frozen layers cost nothing per sample."""
+        trainable layers, in train mode under grad. Frozen layers cost nothing per sample.
+
+        Until :meth:`detach`, every optimizer step that would change a trainable parameter of
+        ``model`` must come through an optimizer of :meth:`wrap_optimizer`: any other step (the raw
+        optimizer object, a second optimizer) raises :class:`PrivacyConfigError` before it runs.
+        A model without trainable parameters gets an :class:`UntrainedParameterWarning`.
+        """
         if self._hooks is not None:
             return
+        self._param_names = {id(p): name for name, p in model.named_parameters()}
+        if not any(p.requires_grad for p in model.parameters()):
+            warnings.warn(
+                f"{type(model).__name__} has no trainable parameter (all {len(self._param_names)} have "
+                "requires_grad=False): DP-SGD has nothing to train and will record no private step. "
+                "Unfreeze the parameters to train (requires_grad_(True)).",
+                UntrainedParameterWarning,
+                stacklevel=2,
+            )
         # Opacus' backward hooks fire on layer outputs even when the input needs no grad (the first
         # layer); torch warns about it every step although the per-sample gradients are right.
         warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
@@ -259,6 +280,7 @@ class DPSGDEngine:
                 force_functorch=mode == "functorch",
             )
         self.grad_sample_mode = mode
+        self._step_guard = register_optimizer_step_pre_hook(self._refuse_step_outside_dp)
         log.info("Per-sample clipping mode: %s.", mode)
 
     def detach(self) -> None:
@@ -269,10 +291,45 @@ class DPSGDEngine:
                     if attr in p.__dict__:
                         delattr(p, attr)
         self._optimizers = []
+        if self._step_guard is not None:
+            self._step_guard.remove()
+            self._step_guard = None
+        self._authorized_steps.clear()
         if self._hooks is None:
             return
         self._hooks.cleanup()
         self._hooks = None
+
+    def _refuse_step_outside_dp(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        """Global optimizer step pre-hook while attached: only private steps may change the model.
+
+        The wrapped optimizer's own step reaches its inner optimizer after :meth:`_record_step`
+        authorised exactly that one call; any other step over a trainable parameter of the model
+        raises before it changes anything.
+        """
+        if id(optimizer) in self._authorized_steps:
+            self._authorized_steps.discard(id(optimizer))
+            return
+        if any(optimizer is private for private in self._optimizers):
+            return
+        touched = [
+            self._param_names[id(p)]
+            for group in optimizer.param_groups
+            for p in group["params"]
+            if p.requires_grad and id(p) in self._param_names
+        ]
+        if not touched:
+            return
+        shown = ", ".join(touched[:5]) + (f" and {len(touched) - 5} more" if len(touched) > 5 else "")
+        raise PrivacyConfigError(
+            f"{type(optimizer).__name__}.step() was called outside DP-SGD on {len(touched)} trainable "
+            f"parameter(s) of the model ({shown}): it would update them with the plain gradient, not "
+            "clipped per sample and without noise, and the accountant would not count it. In manual "
+            "optimization, step the optimizer Lightning hands you (opt = self.optimizers(); opt.step()), "
+            "not the object built in configure_optimizers; do not step any other optimizer over the "
+            "model's parameters while it trains privately (in plain PyTorch: step the optimizer "
+            "returned by wrap_optimizer())."
+        )
 
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> DPOptimizer:
         """A ``DPOptimizer`` around ``optimizer`` (sharing its param groups and state) that records each step.
@@ -328,6 +385,7 @@ class DPSGDEngine:
                 f"(only {plan.allowed_steps} steps fit). Stop training before it (the Lightning callback does)."
             )
         self.ledger.record(optimizer.noise_multiplier, plan.sample_rate)
+        self._authorized_steps.add(id(optimizer.original_optimizer))
 
     def _require_plan(self) -> SamplingPlan:
         if self.plan is None:

@@ -1,0 +1,37 @@
+"""The engine in a plain PyTorch loop refuses what would silently lose privacy: an optimizer step
+that does not go through the private optimizer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from lightning_privacy.dp import DPConfig, DPSGDEngine
+from lightning_privacy.errors import PrivacyConfigError
+from tests.dp.models import make_dataset
+
+
+@pytest.mark.parametrize("mode", ["hooks", "fast"])
+def test_stepping_the_raw_optimizer_while_attached_is_refused(mode):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+    engine = DPSGDEngine(DPConfig(noise_multiplier=1.0, max_grad_norm=1.0, accountant="rdp", grad_sample_mode=mode))
+    loader = engine.private_loader(DataLoader(make_dataset(n=256), batch_size=32))
+    engine.attach(net)
+    raw = torch.optim.SGD(net.parameters(), lr=0.5)
+    private = engine.wrap_optimizer(raw)
+    x, y = next(iter(loader))
+    before = [p.detach().clone() for p in net.parameters()]
+    private.zero_grad()
+    nn.functional.cross_entropy(net(x), y).backward()
+    with pytest.raises(PrivacyConfigError, match=r"SGD\.step\(\) was called outside DP-SGD(.|\n)*0\.weight"):
+        raw.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+    private.step()  # the private step still works, and is counted
+    assert engine.steps == 1
+    assert not torch.equal(before[0], net[0].weight)
+    engine.detach()
+    nn.functional.cross_entropy(net(x), y).backward()
+    raw.step()  # a plain model again
