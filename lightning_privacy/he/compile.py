@@ -7,39 +7,25 @@ analyse multiplicative depth, and select CKKS parameters.
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 import onnx
 
 from lightning_privacy.errors import ApproximationWarning, CompilationError
-from lightning_privacy.he.graph import Activation, Add, Affine, LayerGraph, Multiply, Polynomial
+from lightning_privacy.he.depth import levels
+from lightning_privacy.he.graph import Activation, Affine, LayerGraph, Polynomial
+from lightning_privacy.he.input_range import certified_input_bound
 from lightning_privacy.he.onnx_import import import_onnx
 from lightning_privacy.he.packing.single import period
 from lightning_privacy.he.params import select_params
 from lightning_privacy.he.polynomial import activation_function, fit_activation
+from lightning_privacy.he.report import ApproximationReport
 
 #: Argmax agreement with the exact network, on the calibration data, below which compile warns.
 MIN_AGREEMENT = 0.99
-
-
-@dataclass(frozen=True)
-class ApproximationReport:
-    """How well one activation's polynomial matches it.
-
-    ``max_error`` is over the whole fitted interval, ``calibration_error`` over the activation's
-    inputs seen on the calibration data.
-    """
-
-    layer: str
-    activation: str
-    degree: int
-    interval: tuple[float, float]
-    max_error: float
-    calibration_error: float
 
 
 def compile(
@@ -55,7 +41,8 @@ def compile(
         model: a :class:`LayerGraph`, or anything :func:`import_onnx` reads.
         calibration_data: representative inputs ``(n, *input_shape)``: they set the polynomial
             intervals, the input range (outside it the client warns) and the value bound that
-            sizes the first prime.
+            sizes the first prime. Inputs the parameters cannot hold (CKKS overflow) or that take
+            an approximated activation outside its interval are refused by ``Keyring.encrypt``.
         poly_degree: degree of the polynomials that replace Relu/Sigmoid/Tanh/Gelu/SiLU; depth per
             activation is ``ceil(log2 degree) + 1``.
         margin: relative widening of every calibrated interval.
@@ -101,6 +88,7 @@ def compile(
         input_range=(flat.min(axis=0) - spread, flat.max(axis=0) + spread),
         approximation_report=report,
         calibration_agreement=agreement,
+        input_bound=certified_input_bound(compiled_graph, params, report),
     )
 
 
@@ -171,30 +159,6 @@ def fuse_affine(graph: LayerGraph) -> LayerGraph:
         if isinstance(layer, Polynomial) and not any(c != 0.0 for c in layer.coefficients[1:]):
             raise CompilationError(f"polynomial layer {layer.name!r} is constant; it does not depend on the input")
     return replace(graph, layers=layers)
-
-
-def levels(graph: LayerGraph) -> dict[str, int]:
-    """Rescales consumed up to each value (the same in both layouts); depth is the maximum."""
-    level, exact = {graph.input_name: 0}, {graph.input_name: True}
-    for layer in graph.layers:
-        if isinstance(layer, Affine):
-            level[layer.output] = level[layer.input] + (0 if layer.is_bias_only else 1)
-            exact[layer.output] = exact[layer.input] if layer.is_bias_only else True
-        elif isinstance(layer, Add):
-            level[layer.output] = max(level[v] + (0 if exact[v] else 1) for v in layer.inputs)
-            exact[layer.output] = True
-        elif isinstance(layer, Multiply):
-            level[layer.output] = max(level[v] for v in layer.inputs) + 1
-            exact[layer.output] = False
-        elif isinstance(layer, Polynomial):
-            nonzero = [k for k, c in enumerate(layer.coefficients) if c != 0.0 and k >= 1]
-            powers = math.ceil(math.log2(max(nonzero)))
-            bare = len(nonzero) == 1 and layer.coefficients[nonzero[0]] == 1.0 and layer.coefficients[0] == 0.0
-            level[layer.output] = level[layer.input] + powers + (0 if bare else 1)
-            exact[layer.output] = not bare
-        else:
-            raise CompilationError(f"layer {layer.name!r} ({type(layer).__name__}) must be approximated before depth analysis")
-    return level
 
 
 def _max_period(graph: LayerGraph) -> int:

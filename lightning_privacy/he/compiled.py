@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import tenseal.sealapi as seal
 
-from lightning_privacy.he.compile import ApproximationReport, levels
+from lightning_privacy.he.depth import levels
 from lightning_privacy.he.graph import Add, Affine, LayerGraph, Multiply, Polynomial
+from lightning_privacy.he.input_range import check_input
 from lightning_privacy.he.packing.single import (
     DiagonalKernel,
     DiagonalPlan,
@@ -22,6 +23,7 @@ from lightning_privacy.he.packing.single import (
     key_steps,
 )
 from lightning_privacy.he.params import CKKSParams
+from lightning_privacy.he.report import ApproximationReport
 
 if TYPE_CHECKING:
     from lightning_privacy.he.arithmetic import Arithmetic
@@ -43,6 +45,9 @@ class CompiledModel:
         approximation_report: one :class:`ApproximationReport` per approximated activation.
         calibration_agreement: argmax agreement of the approximated and the exact network on the
             calibration data.
+        input_bound: every input with ``max |x| <= input_bound`` is evaluated without CKKS overflow
+            and inside the activations' intervals (``input_range.certified_input_bound``); other
+            inputs are checked one by one by :meth:`check_input`.
 
     Example::
 
@@ -60,12 +65,14 @@ class CompiledModel:
         input_range: tuple[np.ndarray, np.ndarray],
         approximation_report: list[ApproximationReport],
         calibration_agreement: float = 1.0,
+        input_bound: float = 0.0,
     ) -> None:
         self.graph = graph
         self.params = params
         self.input_range = (np.asarray(input_range[0], dtype=np.float64), np.asarray(input_range[1], dtype=np.float64))
         self.approximation_report = list(approximation_report)
         self.calibration_agreement = float(calibration_agreement)
+        self.input_bound = float(input_bound)
         self._plaintext_cache: dict = {}
 
     @property
@@ -179,6 +186,23 @@ class CompiledModel:
         from lightning_privacy.he.runtime import evaluate
 
         return evaluate(self, batch, context, progress, workers)
+
+    def check_input(self, x: np.ndarray, layout: str = "batch") -> None:
+        """Client side, before encryption: refuse inputs the encrypted evaluation would get wrong.
+
+        Args:
+            x: finite inputs of shape ``(n, *input_shape)``.
+            layout: the packing layout they will be encrypted in.
+
+        Raises:
+            InputRangeError: the encrypted input or output would exceed the CKKS modulus (overflow),
+                or an approximated activation's input would leave its fitted interval.
+        """
+        x = np.asarray(x, dtype=np.float64)
+        packed = None
+        if layout == "single" and self.input_expansion is not None:
+            packed = self.input_expansion.apply(x.reshape(len(x), -1))
+        check_input(x, layout, self.graph, self.params, self.approximation_report, self.input_bound, packed)
 
     def plaintext_forward(self, x: np.ndarray) -> np.ndarray:
         """The compiled (approximated) graph in float64: raw outputs ``(n, output_dim)``."""

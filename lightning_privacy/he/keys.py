@@ -167,6 +167,7 @@ class Keyring:
         self.layout = layout
         self.params = params
         self.input_shape = tuple(compiled.input_shape if compiled is not None else input_shape)
+        self._compiled = compiled
         self._input_range = compiled.input_range if compiled is not None else None
         self._output_dim = compiled.output_dim if compiled is not None else None
         self._expansion = compiled.input_expansion if layout == "single" else None
@@ -217,8 +218,13 @@ class Keyring:
         Raises:
             EncryptionInputError: wrong shape, NaN/inf, or more than ``max_batch_size`` samples in the
                 batch layout (chunk larger inputs).
+            InputRangeError: (with a CompiledModel) an input the encrypted evaluation would get
+                wrong: CKKS overflow, or an approximated activation outside its interval (see
+                :meth:`CompiledModel.check_input`). With bare CKKSParams nothing is checked.
 
-        Warns when values fall outside the range seen in the calibration data.
+        Warns:
+            CalibrationRangeWarning: values outside the range seen in the calibration data that are
+                still evaluated correctly.
         """
         from lightning_privacy.he.runtime import EncryptedBatch
 
@@ -246,13 +252,16 @@ class Keyring:
             raise EncryptionInputError(f"input contains {int(np.sum(~np.isfinite(x)))} NaN/inf values")
         if self.layout == "batch" and len(x) > self.max_batch_size:
             raise EncryptionInputError(f"{len(x)} samples exceed max_batch_size={self.max_batch_size}; split the input")
-        if self._input_range is not None:
+        if self._compiled is not None:
+            self._compiled.check_input(x, self.layout)
             low, high = self._input_range
             outside = np.mean((x.reshape(len(x), -1) < low) | (x.reshape(len(x), -1) > high))
             if outside > 0:
                 warnings.warn(
-                    f"{outside:.2%} of the input values lie outside the range seen in the calibration data; "
-                    "polynomial activations may be inaccurate there (recompile with representative data)",
+                    f"{outside:.2%} of the input values lie outside the range seen in the calibration data. "
+                    "The encrypted result is still correct for this model (no CKKS overflow, every approximated "
+                    "activation inside its interval), but the model was not calibrated on such inputs: check the "
+                    "preprocessing, or recompile with representative data",
                     CalibrationRangeWarning,
                     stacklevel=3,
                 )

@@ -11,7 +11,7 @@ import torch
 
 import lightning_privacy.he as he
 from lightning_privacy.errors import ApproximationWarning, CompilationError
-from lightning_privacy.he.compile import levels
+from lightning_privacy.he.depth import levels
 from lightning_privacy.he.graph import Affine, Polynomial
 from lightning_privacy.he.polynomial import activation_function, fit_activation
 from tests.he.helpers import digits, onnx_of
