@@ -11,9 +11,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import tenseal.sealapi as seal
 
+from lightning_privacy.errors import EncryptionInputError
 from lightning_privacy.he.depth import levels
 from lightning_privacy.he.graph import Add, Affine, LayerGraph, Multiply, Polynomial
 from lightning_privacy.he.input_range import check_input
+from lightning_privacy.he.keys import PublicContext
 from lightning_privacy.he.packing.single import (
     DiagonalKernel,
     DiagonalPlan,
@@ -27,7 +29,6 @@ from lightning_privacy.he.report import ApproximationReport
 
 if TYPE_CHECKING:
     from lightning_privacy.he.arithmetic import Arithmetic
-    from lightning_privacy.he.keys import PublicContext
     from lightning_privacy.he.runtime import EncryptedBatch
 
 # Relative costs measured with sealapi at N=8192 (plaintext multiply-accumulate = 1).
@@ -169,6 +170,31 @@ class CompiledModel:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         return "single" if self.estimated_cost("single", batch_size) < self.estimated_cost("batch", batch_size) else "batch"
 
+    @cached_property
+    def relinearizes(self) -> bool:
+        """Whether evaluation multiplies two ciphertexts (and so needs relinearization keys)."""
+        return any(
+            isinstance(l, Multiply) or (isinstance(l, Polynomial) and max(k for k, c in enumerate(l.coefficients) if c != 0.0) >= 2)
+            for l in self.graph.layers
+        )
+
+    def check_context(self, context: PublicContext) -> None:
+        """Server side, once per new context: raise unless ``context`` can evaluate this model.
+
+        Compares the context's real SEAL parameters (ring dimension and coefficient moduli, read
+        from the deserialized SEAL objects, not from its header) with this model's, and checks that
+        its Galois keys cover the rotations of the context's layout and that relinearization keys
+        are there when the model multiplies ciphertexts.
+
+        Raises:
+            ModelMismatchError: the context was made for other parameters or lacks keys.
+            EncryptionInputError: ``context`` is not a :class:`PublicContext`.
+        """
+        if not isinstance(context, PublicContext):
+            raise EncryptionInputError(f"evaluate needs a PublicContext, got {type(context).__name__}")
+        steps = self.rotation_steps if context.layout == "single" else []
+        context.check_model(self.params, steps, self.relinearizes)
+
     def evaluate(
         self, batch: EncryptedBatch, context: PublicContext, *, progress: bool = False, workers: int | None = None
     ) -> EncryptedBatch:
@@ -180,8 +206,10 @@ class CompiledModel:
         benchmarks/he_inference.py). ``progress`` shows a tqdm bar over layers.
 
         Raises:
-            EncryptionInputError: the batch or context does not match this model (layout, params,
-                number of ciphertexts, levels, missing Galois keys).
+            ModelMismatchError: the context was made for other parameters or lacks keys
+                (:meth:`check_context`).
+            EncryptionInputError: the batch does not match this model or the context (layout,
+                number of ciphertexts, levels, scales).
         """
         from lightning_privacy.he.runtime import evaluate
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import tenseal.sealapi as seal
@@ -66,7 +67,8 @@ class EncryptedBatch:
 
         Raises:
             EncryptionInputError: garbage or truncated bytes, another key, another layout, or
-                ciphertexts that are not valid for the context.
+                ciphertexts that are not valid for the context (including a NaN, infinite or
+                out-of-range scale).
         """
         header, blobs = wire.unpack_sections(BATCH_MAGIC, data, "encrypted batch")
         if header.get("key_id") != context.key_id:
@@ -80,7 +82,15 @@ class EncryptedBatch:
         expected = n if layout == "single" else None
         if (expected is not None and len(blobs) != expected) or (layout == "batch" and n > context.params.slots):
             raise EncryptionInputError(f"batch holds {len(blobs)} ciphertexts for {n} samples in layout {layout!r}")
-        return cls(layout, n, wire.load_objects(blobs, seal.Ciphertext, context.context, "ciphertext"), context)
+        ciphertexts = wire.load_objects(blobs, seal.Ciphertext, context.context, "ciphertext")
+        for i, ct in enumerate(ciphertexts):
+            bits = context.context.get_context_data(ct.parms_id()).total_coeff_modulus_bit_count()
+            if not (math.isfinite(ct.scale) and 1.0 <= ct.scale and math.log2(ct.scale) < bits):
+                raise EncryptionInputError(
+                    f"ciphertext {i} has scale {ct.scale!r}, which no CKKS encryption under this context has "
+                    f"(finite, >= 1, below 2^{bits}); send the bytes of EncryptedBatch.to_bytes() unchanged"
+                )
+        return cls(layout, n, ciphertexts, context)
 
 
 def evaluate(
@@ -91,16 +101,13 @@ def evaluate(
         raise EncryptionInputError(f"evaluate needs a PublicContext, got {type(context).__name__}")
     if encrypted.layout not in LAYOUTS or encrypted.layout != context.layout:
         raise EncryptionInputError(f"batch layout {encrypted.layout!r} does not match the context's {context.layout!r}")
-    if context.params != model.params:
-        raise EncryptionInputError("the context was made for other CKKS parameters than this model's")
+    model.check_context(context)
     _check_fresh(encrypted, context, model)
     workers = 1 if workers is None else max(1, min(int(workers), available_workers()))
     arith = context.arithmetic
     if encrypted.layout == "batch":
         out = _run(model, encrypted.ciphertexts, lambda layer, cts: batch.affine(arith, layer, cts, workers), arith, workers, progress)
         return EncryptedBatch("batch", encrypted.n_samples, out, context)
-    if model.rotation_steps and (context.galois_keys is None or not set(model.rotation_steps) <= set(context.rotation_steps)):
-        raise EncryptionInputError("the single-layout context lacks Galois keys for this model's rotations")
     kernel = model.diagonal_kernel(arith, context.galois_keys)
     plans = model.diagonal_plans
 
@@ -120,7 +127,7 @@ def _check_fresh(encrypted: EncryptedBatch, context: PublicContext, model: Compi
     if len(encrypted.ciphertexts) != expected:
         raise EncryptionInputError(f"expected {expected} ciphertexts, got {len(encrypted.ciphertexts)}")
     for ct in encrypted.ciphertexts:
-        if ct.parms_id() != top or ct.size() != 2 or abs(ct.scale / model.params.scale - 1) > 1e-9:
+        if ct.parms_id() != top or ct.size() != 2 or not abs(ct.scale / model.params.scale - 1) <= 1e-9:
             raise EncryptionInputError("ciphertexts must be fresh encryptions from Keyring.encrypt (level, size or scale differ)")
 
 
