@@ -15,11 +15,14 @@ Example::
         info = ckks.log_model(
             model, name="model", calibration_data=X_train, registered_model_name="digits-ckks"
         )
-    # mlflow models serve -m models:/digits-ckks/1 --env-manager local -p 5001
+    # mlflow models serve -m models:/digits-ckks/1 -p 5001 --env-manager uv
+    # (or virtualenv, conda, local): the model carries lightning-privacy's wheel (``wheels/``) and
+    # requires only the HE runtime, numpy, scipy, pandas and MLflow -- no torch, Lightning or ONNX.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import sys
 from typing import Any
@@ -51,7 +54,6 @@ from mlflow.utils.model_utils import (
     _validate_and_copy_code_paths,
     _validate_and_prepare_target_save_path,
 )
-from mlflow.utils.requirements_utils import _get_pinned_requirement
 
 import lightning_privacy
 from lightning_privacy import he
@@ -61,7 +63,7 @@ from lightning_privacy.errors import (
     EncryptionInputError,
     SecretKeyExposureError,
 )
-from lightning_privacy.mlflow_plugins import _mlflow_fence, protocol
+from lightning_privacy.mlflow_plugins import _mlflow_fence, bundled_wheel, protocol
 from lightning_privacy.mlflow_plugins.context_cache import ContextCache
 from lightning_privacy.mlflow_plugins.privacy_tags import copy_privacy_tags
 from lightning_privacy.mlflow_plugins.protocol import EncryptedRequest, ErrorCode
@@ -71,11 +73,20 @@ FLAVOR_NAME = "ckks"
 #: Run tags copied onto the registered model version (written by the DifferentialPrivacy callback).
 
 _MODEL_DATA_SUBPATH = "compiled"
+#: Folder of the model that holds the wheel of lightning-privacy (``bundled_wheel``).
+_WHEELS_SUBPATH = "wheels"
+#: What a served model imports besides lightning-privacy and MLflow (MLflow adds itself): the HE
+#: runtime and the numerics under it. Not torch, Lightning, Opacus or ONNX: they export and compile.
+_SERVING_DISTRIBUTIONS = ("tenseal", "numpy", "scipy", "pandas", "tqdm")
 
 
 def get_default_pip_requirements() -> list[str]:
-    """The pip requirements of models saved by this flavor: the project and its HE runtime."""
-    return [_get_pinned_requirement(p) for p in ("lightning-privacy", "tenseal", "numpy", "pandas")]
+    """What serving a model of this flavor needs, pinned to the installed versions.
+
+    lightning-privacy itself is not on a package index: :func:`save_model` writes its wheel into
+    the model and lists it in ``requirements.txt`` before these.
+    """
+    return [f"{name}=={importlib.metadata.version(name)}" for name in _SERVING_DISTRIBUTIONS]
 
 
 def get_default_conda_env() -> dict[str, Any]:
@@ -107,7 +118,10 @@ def save_model(
         example_input: input for ``torch.onnx.export``; default ``calibration_data[:1]``.
         compile_options: extra keyword arguments of ``he.compile``.
         conda_env, code_paths, mlflow_model, pip_requirements, extra_pip_requirements, metadata,
-        extra_files: as in ``mlflow.onnx.save_model``. There is no ``signature`` or
+        extra_files: as in ``mlflow.onnx.save_model``. The model carries the wheel of
+        lightning-privacy (``wheels/``), and ``requirements.txt`` installs it first whatever
+        ``pip_requirements`` say; a ``conda_env`` replaces the environment as given. There is no
+        ``signature`` or
         ``input_example``: MLflow would enforce a schema before the model sees a request (its
         errors quote the request, ciphertexts included), and an example would be plaintext.
 
@@ -152,10 +166,18 @@ def save_model(
         mlflow_model.model_size_bytes = size
     mlflow_model.save(os.path.join(path, MLMODEL_FILE_NAME))
 
+    # Served with `mlflow models serve` (any environment manager) from the model alone.
+    wheel = bundled_wheel.write_wheel(os.path.join(path, _WHEELS_SUBPATH), get_default_pip_requirements())
+    wheel_requirement = f"{_WHEELS_SUBPATH}/{wheel.name}"
     if conda_env is None:
         # No mlflow.models.infer_pip_requirements: it loads the model in a subprocess (~10 s) to
         # find imports we already know.
-        default_reqs = get_default_pip_requirements() if pip_requirements is None else None
+        if pip_requirements is None:
+            default_reqs = [wheel_requirement, *get_default_pip_requirements()]
+        else:
+            default_reqs = None
+            given = [f"-r {pip_requirements}"] if isinstance(pip_requirements, str) else list(pip_requirements)
+            pip_requirements = [wheel_requirement, *given]
         conda_env, pip_requirements, pip_constraints = _process_pip_requirements(
             default_reqs, pip_requirements, extra_pip_requirements
         )

@@ -109,3 +109,20 @@ def test_built_wheel_installs_and_imports_every_module(tmp_path):
     assert Path(report["file"]).is_relative_to(Path(report["prefix"])), report["file"]
     assert set(report["modules"]) == source_modules()
     assert report["failures"] == {}
+
+
+def test_he_exports_that_need_torch_or_onnx_load_on_first_use():
+    script = textwrap.dedent(
+        """
+        import sys
+        from lightning_privacy import he
+        heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "onnx", "onnxruntime"))
+        assert not heavy, heavy
+        assert he.compile.__module__ == "lightning_privacy.he.compile" and callable(he.compile)
+        assert he.export.__module__ == "lightning_privacy.he.export" and callable(he.export)
+        assert he.nn.Square.__module__ == "lightning_privacy.he.nn"
+        assert "Gemm" in he.SUPPORTED_OPS and callable(he.import_onnx)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]

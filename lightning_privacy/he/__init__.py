@@ -17,7 +17,9 @@ Pipeline::
     logits = keys.decrypt(he.EncryptedBatch.from_bytes(resp, keys.public_context))
     probs = he.apply_output_activation(logits, model.output_activation)   # client side only
 
-Public API (contract; the MLflow flavor builds on exactly these names):
+Public API (contract; the MLflow flavor builds on exactly these names). ``export``, ``import_onnx``,
+``SUPPORTED_OPS``, ``compile`` and ``nn`` need torch or onnx and are imported on first use; the rest
+is what a server needs and imports neither:
 
 - ``export(module, example_input, path=None) -> onnx.ModelProto``: legacy TorchScript exporter
   (``dynamo=False``), opset 20, dynamic batch axis, constant folding (weights are initializers).
@@ -60,17 +62,40 @@ Public API (contract; the MLflow flavor builds on exactly these names):
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 import numpy as np
 
-from lightning_privacy.he import nn
-from lightning_privacy.he.compile import ApproximationReport, compile
 from lightning_privacy.he.compiled import CompiledModel
-from lightning_privacy.he.export import export
 from lightning_privacy.he.graph import LayerGraph
 from lightning_privacy.he.keys import Keyring, PublicContext
-from lightning_privacy.he.onnx_import import SUPPORTED_OPS, import_onnx
 from lightning_privacy.he.params import SECURITY_LIMITS, CKKSParams
+from lightning_privacy.he.report import ApproximationReport
 from lightning_privacy.he.runtime import EncryptedBatch
+
+#: Public names whose modules need torch or onnx (export, ONNX import, compiling): imported on first
+#: use, so a server that loads and evaluates a CompiledModel imports neither. name -> (module,
+#: attribute; None for the module itself). Resolving a name binds it here for good; importing the
+#: module ``lightning_privacy.he.compile`` (or ``.export``) directly before ``he.compile`` is first
+#: used binds the module under that name instead, so nothing inside ``he`` does that.
+_LAZY = {
+    "nn": ("lightning_privacy.he.nn", None),
+    "export": ("lightning_privacy.he.export", "export"),
+    "compile": ("lightning_privacy.he.compile", "compile"),
+    "import_onnx": ("lightning_privacy.he.onnx_import", "import_onnx"),
+    "SUPPORTED_OPS": ("lightning_privacy.he.onnx_import", "SUPPORTED_OPS"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module_name, attribute = _LAZY[name]
+    module = importlib.import_module(module_name)
+    value = module if attribute is None else getattr(module, attribute)
+    globals()[name] = value
+    return value
 
 
 def apply_output_activation(logits: np.ndarray, activation: str | None) -> np.ndarray:

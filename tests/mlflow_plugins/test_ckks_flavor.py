@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import textwrap
+import time
+import zipfile
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
+import requests
 import yaml
 from mlflow.exceptions import MlflowException
 
@@ -12,6 +26,7 @@ import mlflow
 from lightning_privacy import he
 from lightning_privacy.errors import CompilationError
 from lightning_privacy.mlflow_plugins import ContextCache, EncryptedClient, ckks, protocol
+from lightning_privacy.mlflow_plugins.protocol import EncryptedRequest
 from tests.mlflow_plugins.conftest import assert_matches_reference
 
 PRIVACY_TAGS = {
@@ -21,6 +36,12 @@ PRIVACY_TAGS = {
     "privacy.max_grad_norm": "1.0",
     "privacy.accountant": "prv",
 }
+#: What training and compiling need and serving must not: top-level import names and distributions.
+TRAINING_ONLY_MODULES = (
+    "torch", "functorch", "torchgen", "torchmetrics", "pytorch_lightning", "lightning", "lightning_fabric",
+    "lightning_utilities", "opacus", "onnx", "onnxruntime", "onnxscript", "onnx_ir",
+)  # fmt: skip
+TRAINING_ONLY_DISTRIBUTIONS = ("torch", "pytorch-lightning", "lightning", "opacus", "onnx", "onnxruntime", "onnxscript")
 
 
 def test_save_load_round_trip_gives_identical_outputs(compiled, digits, tmp_path):
@@ -36,7 +57,91 @@ def test_save_load_round_trip_gives_identical_outputs(compiled, digits, tmp_path
     mlmodel = yaml.safe_load((tmp_path / "model" / "MLmodel").read_text())
     assert mlmodel["flavors"]["python_function"]["loader_module"] == "lightning_privacy.mlflow_plugins.ckks"
     assert mlmodel["flavors"]["ckks"]["poly_modulus_degree"] == compiled.params.poly_modulus_degree
-    assert "lightning-privacy" in (tmp_path / "model" / "requirements.txt").read_text()
+    assert _bundled_wheel(tmp_path / "model").name.startswith("lightning_privacy-")
+
+
+def _requirement_names(lines: list[str]) -> set[str]:
+    return {re.split(r"[\s=<>!~;\[]", line, maxsplit=1)[0].lower().replace("_", "-") for line in lines}
+
+
+def _bundled_wheel(model_dir: Path) -> Path:
+    """The one local wheel requirements.txt installs, relative to the model directory; it exists."""
+    lines = (model_dir / "requirements.txt").read_text().split()
+    (wheel,) = [line for line in lines if line.endswith(".whl")]
+    assert not os.path.isabs(wheel) and (model_dir / wheel).is_file()
+    return model_dir / wheel
+
+
+def test_saved_model_carries_the_project_wheel_and_only_serving_requirements(compiled, tmp_path):
+    ckks.save_model(compiled, tmp_path / "model")
+    lines = [line for line in (tmp_path / "model" / "requirements.txt").read_text().splitlines() if line]
+    names = _requirement_names([line for line in lines if not line.endswith(".whl")])
+    assert {"tenseal", "numpy", "pandas", "scipy", "mlflow"} <= names
+    assert not names & {"lightning-privacy", *TRAINING_ONLY_DISTRIBUTIONS}
+    conda = yaml.safe_load((tmp_path / "model" / "conda.yaml").read_text())
+    (pip_section,) = [d["pip"] for d in conda["dependencies"] if isinstance(d, dict)]
+    assert sorted(pip_section) == sorted(lines)
+
+    with zipfile.ZipFile(_bundled_wheel(tmp_path / "model")) as wheel:
+        files = set(wheel.namelist())
+        (metadata,) = [n for n in files if n.endswith(".dist-info/METADATA")]
+        requires = [line.split(":", 1)[1].strip() for line in wheel.read(metadata).decode().splitlines()
+                    if line.startswith("Requires-Dist:")]  # fmt: skip
+        assert wheel.testzip() is None
+    for module in ("mlflow_plugins/ckks.py", "mlflow_plugins/protocol.py", "he/packing/batch.py", "errors.py"):
+        assert f"lightning_privacy/{module}" in files
+    assert not _requirement_names(requires) & set(TRAINING_ONLY_DISTRIBUTIONS)
+
+
+def _site_without_training_packages(tmp_path: Path) -> Path:
+    """This environment's site-packages, less the training-only packages and their metadata."""
+    site_dir = tmp_path / "site"
+    site_dir.mkdir()
+    blocked = {m.lower() for m in TRAINING_ONLY_MODULES}
+    for entry in Path(sysconfig.get_paths()["purelib"]).iterdir():
+        top = entry.name.split("-")[0].split(".")[0].lower()
+        if top not in blocked:
+            (site_dir / entry.name).symlink_to(entry)
+    return site_dir
+
+
+def test_saved_model_loads_and_predicts_without_torch_lightning_opacus_or_onnx(compiled, digits, reference, tmp_path):
+    ckks.save_model(compiled, tmp_path / "model")
+    keyring = he.Keyring(compiled, "batch")
+    context = keyring.public_context_bytes()
+    x = digits.x_test[:32]
+    row = EncryptedRequest(protocol.key_id_of(context), "batch", context, keyring.encrypt(x).to_bytes())
+    (tmp_path / "request.json").write_text(json.dumps(protocol.encode_request([row])))
+    script = textwrap.dedent(
+        f"""
+        import importlib.util, json, site, sys
+        site.addsitedir({str(_site_without_training_packages(tmp_path))!r})
+        blocked = {TRAINING_ONLY_MODULES!r}
+        assert not [m for m in blocked if importlib.util.find_spec(m)], "the training packages are still there"
+
+        import mlflow
+        import pandas as pd
+        import lightning_privacy.mlflow_plugins.ckks
+
+        model = mlflow.pyfunc.load_model({str(tmp_path / "model")!r})
+        split = json.load(open("request.json"))["dataframe_split"]
+        answer = model.predict(pd.DataFrame(split["data"], columns=split["columns"]))
+        json.dump(
+            {{"ciphertexts": list(answer["ciphertext"]),
+             "imported": sorted(m for m in sys.modules if m.split(".")[0] in blocked)}},
+            open("response.json", "w"),
+        )
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    response = json.loads((tmp_path / "response.json").read_text())
+    assert response["imported"] == []
+    (ciphertext,) = protocol.decode_response({"predictions": [{"ciphertext": c} for c in response["ciphertexts"]]})
+    logits = keyring.decrypt(he.EncryptedBatch.from_bytes(ciphertext, keyring.public_context))
+    assert_matches_reference(logits, reference(x))
 
 
 def test_save_model_compiles_a_torch_module(digits, reference, tmp_path):
@@ -93,3 +198,68 @@ def test_in_process_client_matches_onnxruntime(compiled, digits, reference):
         mlflow.pyfunc.load_model(uri).predict(pd.DataFrame(x))
     assert info_.value.get_http_status_code() == 400
     assert info_.value.json_kwargs[protocol.ERROR_CODE_FIELD] == "PLAINTEXT_INPUT"
+
+
+def _stop_group(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to the process and all it spawned (uvicorn), SIGKILL after 15 s."""
+    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, None)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            process.wait(timeout=wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    process.wait()
+
+
+def _index_reachable() -> bool:
+    try:
+        return requests.get("https://pypi.org/simple/tenseal/", timeout=10).ok
+    except requests.RequestException:
+        return False
+
+
+@pytest.mark.slow
+def test_model_is_served_from_an_environment_built_from_the_model_alone(compiled, digits, reference, tmp_path):
+    """`mlflow models serve --env-manager uv`: a new virtual environment from the model's requirements."""
+    if not _index_reachable():
+        pytest.skip("pypi.org is unreachable; the served model's environment is installed from it")
+    ckks.save_model(compiled, tmp_path / "model")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    envs = tmp_path / "envs"
+    env = {
+        **os.environ,
+        # uv comes with the test extra, next to this interpreter; the interpreter itself is not downloaded.
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+        "MLFLOW_ENV_ROOT": str(envs),
+        "UV_PYTHON_DOWNLOADS": "never",
+    }
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(tmp_path / "model"),
+               "--env-manager", "uv", "-h", "127.0.0.1", "-p", str(port)]  # fmt: skip
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 480
+        while True:
+            assert process.poll() is None, log.read_text(errors="replace")[-4000:]
+            assert time.monotonic() < deadline, "no /ping in 8 min:\n" + log.read_text(errors="replace")[-4000:]
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/ping", timeout=2).ok:
+                    break
+            except requests.ConnectionError:
+                time.sleep(1)
+        x = digits.x_test[:16]
+        with EncryptedClient(str(tmp_path / "model"), url=f"http://127.0.0.1:{port}", layout="batch") as client:
+            assert_matches_reference(client.predict_logits(x), reference(x))
+    finally:
+        _stop_group(process)
+    (site_packages,) = envs.glob("*/lib/python*/site-packages")
+    installed = {p.name.split("-")[0].lower() for p in site_packages.glob("*.dist-info")}
+    assert "lightning_privacy" in installed
+    assert not installed & {d.replace("-", "_") for d in TRAINING_ONLY_DISTRIBUTIONS}
