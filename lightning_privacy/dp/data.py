@@ -9,13 +9,18 @@ from typing import Any, Callable, Optional
 
 import torch
 from opacus.data_loader import DPDataLoader, dtype_safe, shape_safe, wrap_collate_with_empty
-from torch.utils.data import DataLoader, IterableDataset, Sampler
+from torch.utils.data import BatchSampler, DataLoader, IterableDataset, RandomSampler, Sampler, SequentialSampler
 
 from lightning_privacy.errors import PrivacyConfigError
 
 
 def expected_batch_size_and_size(loader: DataLoader) -> tuple[int, int]:
-    """(batch size B, dataset size N) of a map-style ``DataLoader``, with actionable errors otherwise."""
+    """(batch size B, dataset size N) of a map-style ``DataLoader``, with actionable errors otherwise.
+
+    Raises:
+        PrivacyConfigError: not a ``DataLoader``, an iterable or empty dataset, or a sampler or
+            batch sampler of the user's (see :func:`check_default_sampling`).
+    """
     if not isinstance(loader, DataLoader):
         raise PrivacyConfigError(
             f"DP-SGD needs the training data as one torch.utils.data.DataLoader, got {type(loader).__name__}. "
@@ -26,15 +31,50 @@ def expected_batch_size_and_size(loader: DataLoader) -> tuple[int, int]:
             "DP-SGD with Poisson sampling needs a map-style dataset (with __len__ and __getitem__); "
             f"got the IterableDataset {type(loader.dataset).__name__}."
         )
-    if loader.batch_size is None:
-        raise PrivacyConfigError(
-            "The training DataLoader has no batch_size (it uses a custom batch_sampler). Give it a "
-            "batch_size: it becomes the expected batch size of Poisson sampling."
-        )
     size = len(loader.dataset)
     if size == 0:
         raise PrivacyConfigError("The training dataset is empty.")
+    check_default_sampling(loader)
     return loader.batch_size, size
+
+
+def check_default_sampling(loader: DataLoader) -> None:
+    """Refuse a loader whose sampler or batch sampler is the user's own.
+
+    Private training replaces the loader's sampling with Poisson sampling over its *whole* dataset
+    (what the accountant assumes), so a sampler that restricts, repeats or reweights examples would
+    silently stop applying: examples it left out would be trained on, and q would be computed from
+    the wrong N. Only the samplers a plain ``DataLoader(dataset, batch_size=B, shuffle=...)`` builds
+    pass: ``SequentialSampler``, and ``RandomSampler`` over every example without replacement.
+
+    Raises:
+        PrivacyConfigError: naming the sampler, and how to restrict the data instead (``Subset``).
+    """
+    size = len(loader.dataset)
+    custom_batches = loader.batch_size is None or type(loader.batch_sampler) is not BatchSampler
+    sampler = loader.batch_sampler if custom_batches else loader.sampler
+    if not custom_batches:
+        if type(sampler) is SequentialSampler:
+            return
+        if type(sampler) is RandomSampler and not sampler.replacement and sampler.num_samples == size:
+            return
+    kind = "batch_sampler" if custom_batches else "sampler"
+    why = (
+        " Reweighting examples changes the privacy analysis (each example's inclusion probability "
+        "would differ from q), which DP-SGD's accountant does not cover."
+        if isinstance(sampler, torch.utils.data.WeightedRandomSampler)
+        else ""
+    )
+    raise PrivacyConfigError(
+        f"The training DataLoader has its own {kind} ({type(sampler).__name__}), which private "
+        "training cannot honour: DP-SGD replaces the loader's sampling with Poisson sampling over the "
+        f"whole dataset (each of its {size} examples joins each batch independently with probability "
+        "q = batch_size / dataset size; that is what the reported epsilon assumes), so your "
+        f"{kind} would silently stop applying.{why} To train on part of the data, restrict the dataset "
+        "itself: DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=B) (q then uses "
+        "len(Subset)); to shuffle, pass shuffle=True; give batch_size (the expected Poisson batch "
+        "size) instead of a batch_sampler."
+    )
 
 
 class DistributedPoissonBatchSampler(Sampler[list[int]]):
