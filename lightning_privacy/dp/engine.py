@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from lightning_privacy.dp.accounting import PrivacyLedger
 from lightning_privacy.dp.calibration import calibrate_noise_multiplier, steps_within_budget
+from lightning_privacy.dp import coverage
 from lightning_privacy.dp.config import DPConfig
 from lightning_privacy.dp.data import PhysicalBatchLoader, expected_batch_size_and_size, poisson_loader
 from lightning_privacy.errors import (
@@ -343,7 +344,10 @@ class DPSGDEngine:
             raise PrivacyConfigError("Call attach(model) before wrap_optimizer(): the optimizer clips what the hooks record.")
         if isinstance(optimizer, DPOptimizer):
             optimizer = optimizer.original_optimizer
-        cls = _DistributedDPOptimizer if plan.world_size > 1 else DPOptimizer
+        if self.grad_sample_mode == "fast":
+            cls = _DistributedDPOptimizer if plan.world_size > 1 else DPOptimizer
+        else:
+            cls = _CheckedDistributedDPOptimizer if plan.world_size > 1 else _CheckedDPOptimizer
         private = cls(
             optimizer,
             noise_multiplier=plan.noise_multiplier,
@@ -359,7 +363,7 @@ class DPSGDEngine:
 
             private = fast_clipping(private, self._hooks)
         else:
-            _clip_in_fp32(private)
+            private.check_coverage(self._param_names, self.grad_sample_mode)
         private.attach_step_hook(self._record_step)
         self._optimizers.append(private)
         return private
@@ -478,17 +482,82 @@ class _DistributedDPOptimizer(DistributedDPOptimizer):
             offset += g.numel()
 
 
-def _clip_in_fp32(optimizer: DPOptimizer) -> None:
-    """Make ``optimizer`` clip in fp32 even when per-sample gradients come out of autocast in a
-    lower precision (``precision="bf16-mixed"``): norms, clip factors and sums in bf16 would lose
-    the bound C to rounding."""
-    clip = optimizer.clip_and_accumulate
+class _CheckedClipping:
+    """Mixed in before Opacus' optimizer class (modes hooks, functorch, ew): before clipping, every
+    trainable parameter's gradient must be accounted for by its per-sample gradients, and those
+    are clipped in fp32.
 
-    def clip_and_accumulate() -> None:
-        for p in optimizer.params:
-            gs = getattr(p, "grad_sample", None)
+    - A parameter without per-sample gradients that autograd gave a non-zero gradient was used
+      outside the layers the per-sample machinery watches: :class:`UncoveredParameterError`.
+    - One with neither was not reached by the loss: zero per-sample gradients (exact), and an
+      :class:`UntrainedParameterWarning` naming it once.
+    - Where autograd's gradient contains every use of a parameter (not in ``"ew"`` mode, which
+      hands only uses outside its layers to autograd), it must equal the per-sample sum.
+    - Per-sample gradients from autocast (``precision="bf16-mixed"``) are clipped in fp32: norms,
+      clip factors and sums in bf16 would lose the bound C to rounding.
+    """
+
+    params: list[nn.Parameter]
+    loss_reduction: str
+
+    def check_coverage(self, names: dict[int, str], mode: str) -> None:
+        """Turn the checks on; ``names`` maps ``id(param)`` to its name in the model."""
+        self._names = names
+        self._mode = mode
+        self._untrained_warned: set[str] = set()
+
+    def _name(self, p: torch.Tensor) -> str:
+        return self._names.get(id(p), f"<parameter of shape {tuple(p.shape)}>")
+
+    def _cover_missing_grad_samples(self) -> None:
+        missing = [p for p in self.params if getattr(p, "grad_sample", None) is None]
+        if not missing:
+            return
+        uncovered = [self._name(p) for p in missing if coverage.nonzero(p.grad)]
+        if uncovered:
+            raise coverage.uncovered_error(uncovered, self._mode)
+        template = next((p.grad_sample for p in self.params if getattr(p, "grad_sample", None) is not None), None)
+        for p in missing:
+            if template is None:
+                p.grad_sample = torch.zeros(0, *p.shape, dtype=p.dtype, device=p.device)
+            elif isinstance(template, list):
+                p.grad_sample = [torch.zeros(len(t), *p.shape, dtype=p.dtype, device=p.device) for t in template]
+            else:
+                p.grad_sample = torch.zeros(len(template), *p.shape, dtype=p.dtype, device=p.device)
+        coverage.warn_untrained([self._name(p) for p in missing], self._untrained_warned)
+
+    def _check_against_autograd(self) -> None:
+        uncovered = []
+        for p in self.params:
+            if self._mode == "ew":
+                if coverage.nonzero(p.grad):
+                    uncovered.append(self._name(p))
+                continue
+            gs = p.grad_sample if isinstance(p.grad_sample, list) else [p.grad_sample]
+            weighted = [(g, 1 / len(g) if self.loss_reduction == "mean" and len(g) else 1.0) for g in gs]
+            if coverage.disagrees(p.grad, *coverage.per_sample_total(weighted)):
+                uncovered.append(self._name(p))
+        if uncovered:
+            raise coverage.uncovered_error(uncovered, self._mode)
+
+    def pre_step(self, closure: Any = None) -> Any:
+        # Opacus' pre_step reads every p.grad_sample first: fill or refuse the missing ones before.
+        self._cover_missing_grad_samples()
+        return super().pre_step(closure)
+
+    def clip_and_accumulate(self) -> None:
+        self._cover_missing_grad_samples()
+        self._check_against_autograd()
+        for p in self.params:
+            gs = p.grad_sample
             if isinstance(gs, torch.Tensor) and gs.dtype != torch.float32 and gs.is_floating_point():
                 p.grad_sample = gs.float()
-        clip()
+        super().clip_and_accumulate()
 
-    optimizer.clip_and_accumulate = clip_and_accumulate
+
+class _CheckedDPOptimizer(_CheckedClipping, DPOptimizer):
+    """Opacus' ``DPOptimizer`` with the coverage checks and fp32 clipping of :class:`_CheckedClipping`."""
+
+
+class _CheckedDistributedDPOptimizer(_CheckedClipping, _DistributedDPOptimizer):
+    """:class:`_DistributedDPOptimizer` with the coverage checks and fp32 clipping of :class:`_CheckedClipping`."""

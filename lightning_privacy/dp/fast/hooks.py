@@ -14,6 +14,7 @@ from opacus.grad_sample import GradSampleHooks
 from opacus.layers import DPGRU, DPLSTM, DPRNN
 from torch import Tensor, nn
 
+from lightning_privacy.dp import coverage
 from lightning_privacy.dp.fast.rules import FAST_RULES, LayerState, Prepared, Workspace
 
 _RECURRENT = (DPRNN, DPLSTM, DPGRU)
@@ -167,6 +168,9 @@ class FastGradSampleHooks:
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}.")
         self._module = module
         self.loss_reduction = loss_reduction
+        #: ``id(param) -> name`` for the errors and warnings of the clipping step.
+        self.param_names: dict[int, str] = {id(p): n for n, p in module.named_parameters()}
+        self._untrained_warned: set[str] = set()
         self.batch_first = batch_first
         fast, fallback = _plan(module, batch_first)
         self.fast_layers: list[str] = list(fast)
@@ -240,10 +244,15 @@ class FastGradSampleHooks:
             One tensor per parameter (its dtype), and the number of backward passes the records
             came from (Opacus' ``accumulated_iterations``; 1 for an empty batch).
 
+        A parameter whose autograd gradient holds a use the records (or Opacus' per-sample
+        gradients) did not see is refused; one the loss did not reach gets zero per-sample
+        gradients and an :class:`UntrainedParameterWarning` (see :mod:`lightning_privacy.dp.coverage`).
+
         Raises:
             RuntimeError: after :meth:`cleanup`, or when the fast records and Opacus' per-sample
                 gradients disagree on the batches.
             ValueError: for a parameter that no attached layer computes (as Opacus).
+            UncoveredParameterError: for a parameter used outside the layers watched per sample.
         """
         if not self._attached:
             raise RuntimeError("These FastGradSampleHooks were cleaned up; attach new ones to train privately.")
@@ -278,6 +287,7 @@ class FastGradSampleHooks:
         for p in fallback_params:
             gs = getattr(p, "grad_sample", None)
             fallback[id(p)] = [] if gs is None else (gs if isinstance(gs, list) else [gs])
+        self._check_coverage(params, prepared, fallback)
         fallback_sizes = next((([len(g) for g in v]) for v in fallback.values() if v), None)
         if pass_ids and fallback_sizes is not None and fallback_sizes != [sizes[p] for p in pass_ids]:
             raise RuntimeError(
@@ -314,4 +324,44 @@ class FastGradSampleHooks:
                 add(p, torch.einsum("i,i...", factor[offsets[k] : offsets[k + 1]], gs.to(dtype)))
         grads = [sums[id(p)].to(p.dtype) if id(p) in sums else torch.zeros_like(p) for p in params]
         return grads, max(1, len(batch_sizes))
+
+    def _check_coverage(
+        self,
+        params: list[Tensor],
+        prepared: list[tuple[int, Prepared, list[Tensor]]],
+        fallback: dict[int, list[Tensor]],
+    ) -> None:
+        """Refuse parameters with a gradient the per-sample records miss; warn for unreached ones."""
+        recorded: dict[int, list[Prepared]] = defaultdict(list)
+        for _, obj, mine in prepared:
+            for p in mine:
+                recorded[id(p)].append(obj)
+        uncovered, untrained = [], []
+        for p in params:
+            name = self.param_names.get(id(p), f"<parameter of shape {tuple(p.shape)}>")
+            if id(p) in self._param_layer:
+                objs = recorded.get(id(p))
+                if not objs:
+                    (uncovered if coverage.nonzero(p.grad) else untrained).append(name)
+                elif self._param_layer[id(p)].wants_grad(p):
+                    # autograd computed the whole gradient (a user's tensor hook): it must equal
+                    # the sum of the recorded per-sample gradients
+                    total = sum(obj.weighted_sum(p, torch.ones(obj.batch_size, dtype=obj.dtype, device=p.device))
+                                .double() for obj in objs)  # fmt: skip
+                    size = sum(float(obj.sq_norms(p).sqrt().sum()) for obj in objs)
+                    if coverage.disagrees(p.grad, total, size, coverage.TOLERANCE[torch.float32]):
+                        uncovered.append(name)
+                elif coverage.nonzero(p.grad):
+                    uncovered.append(name)  # autograd skips it inside its layer: this use is outside
+            elif not fallback[id(p)]:
+                (uncovered if coverage.nonzero(p.grad) else untrained).append(name)
+            else:
+                mean = self.loss_reduction == "mean"
+                weighted = [(g, 1 / len(g) if mean and len(g) else 1.0) for g in fallback[id(p)]]
+                if coverage.disagrees(p.grad, *coverage.per_sample_total(weighted)):
+                    uncovered.append(name)
+        if uncovered:
+            raise coverage.uncovered_error(uncovered, "fast")
+        if untrained:
+            coverage.warn_untrained(untrained, self._untrained_warned)
 
