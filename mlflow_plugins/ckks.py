@@ -23,8 +23,10 @@ Example::
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 import os
 import sys
+import uuid
 from typing import Any
 
 import numpy as np
@@ -61,6 +63,7 @@ from lightning_privacy.errors import (
     CompilationError,
     EncryptedRequestError,
     EncryptionInputError,
+    ModelMismatchError,
     SecretKeyExposureError,
 )
 from lightning_privacy.mlflow_plugins import _mlflow_fence, bundled_wheel, protocol
@@ -70,6 +73,7 @@ from lightning_privacy.mlflow_plugins.protocol import EncryptedRequest, ErrorCod
 from lightning_privacy.mlflow_plugins.request_limits import RequestLimits
 
 FLAVOR_NAME = "ckks"
+_logger = logging.getLogger(__name__)
 #: Run tags copied onto the registered model version (written by the DifferentialPrivacy callback).
 
 _MODEL_DATA_SUBPATH = "compiled"
@@ -295,13 +299,24 @@ class _CKKSModelWrapper:
         """Evaluate each request row; see :mod:`lightning_privacy.mlflow_plugins.protocol`.
 
         Raises:
-            MlflowException: HTTP 400 with a ``lightning_privacy_code`` for a rejected request.
+            MlflowException: HTTP 400 with a ``lightning_privacy_code`` for a rejected request;
+                ``INTERNAL_ERROR`` for any unexpected failure, whose stack trace goes to the server
+                log under an incident id and never to the client (MLflow would put it in the body).
         """
         try:
             results = [self._evaluate(row) for row in protocol.decode_request(data)]
+            return protocol.encode_response([r.to_bytes() for r in results], [r.n_samples for r in results])
         except EncryptedRequestError as error:
             raise protocol.to_mlflow_exception(error) from None
-        return protocol.encode_response([r.to_bytes() for r in results], [r.n_samples for r in results])
+        except Exception:
+            incident = uuid.uuid4().hex[:12]
+            _logger.exception("Encrypted request failed unexpectedly (incident %s)", incident)
+            error = EncryptedRequestError(
+                ErrorCode.INTERNAL_ERROR,
+                f"The server could not evaluate this request (incident {incident}; details in the server log). "
+                "Send requests made by EncryptedClient for this model; if this one was, report the incident id.",
+            )
+            raise protocol.to_mlflow_exception(error) from None
 
     def _evaluate(self, row: EncryptedRequest) -> he.EncryptedBatch:
         context = self.contexts.get_or_load(row.key_id, row.context, self._public_context)
@@ -332,6 +347,8 @@ class _CKKSModelWrapper:
                 "must never leave the client (treat this one as compromised): send "
                 "Keyring.public_context_bytes(), as EncryptedClient does.",
             ) from None
+        except ModelMismatchError as e:  # a header that lies about the SEAL parameters or keys inside
+            raise EncryptedRequestError(ErrorCode.MODEL_MISMATCH, f"The context does not fit this model: {e}") from None
         except EncryptionInputError as e:
             raise EncryptedRequestError(ErrorCode.INVALID_CONTEXT, f"The context cannot be read: {e}") from None
         if context.params != self.compiled.params:
@@ -340,6 +357,14 @@ class _CKKSModelWrapper:
                 f"The context was made for other CKKS parameters than this model's ({self.compiled.params}); "
                 "make the keys from this model (EncryptedClient reads them from the model URI).",
             )
+        try:  # the header can lie: check the SEAL parameters and keys it carries
+            self.compiled.check_context(context)
+        except ModelMismatchError as e:
+            raise EncryptedRequestError(
+                ErrorCode.MODEL_MISMATCH,
+                f"The context's keys do not fit this model: {e}. Make the keys from this model "
+                "(EncryptedClient reads them from the model URI).",
+            ) from None
         return context
 
 

@@ -78,6 +78,9 @@ class FakeCompiled:
     def evaluate(self, batch: FakeBatch, context: object) -> FakeBatch:
         return FakeBatch(2 * batch.x, batch.layout)
 
+    def check_context(self, context: FakeContext) -> None:
+        pass
+
 
 class FakeResponse:
     def __init__(self, status_code: int, body: dict) -> None:

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 
 import mlflow
 import mlflow.pyfunc.scoring_server as scoring_server
 import pytest
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import BAD_REQUEST
 
 from lightning_privacy.errors import UnsupportedMlflowVersionError
 from lightning_privacy.mlflow_plugins import _mlflow_fence, protocol
 from lightning_privacy.mlflow_plugins.request_limits import RequestLimits
+
+TRACE = 'Traceback (most recent call last):\n  File "/srv/site-packages/pandas/io/parsers.py", line 1\nValueError: bad'
 
 
 @pytest.fixture
@@ -56,3 +62,18 @@ def test_guard_answers_refused_bodies_and_passes_the_others(server_module):
     fine = b'{"inputs": [[1, 2]]}'
     assert scoring_server.invocations(fine, "application/json", None, None).status == 200
     assert server_module == [fine]  # only the accepted body reached MLflow
+
+
+def test_mlflows_own_errors_lose_their_stack_trace_to_the_log(monkeypatch, caplog):
+    def invocations(data, content_type, model, input_schema):
+        raise MlflowException(f"Failed to parse {data.decode()}", error_code=BAD_REQUEST, stack_trace=TRACE)
+
+    monkeypatch.setattr(scoring_server, "invocations", invocations)
+    _mlflow_fence.install_invocations_guard(RequestLimits().http_refusal)
+    with pytest.raises(MlflowException) as info, caplog.at_level(logging.ERROR):
+        scoring_server.invocations(b"x" * 5000, "text/csv", None, None)
+    body = info.value.serialize_as_json()
+    assert "Traceback" not in body and "site-packages" not in body
+    assert len(json.loads(body)["message"]) < _mlflow_fence.MAX_MESSAGE_CHARS + 100
+    incident = re.search(r"incident ([0-9a-f]{12})", body).group(1)
+    assert any(incident in r.getMessage() and TRACE in r.getMessage() for r in caplog.records)

@@ -6,16 +6,20 @@ One server for the module (startup is ~20 s); the restart test is last and start
 from __future__ import annotations
 
 import base64
+import sys
+from pathlib import Path
 
 import mlflow
 import numpy as np
 import pytest
 import requests
 
+import lightning_privacy
 from lightning_privacy import he
 from lightning_privacy.mlflow_plugins import EncryptedClient, ScoringServer, ckks, protocol
 from lightning_privacy.mlflow_plugins.protocol import EncryptedRequest
 from lightning_privacy.mlflow_plugins.request_limits import MAX_JSON_DEPTH_ENV, MAX_REQUEST_BYTES_ENV
+from tests.mlflow_plugins import forgeries
 from tests.mlflow_plugins.conftest import assert_matches_reference
 from tests.mlflow_plugins.test_ckks_flavor import PRIVACY_TAGS
 
@@ -139,6 +143,13 @@ def _bad_requests(compiled, digits) -> dict[str, tuple[dict, str, str]]:
             "EncryptedClient",
         ),
         "plaintext inputs": ({"inputs": digits.x_test[:2].tolist()}, "PLAINTEXT_INPUT", "EncryptedClient"),
+        "context for other moduli": (
+            _body(forgeries.other_moduli(compiled, digits.x_test[:2])), "MODEL_MISMATCH", "moduli"
+        ),
+        "context without its Galois keys": (
+            _body(forgeries.missing_galois_keys(compiled, digits.x_test[:1])), "MODEL_MISMATCH", "Galois keys"
+        ),
+        "NaN scale": (_body(forgeries.nan_scale(compiled, digits.x_test[:1])), "INVALID_CIPHERTEXT", "scale"),
     }
 
 
@@ -162,6 +173,7 @@ def _private_context_body(row: EncryptedRequest) -> dict:
 BAD_REQUESTS = [
     "malformed base64", "truncated ciphertext", "garbage ciphertext", "wrong shape", "missing context",
     "key id of another context", "private context", "garbage context", "plaintext dataframe", "plaintext inputs",
+    "context for other moduli", "context without its Galois keys", "NaN scale",
 ]  # fmt: skip
 
 
@@ -207,6 +219,28 @@ def test_a_body_over_the_limit_gets_413(server, client, digits, reference):
     assert MAX_REQUEST_BYTES_ENV in response.json()["message"] and len(response.content) < 2000
     x = digits.x_test[:1]
     assert_matches_reference(client.predict_logits(x), reference(x))
+
+
+#: Bodies MLflow fails on before the model runs: (content type, body).
+UNPARSABLE = {
+    "not JSON": ("application/json", b"\x00\xff{garbage"),
+    "not CSV": ("text/csv", b'a,b\n"1,2\n3'),
+    "not Parquet": ("application/x-parquet", b"PAR1 garbage"),
+    "deep JSON": ("application/json", b"[" * 5000 + b"]" * 5000),
+}
+
+
+def test_no_answer_holds_a_stack_trace_or_a_server_path(server, bad_requests):
+    answers = {name: _post(server, body) for name, (body, _, _) in bad_requests.items()}
+    for name, (content_type, data) in UNPARSABLE.items():
+        answers[name] = requests.post(
+            f"{server.url}/invocations", data=data, headers={"Content-Type": content_type}, timeout=120
+        )
+    paths = {str(Path(lightning_privacy.__file__).resolve().parent.parent), sys.prefix, "site-packages"}
+    for name, response in answers.items():
+        assert 400 <= response.status_code < 500, (name, response.status_code)
+        for leak in ("Traceback", 'File "', *paths):
+            assert leak not in response.text, (name, leak, response.text[:300])
 
 
 def test_server_log_holds_no_ciphertext(server, bad_requests):
