@@ -289,7 +289,7 @@ class _CKKSModelWrapper:
 
     def __init__(self, compiled: he.CompiledModel) -> None:
         self.compiled = compiled
-        self.contexts: ContextCache[he.PublicContext] = ContextCache()
+        self.contexts: ContextCache[he.PublicContext] = ContextCache(cost=lambda context: context.memory_bytes)
 
     def get_raw_model(self) -> he.CompiledModel:
         """The compiled model (what ``EncryptedClient`` reads its CKKS parameters from)."""

@@ -14,13 +14,17 @@ from lightning_privacy.mlflow_plugins.protocol import ErrorCode
 MAX_ENTRIES_ENV = "LIGHTNING_PRIVACY_CONTEXT_CACHE_MAX_ENTRIES"
 MAX_BYTES_ENV = "LIGHTNING_PRIVACY_CONTEXT_CACHE_MAX_BYTES"
 DEFAULT_MAX_ENTRIES = 32
-DEFAULT_MAX_BYTES = 512 * 2**20
+# In memory a public context is 5-6x its serialized size (keys are serialized compressed and seeded,
+# and SEAL precomputes tables per prime): 26.6 MiB for the single layout of the digits MLP at
+# N = 8192, 13 MiB for the batch layout. 1 GiB holds 32 such single-layout contexts, so for those
+# the entry count binds; for larger rings (N = 16384: ~4x per key) the byte bound does.
+DEFAULT_MAX_BYTES = 2**30
 
 T = TypeVar("T")
 
 
 class ContextCache(Generic[T]):
-    """Least-recently-used map key id -> deserialized public context, bounded in count and bytes.
+    """Least-recently-used map key id -> deserialized public context, bounded in count and memory.
 
     Thread-safe: the scoring server runs requests in a thread pool. Deserialization happens
     outside the lock, so one large context does not stall requests that hit the cache.
@@ -28,22 +32,27 @@ class ContextCache(Generic[T]):
     Args:
         max_entries: most contexts kept; default from ``LIGHTNING_PRIVACY_CONTEXT_CACHE_MAX_ENTRIES``,
             else 32.
-        max_bytes: most serialized bytes kept; default from
-            ``LIGHTNING_PRIVACY_CONTEXT_CACHE_MAX_BYTES``, else 512 MiB. A larger context is refused.
+        max_bytes: most bytes the cached contexts may cost, as ``cost`` counts them; default from
+            ``LIGHTNING_PRIVACY_CONTEXT_CACHE_MAX_BYTES``, else 1 GiB. A costlier context is refused.
+        cost: bytes a loaded context occupies in memory, e.g. ``lambda c: c.memory_bytes`` for a
+            ``he.PublicContext`` (what the CKKS flavor passes); default the serialized size.
 
     Raises:
         ServingConfigError: a limit is not a positive integer.
 
     Example::
 
-        cache = ContextCache(max_entries=8)
+        cache = ContextCache(max_entries=8, cost=lambda context: context.memory_bytes)
         ctx = cache.get_or_load(key_id, context_bytes, PublicContext.from_bytes)  # first request
         ctx = cache.get_or_load(key_id, None, PublicContext.from_bytes)  # later: no context sent
     """
 
-    def __init__(self, max_entries: int | None = None, max_bytes: int | None = None) -> None:
+    def __init__(
+        self, max_entries: int | None = None, max_bytes: int | None = None, *, cost: Callable[[T], int] | None = None
+    ) -> None:
         self.max_entries = _limit(max_entries, MAX_ENTRIES_ENV, DEFAULT_MAX_ENTRIES)
         self.max_bytes = _limit(max_bytes, MAX_BYTES_ENV, DEFAULT_MAX_BYTES)
+        self.cost = cost
         self._entries: OrderedDict[str, tuple[T, int]] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -52,7 +61,7 @@ class ContextCache(Generic[T]):
 
     @property
     def nbytes(self) -> int:
-        """Serialized bytes of the cached contexts."""
+        """Bytes the cached contexts cost (see ``cost``)."""
         with self._lock:
             return sum(n for _, n in self._entries.values())
 
@@ -63,7 +72,8 @@ class ContextCache(Generic[T]):
 
         Raises:
             EncryptedRequestError: ``UNKNOWN_KEY_ID`` when neither cached nor sent (the client
-                re-sends), ``CONTEXT_TOO_LARGE`` when ``data`` exceeds ``max_bytes``.
+                re-sends), ``CONTEXT_TOO_LARGE`` when ``data``, or the loaded context's cost,
+                exceeds ``max_bytes``.
         """
         with self._lock:
             if key_id in self._entries:
@@ -75,21 +85,28 @@ class ContextCache(Generic[T]):
                 f"No public context is cached under key id {key_id[:16]}...; send it in the "
                 "'context' column (EncryptedClient does this automatically).",
             )
+        # Checked before loading too: a context never costs less than its bytes (it keeps them).
         if len(data) > self.max_bytes:
-            raise EncryptedRequestError(
-                ErrorCode.CONTEXT_TOO_LARGE,
-                f"The public context has {len(data)} bytes, more than this server caches "
-                f"({self.max_bytes}); raise {MAX_BYTES_ENV} on the server.",
-            )
+            raise _too_large(f"has {len(data)} bytes", self.max_bytes)
         value = load(data)
+        size = len(data) if self.cost is None else self.cost(value)
+        if size > self.max_bytes:
+            raise _too_large(f"takes {size} bytes in memory", self.max_bytes)
         with self._lock:
-            self._entries[key_id] = (value, len(data))
+            self._entries[key_id] = (value, size)
             self._entries.move_to_end(key_id)
             total = sum(n for _, n in self._entries.values())
             while len(self._entries) > self.max_entries or total > self.max_bytes:
                 _, (_, evicted) = self._entries.popitem(last=False)
                 total -= evicted
         return value
+
+
+def _too_large(what: str, limit: int) -> EncryptedRequestError:
+    return EncryptedRequestError(
+        ErrorCode.CONTEXT_TOO_LARGE,
+        f"The public context {what}, more than this server caches ({limit}); raise {MAX_BYTES_ENV} on the server.",
+    )
 
 
 def _limit(value: int | None, env: str, default: int) -> int:

@@ -61,7 +61,7 @@ class FakeKeyring:
 
 
 class FakeContext:
-    params = "fake-params"
+    params, memory_bytes = "fake-params", 1000
 
     def __init__(self, data: bytes) -> None:
         self.layout = data.partition(b"|")[0].decode()

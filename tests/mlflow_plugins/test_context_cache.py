@@ -1,11 +1,16 @@
-"""The per-process LRU of public contexts: bounds, order, env limits, errors."""
+"""The per-process LRU of public contexts: bounds, order, env limits, errors, memory accounting."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import threading
 
 import pytest
 
+from lightning_privacy import he
 from lightning_privacy.errors import EncryptedRequestError, ServingConfigError
 from lightning_privacy.mlflow_plugins.context_cache import MAX_BYTES_ENV, MAX_ENTRIES_ENV, ContextCache
 from lightning_privacy.mlflow_plugins.protocol import ErrorCode
@@ -88,3 +93,54 @@ def test_concurrent_use_keeps_bounds():
         t.join()
     assert len(cache) == 5
     assert cache.nbytes == sum(len(k) for k in cache._entries)
+
+
+def test_evicts_and_refuses_by_cost_when_given():
+    cache, load = ContextCache(max_entries=10, max_bytes=100, cost=lambda value: 10 * len(value)), CountingLoader()
+    cache.get_or_load("a", b"aaaa", load)
+    cache.get_or_load("b", b"bbbb", load)
+    cache.get_or_load("c", b"cccc", load)  # 3 x 40 > 100: a goes
+    assert len(cache) == 2 and cache.nbytes == 80
+    with pytest.raises(EncryptedRequestError) as info:
+        cache.get_or_load("d", b"d" * 11, load)  # 11 bytes fit, 110 in memory do not
+    assert info.value.code == ErrorCode.CONTEXT_TOO_LARGE and "in memory" in str(info.value)
+    assert len(cache) == 2 and load.calls == 4
+
+
+FILL_SCRIPT = """
+import gc, json, os, sys
+from lightning_privacy import he
+from lightning_privacy.mlflow_plugins import ckks, protocol
+
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+wrapper = ckks._CKKSModelWrapper(he.CompiledModel.load(sys.argv[1]))
+blobs = [open(path, "rb").read() for path in sys.argv[2:]]
+points = []
+for blob in blobs:
+    wrapper.contexts.get_or_load(protocol.key_id_of(blob), blob, wrapper._public_context)
+    gc.collect()
+    points.append((rss(), wrapper.contexts.nbytes, len(wrapper.contexts)))
+print(json.dumps(points))
+"""
+
+
+@pytest.mark.parametrize("layout", ["single", "batch"])
+def test_the_servers_cache_accounts_the_memory_its_contexts_take(compiled, tmp_path, layout):
+    """Resident memory measured while the flavor's cache fills, in a fresh process, against its count."""
+    compiled.save(tmp_path / "model")
+    paths = []
+    for i in range(5):
+        paths.append(tmp_path / f"context-{i}")
+        paths[-1].write_bytes(he.Keyring(compiled, layout).public_context_bytes())
+    env = {k: v for k, v in os.environ.items() if k not in (MAX_BYTES_ENV, MAX_ENTRIES_ENV)}
+    out = subprocess.run(
+        [sys.executable, "-c", FILL_SCRIPT, str(tmp_path / "model"), *map(str, paths)],
+        env=env, capture_output=True, text=True, timeout=300, check=True,
+    )  # fmt: skip
+    points = json.loads(out.stdout.splitlines()[-1])
+    assert [n for _, _, n in points] == [1, 2, 3, 4, 5]
+    # From the first context on, so that one-time costs (imports, SEAL's pools) do not count.
+    measured, accounted = points[-1][0] - points[0][0], points[-1][1] - points[0][1]
+    assert 0.75 <= measured / accounted <= 1.25, (measured, accounted)
