@@ -25,37 +25,21 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import os
+import platform
 import sys
+import tempfile
 import uuid
 from typing import Any
 
+from pathlib import Path
+
+import mlflow
 import numpy as np
 import pandas as pd
-import yaml
-
 from mlflow import pyfunc
+from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 from mlflow.models.model import MLMODEL_FILE_NAME, ModelInfo
-from mlflow.tracking._model_registry import DEFAULT_AWAIT_MAX_SLEEP_SECONDS
-from mlflow.tracking.artifact_utils import _download_artifact_from_uri
-from mlflow.utils.environment import (
-    _CONDA_ENV_FILE_NAME,
-    _CONSTRAINTS_FILE_NAME,
-    _PYTHON_ENV_FILE_NAME,
-    _REQUIREMENTS_FILE_NAME,
-    _mlflow_conda_env,
-    _process_conda_env,
-    _process_pip_requirements,
-    _PythonEnv,
-    _validate_env_arguments,
-)
-from mlflow.utils.file_utils import get_total_file_size, write_to
-from mlflow.utils.model_utils import (
-    _copy_extra_files,
-    _get_flavor_configuration,
-    _validate_and_copy_code_paths,
-    _validate_and_prepare_target_save_path,
-)
 
 import lightning_privacy
 from lightning_privacy import he
@@ -79,6 +63,10 @@ _logger = logging.getLogger(__name__)
 _MODEL_DATA_SUBPATH = "compiled"
 #: Folder of the model that holds the wheel of lightning-privacy (``bundled_wheel``).
 _WHEELS_SUBPATH = "wheels"
+#: Folder of the model for ``extra_files`` (MLflow's flavors use the same name and flavor key).
+_EXTRA_FILES = "extra_files"
+#: MLflow's default wait for a new registered model version to become ready, in seconds.
+_AWAIT_REGISTRATION_SECONDS = 300
 #: What a served model imports besides lightning-privacy and MLflow (MLflow adds itself): the HE
 #: runtime and the numerics under it. Not torch, Lightning, Opacus or ONNX: they export and compile.
 _SERVING_DISTRIBUTIONS = ("tenseal", "numpy", "scipy", "pandas", "tqdm")
@@ -94,8 +82,13 @@ def get_default_pip_requirements() -> list[str]:
 
 
 def get_default_conda_env() -> dict[str, Any]:
-    """The conda environment of models saved by this flavor."""
-    return _mlflow_conda_env(additional_pip_deps=get_default_pip_requirements())
+    """The conda environment of models saved by this flavor (as MLflow writes ``conda.yaml``)."""
+    pip = [f"mlflow=={mlflow.__version__}", *get_default_pip_requirements()]
+    return {
+        "name": "mlflow-env",
+        "channels": ["conda-forge"],
+        "dependencies": [f"python={platform.python_version()}", "pip", {"pip": pip}],
+    }
 
 
 def save_model(
@@ -125,75 +118,73 @@ def save_model(
         extra_files: as in ``mlflow.onnx.save_model``. The model carries the wheel of
         lightning-privacy (``wheels/``), and ``requirements.txt`` installs it first whatever
         ``pip_requirements`` say; a ``conda_env`` replaces the environment as given. There is no
-        ``signature`` or
-        ``input_example``: MLflow would enforce a schema before the model sees a request (its
-        errors quote the request, ciphertexts included), and an example would be plaintext.
+        ``signature`` or ``input_example``: MLflow would enforce a schema before the model sees a
+        request (its errors quote the request, ciphertexts included), and an example would be
+        plaintext.
 
     Raises:
         CompilationError: a model that needs compiling came without ``calibration_data``, or
             does not compile.
+        MlflowException: more than one of ``conda_env``, ``pip_requirements`` and
+            ``extra_pip_requirements``, or ``path`` exists and is not empty.
     """
+    if sum(arg is not None for arg in (conda_env, pip_requirements, extra_pip_requirements)) > 1:
+        raise MlflowException.invalid_parameter_value(
+            "Give at most one of conda_env, pip_requirements and extra_pip_requirements (as in MLflow)."
+        )
     compiled = _compile(ckks_model, calibration_data, example_input, compile_options)
-    _validate_env_arguments(conda_env, pip_requirements, extra_pip_requirements)
-
     path = os.path.abspath(path)
-    _validate_and_prepare_target_save_path(path)
-    code_dir_subpath = _validate_and_copy_code_paths(code_paths, path)
-
+    if conda_env is None:
+        # Always given, so MLflow does not infer them (it loads the model in a subprocess, ~10 s).
+        wheel = f"{_WHEELS_SUBPATH}/{bundled_wheel.wheel_name()}"
+        listed = get_default_pip_requirements() if pip_requirements is None else _requirement_lines(pip_requirements)
+        pip_requirements = [wheel, *listed, *_requirement_lines(extra_pip_requirements)]
     if mlflow_model is None:
         mlflow_model = Model()
-    if metadata is not None:
-        mlflow_model.metadata = metadata
-
-    compiled.save(os.path.join(path, _MODEL_DATA_SUBPATH))
-
-    pyfunc.add_to_model(
-        mlflow_model,
-        loader_module=__name__,
-        data=_MODEL_DATA_SUBPATH,
-        conda_env=_CONDA_ENV_FILE_NAME,
-        python_env=_PYTHON_ENV_FILE_NAME,
-        code=code_dir_subpath,
-    )
-    extra_files_config = _copy_extra_files(extra_files, path)
-    mlflow_model.add_flavor(
+    flavor = mlflow_model.add_flavor(
         FLAVOR_NAME,
         lightning_privacy_version=lightning_privacy.__version__,
-        data=_MODEL_DATA_SUBPATH,
         poly_modulus_degree=int(compiled.params.poly_modulus_degree),
         input_shape=[int(d) for d in compiled.input_shape],
         output_dim=int(compiled.output_dim),
-        code=code_dir_subpath,
-        **extra_files_config,
-    )
-    if size := get_total_file_size(path):
-        mlflow_model.model_size_bytes = size
+    ).flavors[FLAVOR_NAME]
+    with tempfile.TemporaryDirectory() as staging:
+        compiled.save(os.path.join(staging, _MODEL_DATA_SUBPATH))
+        pyfunc.save_model(
+            path,
+            loader_module=__name__,
+            data_path=os.path.join(staging, _MODEL_DATA_SUBPATH),
+            code_paths=code_paths,
+            conda_env=conda_env,
+            mlflow_model=mlflow_model,
+            pip_requirements=pip_requirements,
+            metadata=metadata,
+            # The environment is requirements.txt: never a uv.lock that MLflow would pick up from
+            # the working directory (it would install the training stack when served with uv).
+            uv_project_path=staging,
+        )
+    pyfunc_conf = mlflow_model.flavors[pyfunc.FLAVOR_NAME]
+    flavor.update(data=pyfunc_conf[pyfunc.DATA], code=pyfunc_conf.get(pyfunc.CODE))
+    if extra_files:
+        flavor[_EXTRA_FILES] = [{"path": _copy_extra_file(uri, path)} for uri in extra_files]
+    # Served with `mlflow models serve` (any environment manager) from the model alone.
+    bundled_wheel.write_wheel(os.path.join(path, _WHEELS_SUBPATH), get_default_pip_requirements())
+    mlflow_model.model_size_bytes = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
     mlflow_model.save(os.path.join(path, MLMODEL_FILE_NAME))
 
-    # Served with `mlflow models serve` (any environment manager) from the model alone.
-    wheel = bundled_wheel.write_wheel(os.path.join(path, _WHEELS_SUBPATH), get_default_pip_requirements())
-    wheel_requirement = f"{_WHEELS_SUBPATH}/{wheel.name}"
-    if conda_env is None:
-        # No mlflow.models.infer_pip_requirements: it loads the model in a subprocess (~10 s) to
-        # find imports we already know.
-        if pip_requirements is None:
-            default_reqs = [wheel_requirement, *get_default_pip_requirements()]
-        else:
-            default_reqs = None
-            given = [f"-r {pip_requirements}"] if isinstance(pip_requirements, str) else list(pip_requirements)
-            pip_requirements = [wheel_requirement, *given]
-        conda_env, pip_requirements, pip_constraints = _process_pip_requirements(
-            default_reqs, pip_requirements, extra_pip_requirements
-        )
-    else:
-        conda_env, pip_requirements, pip_constraints = _process_conda_env(conda_env)
 
-    with open(os.path.join(path, _CONDA_ENV_FILE_NAME), "w") as f:
-        yaml.safe_dump(conda_env, stream=f, default_flow_style=False)
-    if pip_constraints:
-        write_to(os.path.join(path, _CONSTRAINTS_FILE_NAME), "\n".join(pip_constraints))
-    write_to(os.path.join(path, _REQUIREMENTS_FILE_NAME), "\n".join(pip_requirements))
-    _PythonEnv.current().to_yaml(os.path.join(path, _PYTHON_ENV_FILE_NAME))
+def _requirement_lines(requirements: str | list[str] | None) -> list[str]:
+    """pip requirement lines: a list as given, a requirements file as ``-r FILE``."""
+    if requirements is None:
+        return []
+    return [f"-r {requirements}"] if isinstance(requirements, str) else list(requirements)
+
+
+def _copy_extra_file(uri: str, path: str) -> str:
+    """Download (or copy) one of ``extra_files`` into the model; its path inside the model."""
+    os.makedirs(os.path.join(path, _EXTRA_FILES), exist_ok=True)
+    mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=os.path.join(path, _EXTRA_FILES))
+    return f"{_EXTRA_FILES}/{os.path.basename(uri.rstrip('/'))}"
 
 
 def log_model(
@@ -205,7 +196,7 @@ def log_model(
     conda_env: Any = None,
     code_paths: list[str] | None = None,
     registered_model_name: str | None = None,
-    await_registration_for: int = DEFAULT_AWAIT_MAX_SLEEP_SECONDS,
+    await_registration_for: int = _AWAIT_REGISTRATION_SECONDS,
     pip_requirements: Any = None,
     extra_pip_requirements: Any = None,
     metadata: dict[str, Any] | None = None,
@@ -264,10 +255,18 @@ def load_model(model_uri: str, dst_path: str | None = None) -> he.CompiledModel:
     Args:
         model_uri: e.g. ``models:/NAME@ALIAS``, ``runs:/RUN_ID/model`` or a local directory.
         dst_path: local directory to download the artifacts into (must exist).
+
+    Raises:
+        MlflowException: the model has no ``ckks`` flavor, or cannot be downloaded.
     """
-    local_path = _download_artifact_from_uri(artifact_uri=model_uri, output_path=dst_path)
-    flavor_conf = _get_flavor_configuration(model_path=local_path, flavor_name=FLAVOR_NAME)
-    return he.CompiledModel.load(os.path.join(local_path, flavor_conf["data"]))
+    local_path = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=dst_path)
+    flavors = Model.load(local_path).flavors
+    if FLAVOR_NAME not in flavors:
+        raise MlflowException.invalid_parameter_value(
+            f"{model_uri} has no {FLAVOR_NAME!r} flavor (it has {sorted(flavors)}); log CKKS models with "
+            "lightning_privacy.mlflow_plugins.ckks.log_model."
+        )
+    return he.CompiledModel.load(os.path.join(local_path, flavors[FLAVOR_NAME]["data"]))
 
 
 def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> _CKKSModelWrapper:

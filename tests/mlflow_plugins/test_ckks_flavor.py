@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -58,6 +59,49 @@ def test_save_load_round_trip_gives_identical_outputs(compiled, digits, tmp_path
     assert mlmodel["flavors"]["python_function"]["loader_module"] == "lightning_privacy.mlflow_plugins.ckks"
     assert mlmodel["flavors"]["ckks"]["poly_modulus_degree"] == compiled.params.poly_modulus_degree
     assert _bundled_wheel(tmp_path / "model").name.startswith("lightning_privacy-")
+
+
+def test_flavor_uses_only_public_mlflow_names():
+    """MLflow's private names change without notice; what is unavoidable lives in _mlflow_fence.py."""
+    tree = ast.parse(Path(ckks.__file__).read_text())
+    private = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "mlflow":
+            private += [f"{node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
+            private += [node.module] if any(p.startswith("_") for p in node.module.split(".")) else []
+        elif isinstance(node, ast.Import):
+            private += [a.name for a in node.names if a.name.startswith("mlflow") and "._" in a.name]
+    assert private == []
+
+
+def test_extra_files_and_code_paths_travel_with_the_model(compiled, tmp_path):
+    (tmp_path / "notes.txt").write_text("calibrated on digits")
+    (tmp_path / "helper.py").write_text("VALUE = 1\n")
+    ckks.save_model(
+        compiled, tmp_path / "model", extra_files=[str(tmp_path / "notes.txt")], code_paths=[str(tmp_path / "helper.py")]
+    )
+    mlmodel = yaml.safe_load((tmp_path / "model" / "MLmodel").read_text())
+    (extra,) = mlmodel["flavors"]["ckks"]["extra_files"]
+    assert (tmp_path / "model" / extra["path"]).read_text() == "calibrated on digits"
+    code = mlmodel["flavors"]["python_function"]["code"]
+    assert mlmodel["flavors"]["ckks"]["code"] == code
+    assert (tmp_path / "model" / code / "helper.py").read_text() == "VALUE = 1\n"
+    assert mlflow.pyfunc.load_model(str(tmp_path / "model")).get_raw_model().params == compiled.params
+
+
+def test_load_model_from_a_run_uri_and_refuses_other_flavors(compiled, tmp_path):
+    with mlflow.start_run() as run:
+        ckks.log_model(compiled, name="model")
+        mlflow.pyfunc.log_model(name="other", python_model=_Echo(), pip_requirements=["mlflow"])
+    loaded = ckks.load_model(f"runs:/{run.info.run_id}/model", dst_path=str(tmp_path))
+    assert loaded.params == compiled.params
+    with pytest.raises(MlflowException, match="ckks"):
+        ckks.load_model(f"runs:/{run.info.run_id}/other")
+
+
+class _Echo(mlflow.pyfunc.PythonModel):
+    def predict(self, context, model_input: list[str], params=None) -> list[str]:
+        return model_input
 
 
 def _requirement_names(lines: list[str]) -> set[str]:
