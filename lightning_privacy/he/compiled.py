@@ -26,6 +26,7 @@ from lightning_privacy.he.packing.single import (
 )
 from lightning_privacy.he.params import CKKSParams
 from lightning_privacy.he.report import ApproximationReport
+from lightning_privacy.he.serialization import SavedModel, load_model, save_model
 
 if TYPE_CHECKING:
     from lightning_privacy.he.arithmetic import Arithmetic
@@ -238,21 +239,30 @@ class CompiledModel:
         return self.graph.forward(x.reshape(len(x), *self.input_shape))
 
     def save(self, directory: str | os.PathLike) -> None:
-        """Write ``model.json`` (versioned) and ``weights.npz`` into ``directory``."""
-        from lightning_privacy.he.serialization import save_compiled
-
-        save_compiled(self, directory)
+        """Write ``model.json`` (versioned, with content hashes) and ``weights.npz`` into ``directory``."""
+        save_model(
+            SavedModel(
+                self.graph, self.params, self.input_range, self.approximation_report, self.calibration_agreement, self.input_bound
+            ),
+            directory,
+        )
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> CompiledModel:
-        """Read a model written by :meth:`save`.
+        """Read a model written by :meth:`save`, validating all of it first.
 
         Raises:
-            CompilationError: missing files, another format or an unsupported version.
-        """
-        from lightning_privacy.he.serialization import load_compiled
+            CompilationError: missing files, another format or an unsupported version, content that
+                does not match the hashes written at save, or a schema or consistency error; the
+                message names the file.
 
-        return load_compiled(directory)
+        Warns:
+            ModelIntegrityWarning: a version 1 model (written before content hashes).
+        """
+        saved = load_model(directory)
+        return cls(
+            saved.graph, saved.params, saved.input_range, saved.approximation_report, saved.calibration_agreement, saved.input_bound
+        )
 
     def __repr__(self) -> str:
         return (

@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +24,8 @@ from lightning_privacy.he import wire
 from lightning_privacy.he.keys import CONTEXT_MAGIC, FORMAT_VERSION, galois_elements, seal_context, seal_parameters
 from tests.he.helpers import digits
 
+#: The checkout under test (tests chdir into temporary directories).
+REPO_ROOT = str(Path(__file__).resolve().parents[2])
 OTHER_PARAMS = he.CKKSParams(8192, (40, 33, 33, 33, 40), 33)
 
 
@@ -149,7 +152,7 @@ def test_memory_bytes_matches_measured_rss_growth(mlp, tmp_path, layout):
     mlp[1].save(tmp_path / "m")
     result = subprocess.run(
         [sys.executable, "-c", _MEASURE, str(tmp_path / "m"), layout],
-        capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": os.getcwd()},
+        capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": REPO_ROOT},
     )
     numbers = json.loads(result.stdout.strip().splitlines()[-1])
     assert numbers["estimate"] == pytest.approx(numbers["measured"], rel=0.25)
