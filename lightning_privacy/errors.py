@@ -119,3 +119,15 @@ class UnsupportedMlflowVersionError(LightningPrivacyError, RuntimeError):
 
     The message names the MLflow version, the missing part and the versions the tests cover.
     """
+
+
+# --------------------------------------------------------------------------- privacy audit (audit)
+
+
+class AuditConfigError(LightningPrivacyError, ValueError):
+    """An audit setting or input is invalid: too few canaries or examples for the requested
+    statistics, scores of the wrong shape, a confidence outside (0, 1), an unknown attack."""
+
+
+class QueryBudgetExhaustedError(LightningPrivacyError, RuntimeError):
+    """A client has used up the query budget a model-extraction defence allows it."""
