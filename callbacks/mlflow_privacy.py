@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import pytorch_lightning as pl
 
-TAG_PREFIX = "privacy."
+from lightning_privacy.privacy_tags import TAG_PREFIX
 
 
 def _logger_runs(trainer: "pl.Trainer") -> list[tuple[Any, str]]:

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import mlflow
 
-PRIVACY_TAG_PREFIX = "privacy."
+from lightning_privacy.privacy_tags import privacy_only
 
 
 def copy_privacy_tags(run_id: str | None, name: str, version: int | str) -> dict[str, str]:
     """Copy every ``privacy.*`` tag of run ``run_id`` (set by DP training) onto model version ``name``/``version``.
 
     Works for any flavor: ``ckks.log_model`` calls it when it registers; call it yourself after
-    registering, e.g., a PyTorch model. Returns the copied tags.
+    registering, e.g., a PyTorch model. Returns the copied tags (the schema is
+    :mod:`lightning_privacy.privacy_tags`).
 
     Example::
 
@@ -21,7 +22,7 @@ def copy_privacy_tags(run_id: str | None, name: str, version: int | str) -> dict
     if run_id is None:
         return {}
     client = mlflow.MlflowClient()
-    tags = {k: v for k, v in client.get_run(run_id).data.tags.items() if k.startswith(PRIVACY_TAG_PREFIX)}
+    tags = privacy_only(client.get_run(run_id).data.tags)
     for key, value in tags.items():
         client.set_model_version_tag(name, str(version), key, value)
     return tags

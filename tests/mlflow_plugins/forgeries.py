@@ -45,7 +45,8 @@ def missing_galois_keys(compiled: he.CompiledModel, x: np.ndarray) -> EncryptedR
     keyring = he.Keyring(compiled, "single")
     steps = sorted(compiled.rotation_steps)
     generator = seal.KeyGenerator(seal_context(seal_parameters(compiled.params)))
-    (few,) = wire.save_objects([generator.create_galois_keys(galois_elements(steps[:1], compiled.params.poly_modulus_degree))])
+    one_step = generator.create_galois_keys(galois_elements(steps[:1], compiled.params.poly_modulus_degree))
+    (few,) = wire.save_objects([one_step])
     swap = lambda header, sections: (header, [*sections[:3], few])  # noqa: E731
     context = _repack(CONTEXT_MAGIC, keyring.public_context_bytes(), "public context", swap)
     return _row("single", context, keyring.encrypt(x).to_bytes())
