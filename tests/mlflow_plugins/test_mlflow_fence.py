@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import logging
 import re
+from pathlib import Path
 
 import mlflow
 import mlflow.pyfunc.scoring_server as scoring_server
@@ -77,3 +79,34 @@ def test_mlflows_own_errors_lose_their_stack_trace_to_the_log(monkeypatch, caplo
     assert len(json.loads(body)["message"]) < _mlflow_fence.MAX_MESSAGE_CHARS + 100
     incident = re.search(r"incident ([0-9a-f]{12})", body).group(1)
     assert any(incident in r.getMessage() and TRACE in r.getMessage() for r in caplog.records)
+
+
+def _private_mlflow_names(source: str) -> list[str]:
+    """Underscore names of MLflow a module imports or reaches as ``mlflow.x._y``."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "mlflow":
+            private_module = any(part.startswith("_") for part in node.module.split("."))
+            found += [f"{node.module}.{a.name}" for a in node.names if private_module or a.name.startswith("_")]
+        elif isinstance(node, ast.Import):
+            found += [a.name for a in node.names if a.name.startswith("mlflow.") and "._" in a.name]
+        elif isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            root = node.value
+            while isinstance(root, ast.Attribute):
+                root = root.value
+            if isinstance(root, ast.Name) and root.id == "mlflow":
+                found.append(ast.unparse(node))
+    return found
+
+
+def test_only_the_fence_touches_private_mlflow_names():
+    assert _private_mlflow_names("from mlflow.utils.environment import _PythonEnv\nmlflow.tracking._x.y()") == [
+        "mlflow.utils.environment._PythonEnv", "mlflow.tracking._x",
+    ]  # fmt: skip
+    package = Path(_mlflow_fence.__file__).parent
+    offenders = {
+        path.name: names
+        for path in sorted(package.glob("*.py"))
+        if path.name != "_mlflow_fence.py" and (names := _private_mlflow_names(path.read_text()))
+    }
+    assert offenders == {}
