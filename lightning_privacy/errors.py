@@ -22,6 +22,16 @@ class UnreachableEpsilonError(PrivacyConfigError):
     """No noise multiplier reaches the requested ε for this sampling rate and number of steps."""
 
 
+class DeltaTooLargeError(PrivacyConfigError):
+    """δ is so large that the (ε, δ) guarantee says nothing: δ ≥ 1/N (the mechanism may publish
+    whole examples), or δ above the mechanism's own δ at ε = 0 (the accountant's ε would be ≤ 0)."""
+
+
+class AccountantLimitError(PrivacyConfigError):
+    """The accountant cannot compute ε for these settings: σ is so small that its discretisation of
+    the privacy loss would not fit in memory."""
+
+
 class IncompatibleModuleError(LightningPrivacyError, ValueError):
     """The model contains modules that break per-sample gradients (e.g. BatchNorm)."""
 

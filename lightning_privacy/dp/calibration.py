@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 from lightning_privacy.dp.accounting import GaussianSteps, epsilon_for
-from lightning_privacy.errors import PrivacyBudgetExhaustedError, UnreachableEpsilonError
+from lightning_privacy.errors import DeltaTooLargeError, PrivacyBudgetExhaustedError, UnreachableEpsilonError
 
 #: Beyond this σ a model learns nothing useful; a target that needs more is reported unreachable.
 MAX_NOISE_MULTIPLIER = 1000.0
@@ -16,6 +16,8 @@ def _epsilon_or_inf(events: Sequence[GaussianSteps], delta: float, accountant: s
     # Accountants fail or overflow for tiny σ; that region is "more than any target".
     try:
         eps = epsilon_for(events, delta, accountant)
+    except DeltaTooLargeError:
+        raise  # no σ fixes a meaningless δ
     except (ValueError, OverflowError, ArithmeticError, RuntimeError):
         return math.inf
     return eps if math.isfinite(eps) else math.inf

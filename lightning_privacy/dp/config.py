@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import asdict, dataclass
-from typing import Any, Optional
+from typing import Any
 
 from lightning_privacy.errors import PrivacyConfigError
 
@@ -42,57 +44,55 @@ class DPConfig:
         max_physical_batch_size: split each Poisson (logical) batch into physical batches of at
             most this many examples, to bound memory; the optimizer still steps once per logical
             batch and ε is unchanged. ``None`` (default) keeps whole batches.
+        allow_large_delta: accept δ ≥ 1 / dataset size (with a warning). Such a δ allows
+            publishing whole examples, so it is refused unless this is set.
+
+    Raises:
+        PrivacyConfigError: for any setting that is missing, of the wrong type, not finite or out
+            of range (named in the message).
 
     Example::
 
         DPConfig(target_epsilon=3.0, delta=1e-5, epochs=10, max_grad_norm=1.0)
     """
 
-    noise_multiplier: Optional[float] = None
-    target_epsilon: Optional[float] = None
+    noise_multiplier: float | None = None
+    target_epsilon: float | None = None
     delta: float = 1e-5
-    epochs: Optional[int] = None
-    steps: Optional[int] = None
+    epochs: int | None = None
+    steps: int | None = None
     max_grad_norm: float = 1.0
     accountant: str = "prv"
     poisson_sampling: bool = True
     secure_mode: bool = False
-    max_epsilon: Optional[float] = None
+    max_epsilon: float | None = None
     loss_reduction: str = "mean"
     grad_sample_mode: str = "auto"
-    max_physical_batch_size: Optional[int] = None
+    max_physical_batch_size: int | None = None
+    allow_large_delta: bool = False
 
     def __post_init__(self) -> None:
+        for name in ("noise_multiplier", "target_epsilon", "max_epsilon"):
+            _check_positive_real(name, getattr(self, name), optional=True)
+        _check_positive_real("max_grad_norm", self.max_grad_norm)
+        _check_positive_real("delta", self.delta)
+        if not self.delta < 1:
+            raise PrivacyConfigError(
+                f"delta must be in (0, 1), got {self.delta}: it is the probability that the ε bound fails, "
+                "and should be well below 1 / dataset size (1e-5 is usual)."
+            )
+        for name in ("epochs", "steps", "max_physical_batch_size"):
+            _check_positive_int(name, getattr(self, name))
+        for name in ("poisson_sampling", "secure_mode", "allow_large_delta"):
+            _check_bool(name, getattr(self, name))
+        _check_choice("accountant", self.accountant, ACCOUNTANTS)
+        _check_choice("loss_reduction", self.loss_reduction, ("mean", "sum"))
+        _check_choice("grad_sample_mode", self.grad_sample_mode, GRAD_SAMPLE_MODES)
         if (self.noise_multiplier is None) == (self.target_epsilon is None):
             raise PrivacyConfigError(
                 "Give exactly one of noise_multiplier or target_epsilon "
                 f"(got noise_multiplier={self.noise_multiplier}, target_epsilon={self.target_epsilon})."
             )
-        if self.noise_multiplier is not None and self.noise_multiplier <= 0:
-            raise PrivacyConfigError(
-                f"noise_multiplier must be > 0, got {self.noise_multiplier}: σ = 0 adds no noise and "
-                "gives no privacy. For a non-private baseline, train without the DP callback."
-            )
-        if self.target_epsilon is not None and self.target_epsilon <= 0:
-            raise PrivacyConfigError(f"target_epsilon must be > 0, got {self.target_epsilon}.")
-        if self.max_epsilon is not None and self.max_epsilon <= 0:
-            raise PrivacyConfigError(f"max_epsilon must be > 0, got {self.max_epsilon}.")
-        if not 0 < self.delta < 1:
-            raise PrivacyConfigError(f"delta must be in (0, 1), got {self.delta}.")
-        if self.max_grad_norm <= 0:
-            raise PrivacyConfigError(f"max_grad_norm must be > 0, got {self.max_grad_norm}.")
-        if self.accountant not in ACCOUNTANTS:
-            raise PrivacyConfigError(f"accountant must be one of {ACCOUNTANTS}, got {self.accountant!r}.")
-        if self.loss_reduction not in ("mean", "sum"):
-            raise PrivacyConfigError(f"loss_reduction must be 'mean' or 'sum', got {self.loss_reduction!r}.")
-        if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
-            raise PrivacyConfigError(
-                f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {self.grad_sample_mode!r}."
-            )
-        for name in ("epochs", "steps", "max_physical_batch_size"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise PrivacyConfigError(f"{name} must be a positive integer, got {value}.")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict form, as stored in checkpoints."""
@@ -100,8 +100,53 @@ class DPConfig:
 
     def privacy_dict(self) -> dict[str, Any]:
         """The settings that change the guarantee (compared on resume); how gradients are computed
-        (``grad_sample_mode``, ``max_physical_batch_size``) does not, so it may change between runs."""
+        (``grad_sample_mode``, ``max_physical_batch_size``) does not, so it may change between runs;
+        nor does ``allow_large_delta``, which only decides whether ``delta`` is refused."""
         d = self.to_dict()
-        for key in ("grad_sample_mode", "max_physical_batch_size"):
+        for key in ("grad_sample_mode", "max_physical_batch_size", "allow_large_delta"):
             d.pop(key)
         return d
+
+
+_WHY = {
+    "noise_multiplier": "σ = 0 adds no noise and gives no privacy; for a non-private baseline, train "
+    "without the DP callback",
+    "max_grad_norm": "an infinite clipping bound clips nothing, so the noise bounds nothing",
+    "target_epsilon": "give the ε the run should end at, e.g. 3.0",
+    "max_epsilon": "give the budget as a finite ε, or leave it unset for no budget",
+}
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_positive_real(name: str, value: Any, optional: bool = False) -> None:
+    """``value`` is a finite real number > 0 (or ``None`` when ``optional``)."""
+    if value is None and optional:
+        return
+    if not _is_real(value) or not math.isfinite(value) or not value > 0:
+        why = _WHY.get(name, "")
+        raise PrivacyConfigError(
+            f"{name} must be a finite number > 0, got {value!r}"
+            + (f" ({type(value).__name__})" if not _is_real(value) else "")
+            + (f": {why}." if why else ".")
+        )
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    """``value`` is ``None`` or an integer > 0 (any integral type but ``bool``)."""
+    if value is None:
+        return
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or not value > 0:
+        raise PrivacyConfigError(f"{name} must be a positive integer or None, got {value!r} ({type(value).__name__}).")
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise PrivacyConfigError(f"{name} must be True or False, got {value!r} ({type(value).__name__}).")
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise PrivacyConfigError(f"{name} must be one of {choices}, got {value!r}.")
