@@ -1,0 +1,259 @@
+"""Model extraction: how well can a client copy a model from its prediction API?
+
+The attacker is a client of the encrypted server: it owns its keys, so it decrypts full logits.
+It sends ``query_budget`` inputs, fits a surrogate on (input, logits), and we measure the
+surrogate's *fidelity* (argmax agreement with the target on held-out data) and accuracy.
+
+Surrogates: ``linear`` and ``quadratic`` solve equations (least squares on the inputs, or on the
+inputs and their pairwise products: exact for a linear layer, or a network with one square
+activation, once the queries outnumber the unknowns); ``mlp`` distils the logits into a small MLP
+for anything deeper.
+
+Defences a server can apply without seeing plaintexts, here as wrappers of an in-process target
+(the served versions are settings of the ``ckks`` flavor): :class:`OutputPerturbation` adds
+Gaussian noise to the logits, :class:`QueryBudget` refuses a client past its budget.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from lightning_privacy.errors import AuditConfigError, QueryBudgetExhaustedError
+
+#: Surrogate models by name.
+SURROGATES = ("linear", "quadratic", "mlp")
+
+Target = Callable[[np.ndarray], np.ndarray]
+
+
+class OutputPerturbation:
+    """A target whose logits carry N(0, scale²) noise, fresh for every query.
+
+    Args:
+        target: inputs ``(n, d)`` -> logits ``(n, k)``.
+        scale: noise standard deviation, in logit units.
+        seed: seed of the noise.
+
+    Example::
+
+        defended = OutputPerturbation(model_logits, scale=0.5)
+    """
+
+    def __init__(self, target: Target, scale: float, seed: int = 0) -> None:
+        if not scale >= 0:
+            raise AuditConfigError(f"The perturbation scale must be >= 0, got {scale}.")
+        self.target = target
+        self.scale = float(scale)
+        self._rng = np.random.default_rng(seed)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        logits = np.asarray(self.target(x), dtype=np.float64)
+        return logits + self._rng.normal(0.0, self.scale, logits.shape)
+
+
+class QueryBudget:
+    """A target that answers at most ``max_queries`` inputs, then raises.
+
+    Args:
+        target: inputs -> logits.
+        max_queries: inputs answered in total; a request that would exceed it is refused whole.
+
+    Raises:
+        QueryBudgetExhaustedError: from ``__call__``, once the budget would be exceeded.
+    """
+
+    def __init__(self, target: Target, max_queries: int) -> None:
+        if max_queries < 0:
+            raise AuditConfigError(f"max_queries must be >= 0, got {max_queries}.")
+        self.target = target
+        self.max_queries = int(max_queries)
+        self.used = 0
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        if self.used + len(x) > self.max_queries:
+            raise QueryBudgetExhaustedError(
+                f"Query budget exhausted: {self.used} of {self.max_queries} inputs answered, this request asks for "
+                f"{len(x)} more."
+            )
+        self.used += len(x)
+        return self.target(x)
+
+
+@dataclass(frozen=True)
+class ExtractionPoint:
+    """One budget of an extraction attack.
+
+    Attributes:
+        budget: queries the attacker was allowed to spend.
+        answered: queries the target answered (fewer under a query-budget defence).
+        fidelity: argmax agreement of surrogate and target on the held-out inputs.
+        accuracy: the surrogate's accuracy on held-out labels (``None`` without labels).
+    """
+
+    budget: int
+    answered: int
+    fidelity: float
+    accuracy: float | None
+
+
+@dataclass(frozen=True)
+class ExtractionReport:
+    """Fidelity and accuracy of the surrogate at each query budget."""
+
+    surrogate: str
+    points: tuple[ExtractionPoint, ...]
+    target_accuracy: float | None
+
+    def as_metrics(self, prefix: str = "extraction.") -> dict[str, float]:
+        """``extraction.fidelity_at_100``, ``extraction.accuracy_at_100``, ... for MLflow."""
+        out: dict[str, float] = {}
+        for p in self.points:
+            out[f"{prefix}fidelity_at_{p.budget}"] = p.fidelity
+            out[f"{prefix}answered_at_{p.budget}"] = float(p.answered)
+            if p.accuracy is not None:
+                out[f"{prefix}accuracy_at_{p.budget}"] = p.accuracy
+        return out
+
+
+def synthetic_queries(pool: np.ndarray, count: int, seed: int = 0) -> np.ndarray:
+    """``count`` query inputs: the attacker's ``pool`` (shuffled), then random mixtures of two
+    pool inputs (λ uniform) once the pool runs out."""
+    pool = np.asarray(pool, dtype=np.float64)
+    if len(pool) == 0:
+        raise AuditConfigError("Extraction needs a non-empty pool of attacker inputs.")
+    rng = np.random.default_rng(seed)
+    first = pool[rng.permutation(len(pool))[:count]]
+    extra = count - len(first)
+    if extra <= 0:
+        return first
+    a, b = pool[rng.integers(0, len(pool), extra)], pool[rng.integers(0, len(pool), extra)]
+    lam = rng.random((extra,) + (1,) * (pool.ndim - 1))
+    return np.concatenate([first, lam * a + (1 - lam) * b])
+
+
+def _ask(target: Target, queries: np.ndarray, chunk: int) -> np.ndarray:
+    """Target logits for as many queries as it answers, in chunks, until it refuses."""
+    answers = []
+    for start in range(0, len(queries), chunk):
+        try:
+            answers.append(np.asarray(target(queries[start : start + chunk]), dtype=np.float64))
+        except QueryBudgetExhaustedError:
+            break
+    k = answers[0].shape[1] if answers else 0
+    return np.concatenate(answers) if answers else np.zeros((0, k))
+
+
+def _quadratic_features(x: np.ndarray) -> np.ndarray:
+    x = x.reshape(len(x), -1)
+    i, j = np.triu_indices(x.shape[1])
+    return np.concatenate([np.ones((len(x), 1)), x, x[:, i] * x[:, j]], axis=1)
+
+
+def _linear_features(x: np.ndarray) -> np.ndarray:
+    x = x.reshape(len(x), -1)
+    return np.concatenate([np.ones((len(x), 1)), x], axis=1)
+
+
+def _fit_least_squares(features: Callable[[np.ndarray], np.ndarray], x: np.ndarray, logits: np.ndarray):
+    # Minimum-norm least squares: the exact solution once queries outnumber unknowns.
+    coef, *_ = np.linalg.lstsq(features(x), logits, rcond=None)
+    return lambda z: features(z) @ coef
+
+
+def _fit_mlp(x: np.ndarray, logits: np.ndarray, seed: int, epochs: int = 300, hidden: int = 64):
+    torch.manual_seed(seed)
+    xt = torch.as_tensor(x.reshape(len(x), -1), dtype=torch.float32)
+    yt = torch.as_tensor(logits, dtype=torch.float32)
+    net = nn.Sequential(nn.Linear(xt.shape[1], hidden), nn.ReLU(), nn.Linear(hidden, yt.shape[1]))
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    batch = min(len(xt), 512)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(xt), generator=g).split(batch):
+            opt.zero_grad()
+            nn.functional.mse_loss(net(xt[idx]), yt[idx]).backward()
+            opt.step()
+    net.eval()
+
+    def predict(z: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return net(torch.as_tensor(z.reshape(len(z), -1), dtype=torch.float32)).numpy()
+
+    return predict
+
+
+def extraction(
+    target: Target,
+    query_budget: int | Sequence[int],
+    *,
+    pool: np.ndarray,
+    holdout: np.ndarray,
+    holdout_labels: np.ndarray | None = None,
+    reference: Target | None = None,
+    surrogate: str = "mlp",
+    chunk: int = 100,
+    mlp_epochs: int | None = None,
+    seed: int = 0,
+) -> ExtractionReport:
+    """Extract ``target`` with each budget in ``query_budget`` and measure the copies.
+
+    The queries of a smaller budget are a prefix of a larger one's, so the target is asked
+    ``max(query_budget)`` inputs once, in chunks of ``chunk``; a target that refuses (a query
+    budget) leaves the attacker with the answers it got.
+
+    Args:
+        target: the prediction API: inputs ``(n, *input_shape)`` -> logits ``(n, k)``.
+        query_budget: one or several numbers of queries.
+        pool: inputs the attacker owns (unlabelled); mixtures of them fill larger budgets.
+        holdout: inputs for fidelity, disjoint from ``pool``.
+        holdout_labels: true labels of ``holdout``, for accuracy.
+        reference: what fidelity compares against (the undefended model); default ``target``.
+        surrogate: ``"linear"``, ``"quadratic"`` or ``"mlp"`` (see the module docstring).
+        chunk: inputs per request.
+        mlp_epochs: training epochs of the ``mlp`` surrogate (default: about 2e5 examples seen).
+        seed: seed of queries and surrogate training.
+
+    Raises:
+        AuditConfigError: an unknown surrogate, a budget < 1, or an empty pool.
+
+    Example::
+
+        report = extraction(lambda x: model(torch.tensor(x)).numpy(), [100, 1000, 10000],
+                            pool=x_attacker, holdout=x_test, holdout_labels=y_test)
+        [p.fidelity for p in report.points]
+    """
+    if surrogate not in SURROGATES:
+        raise AuditConfigError(f"Unknown surrogate {surrogate!r}; choose from {SURROGATES}.")
+    budgets = sorted(
+        {int(query_budget)} if isinstance(query_budget, (int, np.integer)) else {int(b) for b in query_budget}
+    )
+    if not budgets or budgets[0] < 1:
+        raise AuditConfigError(f"Query budgets must be >= 1, got {query_budget}.")
+    holdout = np.asarray(holdout, dtype=np.float64)
+    queries = synthetic_queries(pool, budgets[-1], seed)
+    answers = _ask(target, queries, chunk)
+    truth = np.asarray((reference or target)(holdout)).argmax(axis=1)
+    target_accuracy = None if holdout_labels is None else float((truth == np.asarray(holdout_labels)).mean())
+    points = []
+    for b in budgets:
+        n = min(b, len(answers))
+        if n == 0:
+            points.append(ExtractionPoint(b, 0, 0.0, None if holdout_labels is None else 0.0))
+            continue
+        x, y = queries[:n], answers[:n]
+        if surrogate == "linear":
+            predict = _fit_least_squares(_linear_features, x, y)
+        elif surrogate == "quadratic":
+            predict = _fit_least_squares(_quadratic_features, x, y)
+        else:
+            epochs = mlp_epochs or max(20, min(1000, 200_000 // n))
+            predict = _fit_mlp(x, y, seed, epochs=epochs)
+        guess = predict(holdout).argmax(axis=1)
+        accuracy = None if holdout_labels is None else float((guess == np.asarray(holdout_labels)).mean())
+        points.append(ExtractionPoint(b, n, float((guess == truth).mean()), accuracy))
+    return ExtractionReport(surrogate, tuple(points), target_accuracy)
