@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from lightning_privacy.errors import EncryptedRequestError, ServingConfigError
+from lightning_privacy.errors import EncryptedRequestError
 from lightning_privacy.mlflow_plugins.protocol import ErrorCode
+from lightning_privacy.mlflow_plugins.server_settings import positive_int
 
 MAX_ENTRIES_ENV = "LIGHTNING_PRIVACY_CONTEXT_CACHE_MAX_ENTRIES"
 MAX_BYTES_ENV = "LIGHTNING_PRIVACY_CONTEXT_CACHE_MAX_BYTES"
@@ -50,8 +50,8 @@ class ContextCache(Generic[T]):
     def __init__(
         self, max_entries: int | None = None, max_bytes: int | None = None, *, cost: Callable[[T], int] | None = None
     ) -> None:
-        self.max_entries = _limit(max_entries, MAX_ENTRIES_ENV, DEFAULT_MAX_ENTRIES)
-        self.max_bytes = _limit(max_bytes, MAX_BYTES_ENV, DEFAULT_MAX_BYTES)
+        self.max_entries = positive_int(max_entries, MAX_ENTRIES_ENV, DEFAULT_MAX_ENTRIES)
+        self.max_bytes = positive_int(max_bytes, MAX_BYTES_ENV, DEFAULT_MAX_BYTES)
         self.cost = cost
         self._entries: OrderedDict[str, tuple[T, int]] = OrderedDict()
         self._lock = threading.Lock()
@@ -107,17 +107,3 @@ def _too_large(what: str, limit: int) -> EncryptedRequestError:
         ErrorCode.CONTEXT_TOO_LARGE,
         f"The public context {what}, more than this server caches ({limit}); raise {MAX_BYTES_ENV} on the server.",
     )
-
-
-def _limit(value: int | None, env: str, default: int) -> int:
-    if value is None:
-        raw = os.environ.get(env)
-        if raw is None:
-            return default
-        try:
-            value = int(raw)
-        except ValueError:
-            raise ServingConfigError(f"{env}={raw!r} is not an integer; set a positive integer.") from None
-    if value <= 0:
-        raise ServingConfigError(f"Context cache limit {env} must be a positive integer, got {value}.")
-    return value

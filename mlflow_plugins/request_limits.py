@@ -13,14 +13,14 @@ JSON; the default leaves 3.8x for larger inputs. A request is at most 4 levels d
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
 
-from lightning_privacy.errors import EncryptedRequestError, ServingConfigError
+from lightning_privacy.errors import EncryptedRequestError
 from lightning_privacy.mlflow_plugins import protocol
 from lightning_privacy.mlflow_plugins.protocol import ErrorCode
+from lightning_privacy.mlflow_plugins.server_settings import positive_int
 
 MAX_REQUEST_BYTES_ENV = "LIGHTNING_PRIVACY_MAX_REQUEST_BYTES"
 MAX_JSON_DEPTH_ENV = "LIGHTNING_PRIVACY_MAX_JSON_DEPTH"
@@ -53,16 +53,15 @@ class RequestLimits:
     max_depth: int = DEFAULT_MAX_JSON_DEPTH
 
     def __post_init__(self) -> None:
-        for name, value in (("max_bytes", self.max_bytes), ("max_depth", self.max_depth)):
-            if not isinstance(value, int) or value <= 0:
-                raise ServingConfigError(f"RequestLimits.{name} must be a positive integer, got {value!r}.")
+        positive_int(self.max_bytes, MAX_REQUEST_BYTES_ENV, DEFAULT_MAX_REQUEST_BYTES)
+        positive_int(self.max_depth, MAX_JSON_DEPTH_ENV, DEFAULT_MAX_JSON_DEPTH)
 
     @classmethod
     def from_env(cls) -> RequestLimits:
         """The limits set in the environment, defaults for those not set."""
         return cls(
-            _env_int(MAX_REQUEST_BYTES_ENV, DEFAULT_MAX_REQUEST_BYTES),
-            _env_int(MAX_JSON_DEPTH_ENV, DEFAULT_MAX_JSON_DEPTH),
+            positive_int(None, MAX_REQUEST_BYTES_ENV, DEFAULT_MAX_REQUEST_BYTES),
+            positive_int(None, MAX_JSON_DEPTH_ENV, DEFAULT_MAX_JSON_DEPTH),
         )
 
     def http_refusal(self, body: bytes) -> tuple[int, str] | None:
@@ -147,16 +146,3 @@ def _escaped(chunk: np.ndarray, quotes: np.ndarray, carried: int) -> tuple[np.nd
     )
     ends = slashes[-1] == len(chunk) - 1
     return before % 2 == 1, int(lengths[-1]) if ends else 0
-
-
-def _env_int(env: str, default: int) -> int:
-    raw = os.environ.get(env)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ServingConfigError(f"{env}={raw!r} is not an integer; set a positive integer.") from None
-    if value <= 0:
-        raise ServingConfigError(f"{env} must be a positive integer, got {value}.")
-    return value
