@@ -65,7 +65,9 @@ def build_models() -> dict[str, tuple[torch.nn.Module, np.ndarray]]:
     x = (digits.data / 16.0).astype(np.float32)
     reps = int(np.ceil(max(BATCH_SIZES) / len(x)))
     x_big = np.tile(x, (reps, 1))[: max(BATCH_SIZES)]
-    mlp = _train(torch.nn.Sequential(torch.nn.Linear(64, 32), he.nn.Square(), torch.nn.Linear(32, 10)), x, digits.target)
+    mlp = _train(
+        torch.nn.Sequential(torch.nn.Linear(64, 32), he.nn.Square(), torch.nn.Linear(32, 10)), x, digits.target
+    )
     small = _train(TutorialCNN(8, 3, 1, None, pool=True), x.reshape(-1, 1, 8, 8), digits.target)
     mnist = TutorialCNN(28, 7, 3, 64).eval()
     rng = np.random.default_rng(0)
@@ -122,11 +124,13 @@ def baseline(net: torch.nn.Module, x: np.ndarray, n: int) -> dict:
     reference = net(torch.as_tensor(x[:n])).detach().numpy()
     conv = getattr(net, "conv", None)
     elapsed, errors, ct_bytes = 0.0, [], 0
-    for sample, expected in zip(x[:n], reference):
+    for sample, expected in zip(x[:n], reference, strict=True):
         if conv is None:
             enc = ts.ckks_vector(context, sample.tolist())
         else:
-            enc, windows = ts.im2col_encoding(context, sample[0].tolist(), conv.kernel_size[0], conv.kernel_size[1], conv.stride[0])
+            enc, windows = ts.im2col_encoding(
+                context, sample[0].tolist(), conv.kernel_size[0], conv.kernel_size[1], conv.stride[0]
+            )
         ct_bytes += len(enc.serialize())
         start = time.perf_counter()
         if conv is None:
@@ -136,7 +140,9 @@ def baseline(net: torch.nn.Module, x: np.ndarray, n: int) -> dict:
             out = h.mm(lin2.weight.detach().numpy().T.tolist()) + lin2.bias.detach().numpy().tolist()
         else:
             kernels, biases = conv.weight.detach().numpy(), conv.bias.detach().numpy()
-            channels = [enc.conv2d_im2col(k[0].tolist(), windows) + float(b) for k, b in zip(kernels, biases)]
+            channels = [
+                enc.conv2d_im2col(k[0].tolist(), windows) + float(b) for k, b in zip(kernels, biases, strict=True)
+            ]
             h = ts.CKKSVector.pack_vectors(channels)
             h.square_()
             h = h.mm(_linear_after_conv(net).tolist()) + net.fc1.bias.detach().numpy().tolist()
@@ -165,18 +171,22 @@ def _linear_after_conv(net: TutorialCNN) -> np.ndarray:
 def main() -> None:
     torch.set_num_threads(1)
     models = build_models()
-    print("| model | N | depth | single ms | single ms, 2 procs | batch1024 ms/sample | batch4096 ms/sample | ct KB/sample single | "
-          "ct KB/sample batch | keys MB single | keys MB batch | max err | tutorial ms | tutorial ct KB | "
-          "tutorial keys MB | tutorial err | speedup single | keys ratio single |")
+    print(
+        "| model | N | depth | single ms | single ms, 2 procs | batch1024 ms/sample | batch4096 ms/sample | "
+        "ct KB/sample single | ct KB/sample batch | keys MB single | keys MB batch | max err | tutorial ms | "
+        "tutorial ct KB | tutorial keys MB | tutorial err | speedup single | keys ratio single |"
+    )
     print("|" + "---|" * 18)
     for name, (net, x) in models.items():
         row = ours(net, x, SINGLE_SAMPLES[name])
         base = baseline(net, x, BASELINE_SAMPLES)
         print(
-            f"| ({name}) | {row['N']} | {row['depth']} | {row['single_ms']:.1f} | {row['single2_ms']:.1f} | {row['batch1024_ms']:.3f} | "
-            f"{row['batch4096_ms']:.3f} | {row['single_ct'] / 1e3:.0f} | {row['batch_ct'] / 1e3:.1f} | "
+            f"| ({name}) | {row['N']} | {row['depth']} | {row['single_ms']:.1f} | {row['single2_ms']:.1f} | "
+            f"{row['batch1024_ms']:.3f} | {row['batch4096_ms']:.3f} | {row['single_ct'] / 1e3:.0f} | "
+            f"{row['batch_ct'] / 1e3:.1f} | "
             f"{row['single_keys'] / 1e6:.1f} | {row['batch_keys'] / 1e6:.1f} | {row['error']:.1e} | "
-            f"{base['single_ms']:.0f} | {base['single_ct'] / 1e3:.0f} | {base['keys'] / 1e6:.1f} | {base['error']:.1e} | "
+            f"{base['single_ms']:.0f} | {base['single_ct'] / 1e3:.0f} | {base['keys'] / 1e6:.1f} | "
+            f"{base['error']:.1e} | "
             f"{base['single_ms'] / row['single_ms']:.1f}x | {base['keys'] / row['single_keys']:.1f}x |",
             flush=True,
         )

@@ -61,6 +61,13 @@ class UnsupportedOperatorError(LightningPrivacyError, NotImplementedError):
     """An ONNX operator has no CKKS lowering."""
 
 
+class LoweringError(UnsupportedOperatorError):
+    """A lowering cannot map one ONNX node; the message is only the reason.
+
+    The ONNX importer completes it with the op type, the node name and the supported set.
+    """
+
+
 class CompilationError(LightningPrivacyError, ValueError):
     """A layer graph cannot be compiled to CKKS (depth, shapes, parameters)."""
 

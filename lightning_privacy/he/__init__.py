@@ -67,24 +67,25 @@ from typing import Any
 
 import numpy as np
 
-from lightning_privacy.he.compiled import CompiledModel
+from lightning_privacy.he.ciphertexts import EncryptedBatch
+from lightning_privacy.he.context import PublicContext
 from lightning_privacy.he.graph import LayerGraph
-from lightning_privacy.he.keys import Keyring, PublicContext
+from lightning_privacy.he.keys import Keyring
+from lightning_privacy.he.model import CompiledModel
 from lightning_privacy.he.params import SECURITY_LIMITS, CKKSParams
 from lightning_privacy.he.report import ApproximationReport
-from lightning_privacy.he.runtime import EncryptedBatch
 
 #: Public names whose modules need torch or onnx (export, ONNX import, compiling): imported on first
 #: use, so a server that loads and evaluates a CompiledModel imports neither. name -> (module,
 #: attribute; None for the module itself). Resolving a name binds it here for good; importing the
-#: module ``lightning_privacy.he.compile`` (or ``.export``) directly before ``he.compile`` is first
-#: used binds the module under that name instead, so nothing inside ``he`` does that.
+#: module ``lightning_privacy.he.export`` directly before ``he.export`` is first used binds the
+#: module under that name instead, so nothing inside ``he`` does that.
 _LAZY = {
     "nn": ("lightning_privacy.he.nn", None),
     "export": ("lightning_privacy.he.export", "export"),
-    "compile": ("lightning_privacy.he.compile", "compile"),
-    "import_onnx": ("lightning_privacy.he.onnx_import", "import_onnx"),
-    "SUPPORTED_OPS": ("lightning_privacy.he.onnx_import", "SUPPORTED_OPS"),
+    "compile": ("lightning_privacy.he.compiler", "compile"),
+    "import_onnx": ("lightning_privacy.he.onnx", "import_onnx"),
+    "SUPPORTED_OPS": ("lightning_privacy.he.onnx", "SUPPORTED_OPS"),
 }
 
 

@@ -104,7 +104,11 @@ class Arithmetic:
         def power(k: int) -> seal.Ciphertext:
             if k not in powers:
                 half = 1 << (k.bit_length() - 1)
-                powers[k] = self.multiply(power(k // 2), power(k // 2)) if half == k else self.multiply(power(half), power(k - half))
+                powers[k] = (
+                    self.multiply(power(k // 2), power(k // 2))
+                    if half == k
+                    else self.multiply(power(half), power(k - half))
+                )
             return powers[k]
 
         terms = [(k, c, power(k)) for k, c in enumerate(coefficients) if k >= 1 and c != 0.0]

@@ -32,5 +32,7 @@ def levels(graph: LayerGraph) -> dict[str, int]:
             level[layer.output] = level[layer.input] + powers + (0 if bare else 1)
             exact[layer.output] = not bare
         else:
-            raise CompilationError(f"layer {layer.name!r} ({type(layer).__name__}) must be approximated before depth analysis")
+            raise CompilationError(
+                f"layer {layer.name!r} ({type(layer).__name__}) must be approximated before depth analysis"
+            )
     return level

@@ -10,9 +10,13 @@ import onnx
 import torch
 
 OPSET = 20
+#: torch >= 2.9 warns that ``dynamo=False`` is the legacy exporter; the importer expects its output.
+_LEGACY_EXPORTER_NOTICE = "You are using the legacy TorchScript-based ONNX export"
 
 
-def export(module: torch.nn.Module, example_input: torch.Tensor, path: str | os.PathLike | None = None) -> onnx.ModelProto:
+def export(
+    module: torch.nn.Module, example_input: torch.Tensor, path: str | os.PathLike | None = None
+) -> onnx.ModelProto:
     """Export ``module`` (in eval mode) to ONNX for :func:`import_onnx`.
 
     Uses the TorchScript exporter (``dynamo=False``) at opset 20, a dynamic batch axis named
@@ -33,8 +37,12 @@ def export(module: torch.nn.Module, example_input: torch.Tensor, path: str | os.
     module.eval()
     buffer = io.BytesIO()
     try:
+        # Tracer warnings stay visible: they flag Python control flow the exported graph freezes.
+        # Dropped are only the deprecation notices of the TorchScript exporter (chosen on purpose:
+        # the importer expects its output), which torch raises about itself on every export.
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+            warnings.filterwarnings("ignore", message=_LEGACY_EXPORTER_NOTICE, category=DeprecationWarning)
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
             torch.onnx.export(
                 module,
                 (example_input,),

@@ -170,10 +170,13 @@ def check_input(
     flat = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
     if np.max(np.abs(flat), initial=0.0) <= input_bound:
         return
-    fix = "clip or rescale the inputs to the range of the calibration data, or recompile with calibration data that covers them"
+    fix = (
+        "clip or rescale the inputs to the range of the calibration data, or recompile with calibration data that "
+        "covers them"
+    )
     values = graph.values(flat)
     for entry in report:
-        (layer,) = [l for l in graph.layers if isinstance(l, Polynomial) and l.name == entry.layer]
+        (layer,) = [layer for layer in graph.layers if isinstance(layer, Polynomial) and layer.name == entry.layer]
         t = values[layer.input]
         outside = np.abs(t) > 1.0
         if np.any(outside):
@@ -200,9 +203,9 @@ def check_input(
     if np.max(peaks) > room:
         where = f"input sample {int(np.argmax(peaks))}" if layout == "single" else "this batch of inputs"
         raise InputRangeError(
-            f"{where} would overflow the CKKS modulus: the model's output encodes to coefficients of {np.max(peaks):.4g} "
-            f"x scale, while its level {level} of these parameters (N={n}, moduli {list(params.coeff_mod_bit_sizes)} "
-            f"bits, scale 2^{params.scale_bits}) holds at most {room:.4g} x scale, so the decrypted result would be "
-            f"garbage. Every input with max |x| <= {input_bound:.4g} is safe for this model; {fix} (the compiler "
-            "then sizes the moduli for them)."
+            f"{where} would overflow the CKKS modulus: the model's output encodes to coefficients of "
+            f"{np.max(peaks):.4g} x scale, while its level {level} of these parameters (N={n}, moduli "
+            f"{list(params.coeff_mod_bit_sizes)} bits, scale 2^{params.scale_bits}) holds at most {room:.4g} x scale, "
+            f"so the decrypted result would be garbage. Every input with max |x| <= {input_bound:.4g} is safe for "
+            f"this model; {fix} (the compiler then sizes the moduli for them)."
         )

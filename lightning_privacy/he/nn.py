@@ -45,10 +45,12 @@ class PolyActivation(torch.nn.Module):
         if len(init) != degree + 1:
             raise ValueError(f"init needs degree + 1 = {degree + 1} coefficients, got {len(init)}")
         self.coefficients = torch.nn.Parameter(torch.tensor(list(init), dtype=torch.float32))
+        # A plain int: len() of a parameter inside forward makes the ONNX tracer warn.
+        self._degree = degree
 
     @property
     def degree(self) -> int:
-        return len(self.coefficients) - 1
+        return self._degree
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         powers = {1: x}

@@ -144,13 +144,19 @@ def load_model(directory: str | os.PathLike) -> SavedModel:
         with np.load(io.BytesIO(weights_bytes), allow_pickle=False) as npz:
             weights = {name: npz[name] for name in npz.files}
     except Exception as exc:  # zipfile, zlib and numpy's format parser each raise their own errors
-        raise CompilationError(f"{weights_path}: not a readable .npz archive ({type(exc).__name__}: {exc}); {_FIX}") from exc
+        raise CompilationError(
+            f"{weights_path}: not a readable .npz archive ({type(exc).__name__}: {exc}); {_FIX}"
+        ) from exc
     return _Reader(document, weights, model_path, weights_path).model()
 
 
 def _check_integrity(document: dict, weights: bytes, model_path: str, weights_path: str) -> None:
     integrity = document.get(_INTEGRITY)
-    if not isinstance(integrity, dict) or set(integrity) != {"algorithm", MODEL_FILE, WEIGHTS_FILE} or integrity["algorithm"] != "sha256":
+    if (
+        not isinstance(integrity, dict)
+        or set(integrity) != {"algorithm", MODEL_FILE, WEIGHTS_FILE}
+        or integrity["algorithm"] != "sha256"
+    ):
         raise CompilationError(f"{model_path}: missing or malformed {_INTEGRITY!r} entry; {_FIX}")
     try:
         body = _canonical(document)
@@ -159,7 +165,9 @@ def _check_integrity(document: dict, weights: bytes, model_path: str, weights_pa
     if hashlib.sha256(body).hexdigest() != integrity[MODEL_FILE]:
         raise CompilationError(f"{model_path}: content does not match the sha256 written at save; {_FIX}")
     if hashlib.sha256(weights).hexdigest() != integrity[WEIGHTS_FILE]:
-        raise CompilationError(f"{weights_path}: content does not match the sha256 written at save in {MODEL_FILE}; {_FIX}")
+        raise CompilationError(
+            f"{weights_path}: content does not match the sha256 written at save in {MODEL_FILE}; {_FIX}"
+        )
 
 
 def _is_int(value: object) -> bool:
@@ -194,7 +202,11 @@ class _Reader:
     def array(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         self.require(name in self.weights, f"missing array {name!r}", in_weights=True)
         value = self.weights[name]
-        self.require(value.dtype == np.float64 and value.shape == shape, f"array {name!r} has dtype {value.dtype} and shape {value.shape}, expected float64 {shape}", in_weights=True)
+        self.require(
+            value.dtype == np.float64 and value.shape == shape,
+            f"array {name!r} has dtype {value.dtype} and shape {value.shape}, expected float64 {shape}",
+            in_weights=True,
+        )
         self.require(bool(np.all(np.isfinite(value))), f"array {name!r} holds NaN or infinity", in_weights=True)
         return value
 
@@ -205,7 +217,10 @@ class _Reader:
         params = self.params(d["params"])
         for key in ("input_name", "output_name"):
             self.require(isinstance(d[key], str) and d[key] != "", f"{key} must be a non-empty string")
-        self.require(d["output_activation"] is None or d["output_activation"] in OUTPUT_ACTIVATIONS, f"unknown output_activation {d['output_activation']!r}")
+        self.require(
+            d["output_activation"] is None or d["output_activation"] in OUTPUT_ACTIVATIONS,
+            f"unknown output_activation {d['output_activation']!r}",
+        )
         input_shape = self.shape(d["input_shape"], "input_shape")
         self.require(isinstance(d["shapes"], dict), "shapes must be an object")
         shapes = {name: self.shape(shape, f"shapes[{name!r}]") for name, shape in d["shapes"].items()}
@@ -213,30 +228,51 @@ class _Reader:
         self.require(isinstance(d["layers"], list) and len(d["layers"]) > 0, "layers must be a non-empty list")
         layers = [self.layer(i, entry, shapes) for i, entry in enumerate(d["layers"])]
         self.graph_consistency(d["input_name"], d["output_name"], layers, shapes)
-        affine = {f"{i}.{part}" for i, l in enumerate(layers) if isinstance(l, Affine) for part in ("weight", "bias")}
+        affine = {
+            f"{i}.{part}" for i, layer in enumerate(layers) if isinstance(layer, Affine) for part in ("weight", "bias")
+        }
         names = affine | {"input_low", "input_high"}
-        self.require(set(self.weights) == names, f"arrays {sorted(set(self.weights) ^ names)} missing or unexpected", in_weights=True)
+        self.require(
+            set(self.weights) == names,
+            f"arrays {sorted(set(self.weights) ^ names)} missing or unexpected",
+            in_weights=True,
+        )
         dim = int(np.prod(input_shape))
         low, high = self.array("input_low", (dim,)), self.array("input_high", (dim,))
         self.require(bool(np.all(low <= high)), "input_low exceeds input_high", in_weights=True)
         graph = LayerGraph(d["input_name"], input_shape, d["output_name"], layers, shapes, d["output_activation"])
-        self.require(max(levels(graph).values()) <= params.depth, f"the graph needs more than the {params.depth} levels its parameters hold")
-        self.require(max(period(int(np.prod(s))) for s in shapes.values()) <= params.slots, "a value does not fit the slots of the parameters")
+        self.require(
+            max(levels(graph).values()) <= params.depth,
+            f"the graph needs more than the {params.depth} levels its parameters hold",
+        )
+        self.require(
+            max(period(int(np.prod(s))) for s in shapes.values()) <= params.slots,
+            "a value does not fit the slots of the parameters",
+        )
         report = self.report(d["approximation_report"], layers)
         agreement = d["calibration_agreement"]
-        self.require(_is_number(agreement) and 0.0 <= agreement <= 1.0, f"calibration_agreement must be in [0, 1], got {agreement!r}")
+        self.require(
+            _is_number(agreement) and 0.0 <= agreement <= 1.0,
+            f"calibration_agreement must be in [0, 1], got {agreement!r}",
+        )
         bound = d.get("input_bound", 0.0)
         self.require(_is_number(bound) and bound >= 0.0, f"input_bound must be a finite number >= 0, got {bound!r}")
         return SavedModel(graph, params, (low, high), report, float(agreement), float(bound))
 
     def params(self, value: object) -> CKKSParams:
-        self.require(isinstance(value, dict) and set(value) == {"poly_modulus_degree", "coeff_mod_bit_sizes", "scale_bits"}, "malformed params")
+        self.require(
+            isinstance(value, dict) and set(value) == {"poly_modulus_degree", "coeff_mod_bit_sizes", "scale_bits"},
+            "malformed params",
+        )
         bits = value["coeff_mod_bit_sizes"]
         self.require(
-            _is_int(value["poly_modulus_degree"]) and _is_int(value["scale_bits"]) and isinstance(bits, list)
-            and len(bits) >= 3 and all(_is_int(b) and 0 < b <= 60 for b in bits),
+            _is_int(value["poly_modulus_degree"])
+            and _is_int(value["scale_bits"])
+            and isinstance(bits, list)
+            and len(bits) >= 3
+            and all(_is_int(b) and 0 < b <= 60 for b in bits),
             f"malformed params {value!r}",
-        )  # fmt: skip
+        )
         try:
             return CKKSParams(value["poly_modulus_degree"], tuple(bits), value["scale_bits"])
         except CompilationError as exc:
@@ -250,10 +286,13 @@ class _Reader:
         self.require(set(entry) == keys, f"layer {i} keys {sorted(set(entry) ^ keys)} missing or unexpected")
         name, inputs, output = entry["name"], entry["inputs"], entry["output"]
         self.require(
-            isinstance(name, str) and isinstance(output, str) and isinstance(inputs, list)
-            and len(inputs) == _LAYER_INPUTS[kind] and all(isinstance(v, str) for v in inputs),
+            isinstance(name, str)
+            and isinstance(output, str)
+            and isinstance(inputs, list)
+            and len(inputs) == _LAYER_INPUTS[kind]
+            and all(isinstance(v, str) for v in inputs),
             f"layer {i} ({kind}) has a malformed name, inputs or output",
-        )  # fmt: skip
+        )
         for value in (*inputs, output):
             self.require(value in shapes, f"layer {i} ({name!r}) uses value {value!r}, which has no entry in shapes")
         size = [int(np.prod(shapes[v])) for v in (*inputs, output)]
@@ -277,24 +316,33 @@ class _Reader:
             self.require(not missing, f"layer {layer.name!r} reads {missing} before any layer computes it")
             self.require(layer.output not in defined, f"layer {layer.name!r} writes {layer.output!r} a second time")
             defined.add(layer.output)
-        self.require(output_name in defined and output_name != input_name, f"output {output_name!r} is not computed by any layer")
+        self.require(
+            output_name in defined and output_name != input_name, f"output {output_name!r} is not computed by any layer"
+        )
         self.require(defined <= set(shapes), f"values {sorted(defined - set(shapes))} have no entry in shapes")
 
     def report(self, value: object, layers: list[Layer]) -> list[ApproximationReport]:
         self.require(isinstance(value, list), "approximation_report must be a list")
-        polynomials = {l.name for l in layers if isinstance(l, Polynomial)}
+        polynomials = {layer.name for layer in layers if isinstance(layer, Polynomial)}
         keys = {f.name for f in fields(ApproximationReport)}
         out = []
         for r in value:
             self.require(isinstance(r, dict) and set(r) == keys, "malformed approximation_report entry")
             interval = r["interval"]
             self.require(
-                isinstance(r["layer"], str) and r["layer"] in polynomials and isinstance(r["activation"], str)
-                and _is_int(r["degree"]) and r["degree"] >= 1 and _is_number(r["max_error"])
-                and _is_number(r["calibration_error"]) and isinstance(interval, list) and len(interval) == 2
-                and all(_is_number(v) for v in interval) and interval[0] < interval[1],
+                isinstance(r["layer"], str)
+                and r["layer"] in polynomials
+                and isinstance(r["activation"], str)
+                and _is_int(r["degree"])
+                and r["degree"] >= 1
+                and _is_number(r["max_error"])
+                and _is_number(r["calibration_error"])
+                and isinstance(interval, list)
+                and len(interval) == 2
+                and all(_is_number(v) for v in interval)
+                and interval[0] < interval[1],
                 f"malformed approximation_report entry for layer {r.get('layer')!r}",
-            )  # fmt: skip
+            )
             out.append(ApproximationReport(**{**r, "interval": (float(interval[0]), float(interval[1]))}))
         self.require(len({r.layer for r in out}) == len(out), "approximation_report names a layer twice")
         return out

@@ -70,10 +70,16 @@ def test_he_blocks_compile_without_approximation():
 def test_batchnorm_and_linear_chains_are_folded():
     x = digits(50, image=True)
     net = torch.nn.Sequential(
-        torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2), torch.nn.Flatten(), torch.nn.Linear(72, 16), torch.nn.BatchNorm1d(16), he.nn.Square(), torch.nn.Linear(16, 4)
+        torch.nn.Conv2d(1, 2, 3),
+        torch.nn.BatchNorm2d(2),
+        torch.nn.Flatten(),
+        torch.nn.Linear(72, 16),
+        torch.nn.BatchNorm1d(16),
+        he.nn.Square(),
+        torch.nn.Linear(16, 4),
     ).eval()
     model = he.compile(onnx_of(net, x), x)
-    assert [type(l) for l in model.graph.layers] == [Affine, type(model.graph.layers[1]), Affine]
+    assert [type(layer) for layer in model.graph.layers] == [Affine, type(model.graph.layers[1]), Affine]
     assert model.depth == 3
 
 
@@ -135,7 +141,7 @@ def test_output_activation_is_kept_for_the_client():
     net = torch.nn.Sequential(torch.nn.Linear(64, 10), torch.nn.Softmax(dim=1)).eval()
     model = he.compile(onnx_of(net, x), x)
     assert model.output_activation == "softmax"
-    assert not any(isinstance(l, Polynomial) for l in model.graph.layers)
+    assert not any(isinstance(layer, Polynomial) for layer in model.graph.layers)
 
 
 def test_a_graph_too_deep_for_n32768_fails_at_compile_time_with_its_depth():

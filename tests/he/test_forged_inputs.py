@@ -14,14 +14,13 @@ import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import pytest
 import tenseal.sealapi as seal
 
 import lightning_privacy.he as he
 from lightning_privacy.errors import EncryptionInputError, ModelMismatchError
 from lightning_privacy.he import wire
-from lightning_privacy.he.keys import CONTEXT_MAGIC, FORMAT_VERSION, galois_elements, seal_context, seal_parameters
+from lightning_privacy.he.context import CONTEXT_MAGIC, FORMAT_VERSION, galois_elements, seal_context, seal_parameters
 from tests.he.helpers import digits
 
 #: The checkout under test (tests chdir into temporary directories).
@@ -125,8 +124,9 @@ def test_ciphertext_with_a_garbage_scale(mlp, keyrings, scale):
 _MEASURE = textwrap.dedent(
     """
     import gc, json, os, sys
-    from lightning_privacy.he.compiled import CompiledModel
-    from lightning_privacy.he.keys import Keyring, PublicContext
+    from lightning_privacy.he.context import PublicContext
+    from lightning_privacy.he.keys import Keyring
+    from lightning_privacy.he.model import CompiledModel
 
     def rss():
         with open("/proc/self/statm") as f:
@@ -152,7 +152,10 @@ def test_memory_bytes_matches_measured_rss_growth(mlp, tmp_path, layout):
     mlp[1].save(tmp_path / "m")
     result = subprocess.run(
         [sys.executable, "-c", _MEASURE, str(tmp_path / "m"), layout],
-        capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": REPO_ROOT},
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": REPO_ROOT},
     )
     numbers = json.loads(result.stdout.strip().splitlines()[-1])
     assert numbers["estimate"] == pytest.approx(numbers["measured"], rel=0.25)

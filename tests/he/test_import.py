@@ -22,7 +22,12 @@ def _node_model(nodes, input_shape, initializers, output="y", opset=20) -> onnx.
         "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", *input_shape])],
         [helper.make_tensor_value_info(output, TensorProto.FLOAT, None)],
-        [numpy_helper.from_array(np.asarray(v, dtype=np.float32) if np.asarray(v).dtype.kind == "f" else np.asarray(v), k) for k, v in initializers.items()],
+        [
+            numpy_helper.from_array(
+                np.asarray(v, dtype=np.float32) if np.asarray(v).dtype.kind == "f" else np.asarray(v), k
+            )
+            for k, v in initializers.items()
+        ],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
@@ -50,11 +55,15 @@ def test_gemm_variants(attrs):
     b = _w(10, 6) if attrs.get("transB") else _w(6, 10)
     proto = _node_model([helper.make_node("Gemm", ["x", "b", "c"], ["y"], **attrs)], [6], {"b": b, "c": _w(10)})
     graph = _check(proto, _w(5, 6))
-    assert [type(l) for l in graph.layers] == [Affine]
+    assert [type(layer) for layer in graph.layers] == [Affine]
 
 
 def test_matmul_both_sides_and_bias():
-    right = _node_model([helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Add", ["h", "c"], ["y"])], [3, 4], {"w": _w(4, 5), "c": _w(5)})
+    right = _node_model(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Add", ["h", "c"], ["y"])],
+        [3, 4],
+        {"w": _w(4, 5), "c": _w(5)},
+    )
     _check(right, _w(4, 3, 4))
     left = _node_model([helper.make_node("MatMul", ["w", "x"], ["y"])], [3, 4], {"w": _w(2, 3)})
     _check(left, _w(4, 3, 4))
@@ -125,7 +134,7 @@ def test_encrypted_branches_add_sub_mul_pow():
         helper.make_node("Sub", ["s", "x"], ["y"]),
     ]
     graph = _check(_node_model(nodes, [5], {"three": np.array(3.0, dtype=np.float32)}), _w(4, 5))
-    kinds = {type(l) for l in graph.layers}
+    kinds = {type(layer) for layer in graph.layers}
     assert {Multiply, Polynomial, Add, Affine} <= kinds
 
 
@@ -170,15 +179,17 @@ def test_activations_and_silu_pattern():
     x = digits(30)
     proto = onnx_of(Net(), x)
     graph = _check(proto, x)
-    kinds = sorted(l.kind for l in graph.layers if isinstance(l, Activation))
+    kinds = sorted(layer.kind for layer in graph.layers if isinstance(layer, Activation))
     assert kinds == ["gelu", "gelu_tanh", "relu", "sigmoid", "silu", "tanh"]
 
 
 def test_he_nn_blocks_import_exactly():
-    net = torch.nn.Sequential(torch.nn.Linear(64, 8), he.nn.Square(), torch.nn.Linear(8, 8), he.nn.PolyActivation(3, [0.1, 0.5, 0.2, -0.05]))
+    net = torch.nn.Sequential(
+        torch.nn.Linear(64, 8), he.nn.Square(), torch.nn.Linear(8, 8), he.nn.PolyActivation(3, [0.1, 0.5, 0.2, -0.05])
+    )
     x = digits(30)
     graph = _check(onnx_of(net, x), x)
-    assert not any(isinstance(l, Activation) for l in graph.layers)
+    assert not any(isinstance(layer, Activation) for layer in graph.layers)
     np.testing.assert_allclose(graph.forward(x), net(torch.as_tensor(x)).detach().numpy(), atol=1e-5)
 
 
@@ -208,7 +219,11 @@ def test_maxpool_error_points_at_averagepool():
     [
         (helper.make_node("Erf", ["x"], ["y"], name="n"), {}, "Supported operators"),
         (helper.make_node("Div", ["c", "x"], ["y"], name="n"), {"c": _w(4)}, "division by an encrypted"),
-        (helper.make_node("Pow", ["x", "e"], ["y"], name="n"), {"e": np.array(0.5, dtype=np.float32)}, "integer exponents"),
+        (
+            helper.make_node("Pow", ["x", "e"], ["y"], name="n"),
+            {"e": np.array(0.5, dtype=np.float32)},
+            "integer exponents",
+        ),
         (helper.make_node("Softmax", ["x"], ["s"], name="n"), {}, "graph output"),
         (helper.make_node("Flatten", ["x"], ["y"], axis=0, name="n"), {}, "merges the batch axis"),
         (helper.make_node("Gemm", ["x", "b"], ["y"], transA=1, name="n"), {"b": _w(2, 3)}, "transA"),
@@ -241,7 +256,19 @@ def test_he_imports_neither_dp_nor_lightning_nor_mlflow():
     code = (
         "import sys, lightning_privacy.he\n"
         "bad = [m for m in sys.modules if m.split('.')[0] in ('mlflow', 'pytorch_lightning', 'lightning')"
-        " or m.startswith(('lightning_privacy.dp', 'lightning_privacy.callbacks', 'lightning_privacy.mlflow_plugins'))]\n"
+        " or m.startswith(('lightning_privacy.dp', 'lightning_privacy.callbacks',"
+        " 'lightning_privacy.mlflow_plugins'))]\n"
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_export_shows_tracer_warnings():
+    """Python control flow on tensor values is frozen by the tracer: the user must hear about it."""
+
+    class Branchy(torch.nn.Module):
+        def forward(self, x):
+            return x * 2 if x.sum() > 0 else x
+
+    with pytest.warns(torch.jit.TracerWarning):
+        he.export(Branchy(), torch.ones(1, 4))

@@ -67,7 +67,9 @@ def test_edge_of_the_safe_range_matches_onnxruntime_and_beyond_it_is_garbage(mlp
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CalibrationRangeWarning)
         expected = ort_run(proto, inside)
-        np.testing.assert_allclose(encrypted_run(model, inside, layout), expected, atol=1e-6 * np.abs(expected).max() + 1e-3)
+        np.testing.assert_allclose(
+            encrypted_run(model, inside, layout), expected, atol=1e-6 * np.abs(expected).max() + 1e-3
+        )
         beyond = _with_feature(base, 10, 1.1 * edge)
         with pytest.raises(InputRangeError):
             he.Keyring(model, layout).encrypt(beyond)

@@ -76,9 +76,9 @@ def test_fuzzed_model_files_load_identically_or_fail_naming_the_file(tanh_model,
 
 def test_edited_and_rehashed_file_is_still_validated(tanh_model, tmp_path):
     """Content hashes catch accidents; the schema and consistency checks catch the rest."""
-    from lightning_privacy.he.serialization import _canonical
-
     import hashlib
+
+    from lightning_privacy.he.serialization import _canonical
 
     tanh_model.save(tmp_path / "m")
     path = tmp_path / "m" / "model.json"

@@ -54,7 +54,9 @@ def _conv_matrix(kernel: np.ndarray, side: int, stride: int) -> np.ndarray:
             for ow in range(out):
                 for kh in range(k):
                     for kw in range(k):
-                        weight[(c * out + oh) * out + ow, (oh * stride + kh) * side + ow * stride + kw] = kernel[c, kh, kw]
+                        weight[(c * out + oh) * out + ow, (oh * stride + kh) * side + ow * stride + kw] = kernel[
+                            c, kh, kw
+                        ]
     return weight
 
 

@@ -27,7 +27,12 @@ def _seeded(factory):
 class Residual(torch.nn.Module):
     def __init__(self):
         super().__init__()
-        self.inp, self.branch, self.mix, self.out = (torch.nn.Linear(64, 16), torch.nn.Linear(16, 16), torch.nn.Linear(16, 16), torch.nn.Linear(16, 10))
+        self.inp, self.branch, self.mix, self.out = (
+            torch.nn.Linear(64, 16),
+            torch.nn.Linear(16, 16),
+            torch.nn.Linear(16, 16),
+            torch.nn.Linear(16, 10),
+        )
 
     def forward(self, x):
         h = self.inp(x) ** 2
@@ -95,7 +100,12 @@ EXACT_MODELS = {
     "residual": (Residual, False),
     "pooled": (Pooled, True),
     "layout_ops": (LayoutOps, True),
-    "poly_activation": (lambda: torch.nn.Sequential(torch.nn.Linear(64, 16), he.nn.PolyActivation(3, [0.1, 0.5, 0.3, -0.1]), torch.nn.Linear(16, 10)), False),
+    "poly_activation": (
+        lambda: torch.nn.Sequential(
+            torch.nn.Linear(64, 16), he.nn.PolyActivation(3, [0.1, 0.5, 0.3, -0.1]), torch.nn.Linear(16, 10)
+        ),
+        False,
+    ),
 }
 
 

@@ -9,7 +9,7 @@ import pytest
 
 import lightning_privacy.he as he
 from lightning_privacy.errors import CalibrationRangeWarning, EncryptionInputError
-from lightning_privacy.he.runtime import BATCH_MAGIC
+from lightning_privacy.he.ciphertexts import BATCH_MAGIC
 from tests.he.helpers import digits, ort_run
 
 

@@ -9,7 +9,7 @@ import tenseal as ts
 import lightning_privacy.he as he
 from lightning_privacy.errors import CompilationError, EncryptionInputError, SecretKeyExposureError
 from lightning_privacy.he import wire
-from lightning_privacy.he.keys import CONTEXT_MAGIC, seal_parameters
+from lightning_privacy.he.context import CONTEXT_MAGIC, seal_parameters
 from lightning_privacy.he.params import select_params
 from tests.he.helpers import digits
 
@@ -96,7 +96,13 @@ def test_context_with_secret_key_section_is_refused(keyrings):
 
 @pytest.mark.parametrize(
     "data",
-    [b"", b"garbage", CONTEXT_MAGIC + b"\xff\xff\xff\x00{", CONTEXT_MAGIC + b"\x02\x00\x00\x00{}", bytes(range(256)) * 10],
+    [
+        b"",
+        b"garbage",
+        CONTEXT_MAGIC + b"\xff\xff\xff\x00{",
+        CONTEXT_MAGIC + b"\x02\x00\x00\x00{}",
+        bytes(range(256)) * 10,
+    ],
 )
 def test_garbage_context_bytes(data):
     with pytest.raises(EncryptionInputError):

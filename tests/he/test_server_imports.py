@@ -36,10 +36,11 @@ _SCRIPT = textwrap.dedent(
             return None
 
     sys.meta_path.insert(0, Block())
-    from lightning_privacy.he.compiled import CompiledModel
-    from lightning_privacy.he.keys import Keyring, PublicContext
-    from lightning_privacy.he.runtime import EncryptedBatch
-    from lightning_privacy.he import serialization  # noqa: F401
+    from lightning_privacy.he.ciphertexts import EncryptedBatch
+    from lightning_privacy.he.context import PublicContext
+    from lightning_privacy.he.keys import Keyring
+    from lightning_privacy.he.model import CompiledModel
+    from lightning_privacy.he import evaluation, serialization  # noqa: F401
 
     model = CompiledModel.load(sys.argv[1])
     x = np.load(sys.argv[2])

@@ -1,4 +1,5 @@
-"""Packing layouts: how samples and features are placed in CKKS slots, and their affine kernels.
+"""Packing layouts: how samples and features are placed in CKKS slots, and the plans of their
+affine maps (numpy only; the SEAL kernels that run the plans are in ``lightning_privacy.he.kernels``).
 
 - ``batch``: slot ``i`` of ciphertext ``j`` holds feature ``j`` of sample ``i``. Affine maps are
   scalar multiply-accumulates, no rotations, no Galois keys. Best for many samples.

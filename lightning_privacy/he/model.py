@@ -6,18 +6,17 @@ import math
 import os
 from dataclasses import replace
 from functools import cached_property
-from typing import TYPE_CHECKING
 
 import numpy as np
-import tenseal.sealapi as seal
 
 from lightning_privacy.errors import EncryptionInputError
+from lightning_privacy.he import evaluation
+from lightning_privacy.he.ciphertexts import EncryptedBatch
+from lightning_privacy.he.context import PublicContext
 from lightning_privacy.he.depth import levels
 from lightning_privacy.he.graph import Add, Affine, LayerGraph, Multiply, Polynomial
 from lightning_privacy.he.input_range import check_input
-from lightning_privacy.he.keys import PublicContext
 from lightning_privacy.he.packing.single import (
-    DiagonalKernel,
     DiagonalPlan,
     InputExpansion,
     diagonal_plan,
@@ -27,10 +26,6 @@ from lightning_privacy.he.packing.single import (
 from lightning_privacy.he.params import CKKSParams
 from lightning_privacy.he.report import ApproximationReport
 from lightning_privacy.he.serialization import SavedModel, load_model, save_model
-
-if TYPE_CHECKING:
-    from lightning_privacy.he.arithmetic import Arithmetic
-    from lightning_privacy.he.runtime import EncryptedBatch
 
 # Relative costs measured with sealapi at N=8192 (plaintext multiply-accumulate = 1).
 _COST_PLAIN_MULTIPLY, _COST_ROTATION, _COST_PRODUCT = 1.0, 10.0, 12.0
@@ -126,7 +121,9 @@ class CompiledModel:
         return {name: replace(plan, keys=keys) for name, plan in plans.items()}
 
     def _used(self, plans: dict[str, DiagonalPlan]) -> list[DiagonalPlan]:
-        return [plans[l.name] for l in self.graph.layers if isinstance(l, Affine) and not l.is_bias_only]
+        return [
+            plans[layer.name] for layer in self.graph.layers if isinstance(layer, Affine) and not layer.is_bias_only
+        ]
 
     @property
     def rotation_steps(self) -> list[int]:
@@ -134,9 +131,11 @@ class CompiledModel:
         plans = self._used(self.diagonal_plans)
         return list(plans[0].keys) if plans else []
 
-    def diagonal_kernel(self, arith: Arithmetic, galois_keys: seal.GaloisKeys) -> DiagonalKernel:
-        """The single-layout kernel; encoded diagonals are cached on this model across calls."""
-        return DiagonalKernel(arith, galois_keys, tuple(self.rotation_steps), self.params.slots, self._plaintext_cache)
+    @cached_property
+    def _evaluation(self) -> evaluation.Evaluation:
+        return evaluation.Evaluation(
+            self.graph, self.params, self.diagonal_plans, tuple(self.rotation_steps), self._plaintext_cache
+        )
 
     def estimated_cost(self, layout: str, batch_size: int) -> float:
         """Relative cost of evaluating ``batch_size`` samples in ``layout`` (for :meth:`choose_layout`)."""
@@ -169,14 +168,19 @@ class CompiledModel:
         """``"single"`` when encrypting samples one by one is cheaper than one batch, else ``"batch"``."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        return "single" if self.estimated_cost("single", batch_size) < self.estimated_cost("batch", batch_size) else "batch"
+        return (
+            "single"
+            if self.estimated_cost("single", batch_size) < self.estimated_cost("batch", batch_size)
+            else "batch"
+        )
 
     @cached_property
     def relinearizes(self) -> bool:
         """Whether evaluation multiplies two ciphertexts (and so needs relinearization keys)."""
         return any(
-            isinstance(l, Multiply) or (isinstance(l, Polynomial) and max(k for k, c in enumerate(l.coefficients) if c != 0.0) >= 2)
-            for l in self.graph.layers
+            isinstance(layer, Multiply)
+            or (isinstance(layer, Polynomial) and max(k for k, c in enumerate(layer.coefficients) if c != 0.0) >= 2)
+            for layer in self.graph.layers
         )
 
     def check_context(self, context: PublicContext) -> None:
@@ -212,9 +216,8 @@ class CompiledModel:
             EncryptionInputError: the batch does not match this model or the context (layout,
                 number of ciphertexts, levels, scales).
         """
-        from lightning_privacy.he.runtime import evaluate
-
-        return evaluate(self, batch, context, progress, workers)
+        self.check_context(context)
+        return evaluation.evaluate(self._evaluation, batch, context, progress, workers)
 
     def check_input(self, x: np.ndarray, layout: str = "batch") -> None:
         """Client side, before encryption: refuse inputs the encrypted evaluation would get wrong.
@@ -242,7 +245,12 @@ class CompiledModel:
         """Write ``model.json`` (versioned, with content hashes) and ``weights.npz`` into ``directory``."""
         save_model(
             SavedModel(
-                self.graph, self.params, self.input_range, self.approximation_report, self.calibration_agreement, self.input_bound
+                self.graph,
+                self.params,
+                self.input_range,
+                self.approximation_report,
+                self.calibration_agreement,
+                self.input_bound,
             ),
             directory,
         )
@@ -261,7 +269,12 @@ class CompiledModel:
         """
         saved = load_model(directory)
         return cls(
-            saved.graph, saved.params, saved.input_range, saved.approximation_report, saved.calibration_agreement, saved.input_bound
+            saved.graph,
+            saved.params,
+            saved.input_range,
+            saved.approximation_report,
+            saved.calibration_agreement,
+            saved.input_bound,
         )
 
     def __repr__(self) -> str:

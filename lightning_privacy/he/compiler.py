@@ -18,7 +18,8 @@ from lightning_privacy.errors import ApproximationWarning, CompilationError
 from lightning_privacy.he.depth import levels
 from lightning_privacy.he.graph import Activation, Affine, LayerGraph, Polynomial
 from lightning_privacy.he.input_range import certified_input_bound
-from lightning_privacy.he.onnx_import import import_onnx
+from lightning_privacy.he.model import CompiledModel
+from lightning_privacy.he.onnx import import_onnx
 from lightning_privacy.he.packing.single import period
 from lightning_privacy.he.params import select_params
 from lightning_privacy.he.polynomial import activation_function, fit_activation
@@ -34,7 +35,7 @@ def compile(
     *,
     poly_degree: int = 7,
     margin: float = 0.1,
-):
+) -> CompiledModel:
     """Compile a layer graph (or ONNX model) for encrypted inference.
 
     Args:
@@ -58,8 +59,6 @@ def compile(
         ApproximationWarning: the approximated network's argmax agrees with the exact one on less
             than 99% of the calibration data.
     """
-    from lightning_privacy.he.compiled import CompiledModel
-
     graph = model if isinstance(model, LayerGraph) else import_onnx(model)
     if poly_degree < 1 or margin < 0:
         raise CompilationError(f"poly_degree must be >= 1 and margin >= 0, got {poly_degree} and {margin}")
@@ -95,7 +94,9 @@ def compile(
 def _calibration(graph: LayerGraph, data: np.ndarray) -> np.ndarray:
     x = np.asarray(data, dtype=np.float64)
     if x.ndim != len(graph.input_shape) + 1 or x.shape[1:] != tuple(graph.input_shape) or len(x) == 0:
-        raise CompilationError(f"calibration_data must have shape (n, {', '.join(map(str, graph.input_shape))}), got {x.shape}")
+        raise CompilationError(
+            f"calibration_data must have shape (n, {', '.join(map(str, graph.input_shape))}), got {x.shape}"
+        )
     if not np.all(np.isfinite(x)):
         raise CompilationError("calibration_data contains NaN or inf")
     return x
@@ -107,7 +108,9 @@ def _agreement(exact: np.ndarray, approx: np.ndarray) -> float:
     return float(np.mean(exact.argmax(axis=1) == approx.argmax(axis=1)))
 
 
-def approximate(graph: LayerGraph, x: np.ndarray, degree: int, margin: float) -> tuple[LayerGraph, list[ApproximationReport]]:
+def approximate(
+    graph: LayerGraph, x: np.ndarray, degree: int, margin: float
+) -> tuple[LayerGraph, list[ApproximationReport]]:
     """Replace each Activation by ``Polynomial(Affine_normalize(x))`` fitted on its calibrated interval."""
     values = graph.values(x)
     layers, report, shapes = [], [], dict(graph.shapes)
@@ -120,12 +123,28 @@ def approximate(graph: LayerGraph, x: np.ndarray, degree: int, margin: float) ->
         half = 0.5 * (high - low) * (1 + margin) + 1e-3
         fit = fit_activation(layer.kind, 0.5 * (low + high) - half, 0.5 * (low + high) + half, degree)
         t = (seen - fit.center) / fit.radius
-        error = float(np.max(np.abs(np.polynomial.polynomial.polyval(t, fit.coefficients) - activation_function(layer.kind)(seen))))
-        report.append(ApproximationReport(layer.name, layer.kind, degree, (fit.center - fit.radius, fit.center + fit.radius), fit.max_error, error))
+        error = float(
+            np.max(
+                np.abs(np.polynomial.polynomial.polyval(t, fit.coefficients) - activation_function(layer.kind)(seen))
+            )
+        )
+        report.append(
+            ApproximationReport(
+                layer.name, layer.kind, degree, (fit.center - fit.radius, fit.center + fit.radius), fit.max_error, error
+            )
+        )
         d = seen.shape[1]
         normalized = f"{layer.output}/normalized"
         shapes[normalized] = shapes[layer.input]
-        layers.append(Affine(f"{layer.name}/normalize", layer.input, normalized, np.eye(d) / fit.radius, np.full(d, -fit.center / fit.radius)))
+        layers.append(
+            Affine(
+                f"{layer.name}/normalize",
+                layer.input,
+                normalized,
+                np.eye(d) / fit.radius,
+                np.full(d, -fit.center / fit.radius),
+            )
+        )
         layers.append(Polynomial(layer.name, normalized, layer.output, fit.coefficients))
     return replace(graph, layers=layers, shapes=shapes), report
 
@@ -151,7 +170,13 @@ def fuse_affine(graph: LayerGraph) -> LayerGraph:
                 continue
             for i in readers:
                 after = layers[i]
-                layers[i] = Affine(after.name, before.input, after.output, after.weight @ before.weight, after.weight @ before.bias + after.bias)
+                layers[i] = Affine(
+                    after.name,
+                    before.input,
+                    after.output,
+                    after.weight @ before.weight,
+                    after.weight @ before.bias + after.bias,
+                )
             del layers[j]
             changed = True
             break

@@ -1,0 +1,80 @@
+"""The ``single`` layout's affine kernel on SEAL ciphertexts: the diagonal method of ``packing.single``."""
+
+from __future__ import annotations
+
+import numpy as np
+import tenseal.sealapi as seal
+
+from lightning_privacy.he.arithmetic import Arithmetic
+from lightning_privacy.he.graph import Affine
+from lightning_privacy.he.packing.single import DiagonalPlan, decompose
+
+
+class DiagonalKernel:
+    """Evaluates affine layers on single-layout ciphertexts; caches the encoded diagonals."""
+
+    def __init__(
+        self, arith: Arithmetic, galois_keys: seal.GaloisKeys, keys: tuple[int, ...], slots: int, cache: dict
+    ) -> None:
+        self.arith = arith
+        self.galois_keys = galois_keys
+        self.keys = keys
+        self.slots = slots
+        self._plaintexts = cache
+
+    def rotate(self, ct: seal.Ciphertext, step: int) -> seal.Ciphertext:
+        for part in decompose(step, self.keys):
+            out = seal.Ciphertext()
+            self.arith.evaluator.rotate_vector(ct, part, self.galois_keys, out)
+            ct = out
+        return ct
+
+    def _encoded(self, layer: Affine, plan: DiagonalPlan, ct: seal.Ciphertext) -> list:
+        key = (layer.name, tuple(ct.parms_id()), ct.scale)
+        if key not in self._plaintexts:
+            scale, parms_id = self.arith.plain_scale(ct), ct.parms_id()
+            reps = self.slots // max(plan.in_period, plan.out_period)
+            groups: dict[int, list] = {}
+            for k, d in sorted(plan.diagonals.items()):
+                j, b = divmod(k, plan.giant)
+                vector = np.roll(np.tile(d, reps), j * plan.giant)
+                groups.setdefault(j, []).append((b, self.arith.encode(vector, parms_id, scale)))
+            self._plaintexts[key] = sorted(groups.items())
+        return self._plaintexts[key]
+
+    def affine(self, layer: Affine, plan: DiagonalPlan, ct: seal.Ciphertext) -> seal.Ciphertext:
+        arith = self.arith
+        if layer.is_bias_only:
+            return self._add_bias(layer, plan, ct)
+        groups = self._encoded(layer, plan, ct)
+        if not groups:  # all-zero weights: the output is the bias alone
+            return arith.encrypt_constant(self._bias_vector(layer, plan), ct.parms_id())
+        babies = [ct]
+        for _ in range(max(b for _, items in groups for b, _ in items)):
+            babies.append(self.rotate(babies[-1], 1))
+        inner = dict(groups)
+        total = None
+        for j in range(max(inner), -1, -1):
+            if total is not None:
+                total = self.rotate(total, plan.giant)
+            for b, plain in inner.get(j, []):
+                term = seal.Ciphertext()
+                arith.evaluator.multiply_plain(babies[b], plain, term)
+                if total is None:
+                    total = term
+                else:
+                    arith.evaluator.add_inplace(total, term)
+        # Rotations before the rescale: key-switching noise is additive, so at scale^2 it is negligible.
+        for step in plan.fold_steps:
+            arith.evaluator.add_inplace(total, self.rotate(total, step))
+        return self._add_bias(layer, plan, arith.rescale(total))
+
+    def _bias_vector(self, layer: Affine, plan: DiagonalPlan) -> np.ndarray:
+        bias = np.zeros(plan.out_period)
+        bias[: len(layer.bias)] = layer.bias
+        return np.tile(bias, self.slots // plan.out_period)
+
+    def _add_bias(self, layer: Affine, plan: DiagonalPlan, ct: seal.Ciphertext) -> seal.Ciphertext:
+        if not np.any(layer.bias):
+            return ct
+        return self.arith.add_constant(ct, self._bias_vector(layer, plan))
