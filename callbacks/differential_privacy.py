@@ -7,28 +7,13 @@ from typing import Any, Optional
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.trainer.connectors.data_connector import _DataLoaderSource
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
+from lightning_privacy.callbacks import _lightning_fence as fence
 from lightning_privacy.callbacks import mlflow_privacy
 from lightning_privacy.dp import DPConfig, DPSGDEngine, check_modules, fix_modules
 from lightning_privacy.dp.data import PhysicalBatchLoader
 from lightning_privacy.errors import PrivacyBudgetExhaustedError, PrivacyConfigError
-
-
-class _PrivateTrainSource(_DataLoaderSource):
-    """The Trainer's training-data source, with its loader made private on the way out.
-
-    Wrapping the source (rather than a hook of the module) covers a ``LightningDataModule``,
-    ``train_dataloader()`` and ``trainer.fit(train_dataloaders=...)`` alike, and every reload.
-    """
-
-    def __init__(self, inner: _DataLoaderSource, callback: "DifferentialPrivacy") -> None:
-        super().__init__(inner.instance, inner.name)
-        self._callback = callback
-
-    def dataloader(self) -> Any:
-        return self._callback._private_loader(super().dataloader())
 
 
 class DifferentialPrivacy(Callback):
@@ -66,6 +51,8 @@ class DifferentialPrivacy(Callback):
         max_physical_batch_size: split each Poisson batch into physical batches of at most this
             many examples (bounded memory); the optimizer steps once per Poisson batch, ε is
             unchanged. Use it instead of ``accumulate_grad_batches``.
+        allow_large_delta: accept ``delta`` ≥ 1 / dataset size, with a warning. Such a δ allows
+            publishing whole examples, so by default it is refused.
 
     Works with: ``precision="bf16-mixed"`` (clipping and noise in fp32), frozen layers (no
     per-sample cost), manual optimization with one optimizer, and ``strategy="dp_ddp"`` (several
@@ -78,6 +65,9 @@ class DifferentialPrivacy(Callback):
             or two backward passes on one batch in manual optimization.
         PrivacyStateMismatchError: resuming with a different DP config.
         UnreachableEpsilonError: ``target_epsilon`` cannot be reached.
+        DeltaTooLargeError: ``delta`` ≥ 1 / dataset size without ``allow_large_delta``, or so large
+            that the accountant's ε would be ≤ 0.
+        AccountantLimitError: σ too small for the accountant to compute ε (use a larger σ or ``"rdp"``).
 
     Example::
 
@@ -106,6 +96,7 @@ class DifferentialPrivacy(Callback):
         allow_config_change: bool = False,
         grad_sample_mode: str = "auto",
         max_physical_batch_size: Optional[int] = None,
+        allow_large_delta: bool = False,
     ) -> None:
         self.config = DPConfig(
             noise_multiplier=noise_multiplier,
@@ -121,6 +112,7 @@ class DifferentialPrivacy(Callback):
             loss_reduction=loss_reduction,
             grad_sample_mode=grad_sample_mode,
             max_physical_batch_size=max_physical_batch_size,
+            allow_large_delta=allow_large_delta,
         )
         if log_every_n_steps is not None and log_every_n_steps <= 0:
             raise PrivacyConfigError(f"log_every_n_steps must be a positive integer, got {log_every_n_steps}.")
@@ -151,9 +143,9 @@ class DifferentialPrivacy(Callback):
             for replaced in fix_modules(pl_module):
                 warnings.warn(f"DifferentialPrivacy(fix_modules=True) replaced {replaced}.", stacklevel=2)
         check_modules(pl_module)
-        source = trainer.fit_loop._data_source
-        if not isinstance(source, _PrivateTrainSource):
-            trainer.fit_loop._data_source = _PrivateTrainSource(source, self)
+        # Wrapping the fit loop's data source (rather than a hook of the module) covers a
+        # LightningDataModule, train_dataloader() and trainer.fit(train_dataloaders=...), and reloads.
+        fence.wrap_train_source(trainer, self._private_loader)
 
     def _check_trainer(self, trainer: "pl.Trainer") -> None:
         """Refuse the Trainer settings that would silently change what the guarantee covers."""
@@ -203,10 +195,9 @@ class DifferentialPrivacy(Callback):
         )
         if isinstance(private, PhysicalBatchLoader):
             self._physical_loader = private
-            epoch_loop = trainer.fit_loop.epoch_loop
             # Lightning steps the optimizer (and counts a global step, steps LR schedulers) only
             # when a physical batch ends its Poisson batch; before that it accumulates.
-            epoch_loop._should_accumulate = lambda: not self._ends_logical_batch
+            fence.step_only_when(trainer, lambda: self._ends_logical_batch)
         return private
 
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -358,7 +349,8 @@ class DifferentialPrivacy(Callback):
         self.engine.detach()
         self._physical_loader = None
         self._ends_logical_batch = True
-        trainer.fit_loop.epoch_loop.__dict__.pop("_should_accumulate", None)
+        fence.restore_stepping(trainer)
+        fence.unwrap_train_source(trainer)
         strategy = trainer.strategy
         strategy.optimizers = [getattr(opt, "original_optimizer", opt) for opt in strategy.optimizers]
 

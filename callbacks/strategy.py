@@ -12,6 +12,7 @@ from opacus.distributed import DifferentiallyPrivateDistributedDataParallel
 from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy, StrategyRegistry
 from torch import nn
 
+from lightning_privacy.callbacks import _lightning_fence as fence
 from lightning_privacy.callbacks.differential_privacy import DifferentialPrivacy
 from lightning_privacy.errors import PrivacyConfigError
 
@@ -25,7 +26,10 @@ def _install(strategy: Any, model: "pl.LightningModule") -> None:
     given no DP arguments (``strategy="dp_ddp"`` plus a configured callback); with DP arguments on
     both it is an error, since it would be unclear which settings hold.
     """
-    trainer: Optional[pl.Trainer] = model._trainer
+    try:
+        trainer = model.trainer
+    except RuntimeError:  # not attached to a Trainer (yet): nothing to install into
+        return
     if trainer is None:
         return
     others = [cb for cb in trainer.callbacks if isinstance(cb, DifferentialPrivacy) and cb is not strategy.privacy]
@@ -154,7 +158,7 @@ class DPDDPStrategy(DDPStrategy):
 
     def setup(self, trainer: "pl.Trainer") -> None:
         # The private loader already gives each rank its share; Lightning must not re-shard it.
-        trainer._accelerator_connector.use_distributed_sampler = False
+        fence.disable_distributed_sampler(trainer)
         super().setup(trainer)
 
     def _setup_model(self, model: nn.Module) -> nn.Module:

@@ -54,6 +54,11 @@ class UntrainedParameterWarning(UserWarning):
     """Trainable parameters that DP-SGD will not train: there are none, or the loss does not reach them."""
 
 
+class UnsupportedLightningVersionError(LightningPrivacyError, RuntimeError):
+    """The installed pytorch-lightning lacks an internal the Lightning face relies on (see
+    ``callbacks/_lightning_fence.py``); the message names the version and the missing part."""
+
+
 # --------------------------------------------------------------------------- private inference (he)
 
 

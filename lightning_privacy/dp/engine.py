@@ -15,18 +15,21 @@ from typing import Any, Optional
 
 import torch
 from opacus.grad_sample import GradSampleHooks
-from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
+from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.hooks import RemovableHandle
 from torch.utils.data import DataLoader
 
-from lightning_privacy.dp.accounting import PrivacyLedger
+from lightning_privacy.dp.accounting import PrivacyLedger, dp_sgd_event, epsilon_for
 from lightning_privacy.dp.calibration import calibrate_noise_multiplier, steps_within_budget
-from lightning_privacy.dp import coverage
 from lightning_privacy.dp.config import DPConfig
 from lightning_privacy.dp.data import PhysicalBatchLoader, expected_batch_size_and_size, poisson_loader
+from lightning_privacy.dp.expanded import ExpandedWeightsHooks
+from lightning_privacy.dp.fast import FastGradSampleHooks, fast_rule_coverage
+from lightning_privacy.dp.optimizers import private_optimizer
 from lightning_privacy.errors import (
+    DeltaTooLargeError,
     PrivacyBudgetExhaustedError,
     PrivacyConfigError,
     PrivacyStateMismatchError,
@@ -35,7 +38,8 @@ from lightning_privacy.errors import (
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 1
+#: 2: the ledger as dp-accounting's named-tuple form of its event; 1: ``[[σ, q, steps], ...]``.
+STATE_VERSION = 2
 
 
 def _world() -> tuple[int, int]:
@@ -170,7 +174,15 @@ class DPSGDEngine:
             )
         steps_per_epoch = max(1, len(loader))
         planned = self._planned_steps(steps_per_epoch, planned_epochs, planned_steps)
+        self._check_delta(size)
         sigma = self._noise_multiplier(sample_rate, planned)
+        # Refuse now what the accountant cannot count (σ too small for it, δ that makes ε ≤ 0), not
+        # at the first ε query after an epoch of training.
+        epsilon_for(
+            [*self.ledger.events, dp_sgd_event(sigma, sample_rate, planned or steps_per_epoch)],
+            self.config.delta,
+            self.config.accountant,
+        )
         allowed = None
         if self.config.max_epsilon is not None:
             allowed = self.ledger.steps + steps_within_budget(
@@ -183,17 +195,26 @@ class DPSGDEngine:
                 limit=None if planned is None else max(0, planned - self.ledger.steps),
             )
         self.plan = SamplingPlan(size, batch_size, sample_rate, steps_per_epoch, sigma, planned, allowed, world)
-        if size * self.config.delta >= 1:
-            warnings.warn(
-                f"delta={self.config.delta} is not below 1/dataset_size = {1 / size:.2g}: such a δ allows "
-                "leaking whole examples. Use delta well below 1/N.",
-                stacklevel=2,
-            )
         if self.config.max_physical_batch_size is not None:
             on_chunk = self._signal_optimizers if signal_optimizers else None
             agree = _max_over_ranks if world > 1 else None
             return PhysicalBatchLoader(loader, self.config.max_physical_batch_size, on_chunk, agree)
         return loader
+
+    def _check_delta(self, size: int) -> None:
+        if size * self.config.delta < 1:
+            return
+        message = (
+            f"delta={self.config.delta:g} is not below 1/dataset_size = 1/{size} = {1 / size:.2g}: a mechanism "
+            f"that publishes each example whole with probability δ satisfies (0, δ)-DP, so such a δ allows "
+            f"leaking about {size * self.config.delta:.3g} whole examples."
+        )
+        if not self.config.allow_large_delta:
+            raise DeltaTooLargeError(
+                f"{message} Use delta well below 1/N (e.g. {10 ** math.floor(math.log10(0.1 / size)):g}), "
+                "or pass allow_large_delta=True if you really mean it."
+            )
+        warnings.warn(f"{message} Accepted because allow_large_delta=True.", stacklevel=3)
 
     def _signal_optimizers(self, last: bool) -> None:
         for optimizer in self._optimizers:
@@ -235,8 +256,6 @@ class DPSGDEngine:
         mode = self.config.grad_sample_mode
         if mode != "auto":
             return mode
-        from lightning_privacy.dp.fast import fast_rule_coverage
-
         fast, fallback = fast_rule_coverage(model)
         return "fast" if fast and not fallback else "hooks"
 
@@ -260,17 +279,10 @@ class DPSGDEngine:
                 UntrainedParameterWarning,
                 stacklevel=2,
             )
-        # Opacus' backward hooks fire on layer outputs even when the input needs no grad (the first
-        # layer); torch warns about it every step although the per-sample gradients are right.
-        warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
         mode = self.resolve_grad_sample_mode(model)
         if mode == "fast":
-            from lightning_privacy.dp.fast import FastGradSampleHooks
-
             self._hooks = FastGradSampleHooks(model, loss_reduction=self.config.loss_reduction)
         elif mode == "ew":
-            from lightning_privacy.dp.expanded import ExpandedWeightsHooks
-
             self._hooks = ExpandedWeightsHooks(model, loss_reduction=self.config.loss_reduction)
         else:
             self._hooks = GradSampleHooks(
@@ -344,12 +356,12 @@ class DPSGDEngine:
             raise PrivacyConfigError("Call attach(model) before wrap_optimizer(): the optimizer clips what the hooks record.")
         if isinstance(optimizer, DPOptimizer):
             optimizer = optimizer.original_optimizer
-        if self.grad_sample_mode == "fast":
-            cls = _DistributedDPOptimizer if plan.world_size > 1 else DPOptimizer
-        else:
-            cls = _CheckedDistributedDPOptimizer if plan.world_size > 1 else _CheckedDPOptimizer
-        private = cls(
+        private = private_optimizer(
             optimizer,
+            mode=self.grad_sample_mode,
+            hooks=self._hooks,
+            param_names=self._param_names,
+            distributed=plan.world_size > 1,
             noise_multiplier=plan.noise_multiplier,
             max_grad_norm=self.config.max_grad_norm,
             # per process: DistributedDPOptimizer divides by it, then averages over the ranks
@@ -358,12 +370,6 @@ class DPSGDEngine:
             generator=self._generator,
             secure_mode=self.config.secure_mode,
         )
-        if self.grad_sample_mode == "fast":
-            from lightning_privacy.dp.fast import fast_clipping
-
-            private = fast_clipping(private, self._hooks)
-        else:
-            private.check_coverage(self._param_names, self.grad_sample_mode)
         private.attach_step_hook(self._record_step)
         self._optimizers.append(private)
         return private
@@ -373,10 +379,13 @@ class DPSGDEngine:
         clear them, without stepping: what a skipped step does, for loops that do not call
         ``step()`` on such batches (the Lightning callback)."""
         for optimizer in self._optimizers:
-            optimizer.clip_and_accumulate()
-            # As after a skipped step: zero_grad (here, and Lightning's before the next backward)
-            # keeps summed_grad until the real step, which resets the flag.
-            optimizer._is_last_step_skipped = True
+            if not optimizer.params:
+                continue  # Opacus' pre_step returns before reading the signal: it would stay queued
+            # A skipped step, through Opacus' public signal: pre_step clips and accumulates, then
+            # stops before the noise; zero_grad (here, and Lightning's before the next backward)
+            # keeps summed_grad until the real step.
+            optimizer.signal_skip_step(do_skip=True)
+            optimizer.pre_step()
             optimizer.zero_grad(set_to_none=True)
 
     def _record_step(self, optimizer: DPOptimizer) -> None:
@@ -432,7 +441,7 @@ class DPSGDEngine:
             PrivacyStateMismatchError: when the checkpoint's DP config differs from this engine's,
                 unless ``allow_config_change``.
         """
-        if state.get("version") != STATE_VERSION:
+        if state.get("version") not in (1, STATE_VERSION):
             raise PrivacyStateMismatchError(f"Unknown privacy state version {state.get('version')!r}.")
         saved = state["config"]
         current = self.config.privacy_dict()
@@ -453,111 +462,3 @@ def _max_over_ranks(value: int) -> int:
     t = torch.tensor([value], dtype=torch.long)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return int(t.item())
-
-
-class _DistributedDPOptimizer(DistributedDPOptimizer):
-    """Opacus' distributed optimizer, with two changes: every rank owns a plain ``p.grad`` (ranks
-    other than 0 got a *view* of the clipped sum, which ``zero_grad(set_to_none=False)``, Lightning's
-    call, cannot detach in place), and the gradients are all-reduced in one flat buffer."""
-
-    def add_noise(self) -> None:
-        super().add_noise()
-        for p in self.params:
-            if p.grad is not None and (p.grad._is_view() or p.grad.grad_fn is not None):
-                p.grad = p.grad.detach().clone()
-
-    def reduce_gradients(self) -> None:
-        """Sum the noised gradients over the ranks (and average for ``loss_reduction="mean"``) in
-        one all-reduce of a flat buffer, instead of Opacus' one all-reduce per parameter."""
-        grads = [p.grad for p in self.params if p.requires_grad and p.grad is not None]
-        if not grads:
-            return
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
-        if self.loss_reduction == "mean":
-            flat /= self.world_size
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
-
-
-class _CheckedClipping:
-    """Mixed in before Opacus' optimizer class (modes hooks, functorch, ew): before clipping, every
-    trainable parameter's gradient must be accounted for by its per-sample gradients, and those
-    are clipped in fp32.
-
-    - A parameter without per-sample gradients that autograd gave a non-zero gradient was used
-      outside the layers the per-sample machinery watches: :class:`UncoveredParameterError`.
-    - One with neither was not reached by the loss: zero per-sample gradients (exact), and an
-      :class:`UntrainedParameterWarning` naming it once.
-    - Where autograd's gradient contains every use of a parameter (not in ``"ew"`` mode, which
-      hands only uses outside its layers to autograd), it must equal the per-sample sum.
-    - Per-sample gradients from autocast (``precision="bf16-mixed"``) are clipped in fp32: norms,
-      clip factors and sums in bf16 would lose the bound C to rounding.
-    """
-
-    params: list[nn.Parameter]
-    loss_reduction: str
-
-    def check_coverage(self, names: dict[int, str], mode: str) -> None:
-        """Turn the checks on; ``names`` maps ``id(param)`` to its name in the model."""
-        self._names = names
-        self._mode = mode
-        self._untrained_warned: set[str] = set()
-
-    def _name(self, p: torch.Tensor) -> str:
-        return self._names.get(id(p), f"<parameter of shape {tuple(p.shape)}>")
-
-    def _cover_missing_grad_samples(self) -> None:
-        missing = [p for p in self.params if getattr(p, "grad_sample", None) is None]
-        if not missing:
-            return
-        uncovered = [self._name(p) for p in missing if coverage.nonzero(p.grad)]
-        if uncovered:
-            raise coverage.uncovered_error(uncovered, self._mode)
-        template = next((p.grad_sample for p in self.params if getattr(p, "grad_sample", None) is not None), None)
-        for p in missing:
-            if template is None:
-                p.grad_sample = torch.zeros(0, *p.shape, dtype=p.dtype, device=p.device)
-            elif isinstance(template, list):
-                p.grad_sample = [torch.zeros(len(t), *p.shape, dtype=p.dtype, device=p.device) for t in template]
-            else:
-                p.grad_sample = torch.zeros(len(template), *p.shape, dtype=p.dtype, device=p.device)
-        coverage.warn_untrained([self._name(p) for p in missing], self._untrained_warned)
-
-    def _check_against_autograd(self) -> None:
-        uncovered = []
-        for p in self.params:
-            if self._mode == "ew":
-                if coverage.nonzero(p.grad):
-                    uncovered.append(self._name(p))
-                continue
-            gs = p.grad_sample if isinstance(p.grad_sample, list) else [p.grad_sample]
-            weighted = [(g, 1 / len(g) if self.loss_reduction == "mean" and len(g) else 1.0) for g in gs]
-            if coverage.disagrees(p.grad, *coverage.per_sample_total(weighted)):
-                uncovered.append(self._name(p))
-        if uncovered:
-            raise coverage.uncovered_error(uncovered, self._mode)
-
-    def pre_step(self, closure: Any = None) -> Any:
-        # Opacus' pre_step reads every p.grad_sample first: fill or refuse the missing ones before.
-        self._cover_missing_grad_samples()
-        return super().pre_step(closure)
-
-    def clip_and_accumulate(self) -> None:
-        self._cover_missing_grad_samples()
-        self._check_against_autograd()
-        for p in self.params:
-            gs = p.grad_sample
-            if isinstance(gs, torch.Tensor) and gs.dtype != torch.float32 and gs.is_floating_point():
-                p.grad_sample = gs.float()
-        super().clip_and_accumulate()
-
-
-class _CheckedDPOptimizer(_CheckedClipping, DPOptimizer):
-    """Opacus' ``DPOptimizer`` with the coverage checks and fp32 clipping of :class:`_CheckedClipping`."""
-
-
-class _CheckedDistributedDPOptimizer(_CheckedClipping, _DistributedDPOptimizer):
-    """:class:`_DistributedDPOptimizer` with the coverage checks and fp32 clipping of :class:`_CheckedClipping`."""

@@ -1,24 +1,49 @@
-"""Make an Opacus ``DPOptimizer`` clip with the fast hooks instead of ``p.grad_sample``."""
+"""Opacus ``DPOptimizer`` clipping with the fast hooks instead of ``p.grad_sample``."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
+import torch
 from opacus.optimizers import DPOptimizer
 
 from lightning_privacy.dp.fast.hooks import FastGradSampleHooks
 
 
-class _FastClipping:
-    """Mixed in before the optimizer's own class: only per-sample clipping changes.
+class FastClipping:
+    """Mixed in before an Opacus optimizer class: only per-sample clipping changes.
 
     ``clip_and_accumulate`` sets or accumulates ``p.summed_grad`` exactly as Opacus does, so noise,
     scaling, step hooks, skipped steps (physical batches) and ``DistributedDPOptimizer``'s
-    rank-0 noise and all-reduce run Opacus' own code.
+    rank-0 noise and all-reduce run Opacus' own code. Clipping is flat: one norm per sample over
+    all the optimizer's trainable parameters, fast and fallback layers together, factor
+    ``min(1, C / (‖g_i‖ + 1e-6))``.
+
+    Args:
+        optimizer: the user's optimizer.
+        fast_hooks: the :class:`FastGradSampleHooks` attached to the model it optimizes.
+        **kwargs: the Opacus optimizer's arguments.
+
+    Example::
+
+        class FastDPOptimizer(FastClipping, DPOptimizer): ...
+
+        optimizer = FastDPOptimizer(sgd, fast_hooks=FastGradSampleHooks(model), noise_multiplier=1.0,
+                                    max_grad_norm=1.0, expected_batch_size=64)
     """
 
     _fast_hooks: FastGradSampleHooks
     _fast_passes: int
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, fast_hooks: FastGradSampleHooks, **kwargs: Any) -> None:
+        super().__init__(optimizer, **kwargs)
+        self._bind(fast_hooks)
+
+    def _bind(self, hooks: FastGradSampleHooks) -> None:
+        self._fast_hooks = hooks
+        self._fast_passes = 1
+        hooks.skip_duplicate_grads([p for group in self.param_groups for p in group["params"]])
 
     def clip_and_accumulate(self) -> None:
         params = self.params
@@ -61,19 +86,18 @@ _CLASSES: dict[type, type] = {}
 
 def _fast_class(cls: type) -> type:
     if cls not in _CLASSES:
-        _CLASSES[cls] = type(f"Fast{cls.__name__}", (_FastClipping, cls), {"__module__": __name__})
+        _CLASSES[cls] = type(f"Fast{cls.__name__}", (FastClipping, cls), {"__module__": __name__})
     return _CLASSES[cls]
 
 
 def fast_clipping(optimizer: DPOptimizer, hooks: FastGradSampleHooks) -> DPOptimizer:
-    """Make ``optimizer`` take its per-sample norms and clipped sums from ``hooks``.
+    """Make an already built ``optimizer`` take its per-sample norms and clipped sums from ``hooks``.
 
-    The optimizer object is kept (its state, param groups, step hook and generator are shared);
-    its class is swapped for a subclass of its own class (``FastDPOptimizer``,
-    ``FastDistributedDPOptimizer``) that overrides ``clip_and_accumulate``, ``pre_step``'s early
-    return, ``accumulated_iterations`` and ``zero_grad`` (which also drops the fast records).
-    Clipping is flat: one norm per sample over all the optimizer's trainable parameters, fast and
-    fallback layers together, factor ``min(1, C / (‖g_i‖ + 1e-6))``.
+    For an Opacus optimizer built elsewhere. Code that builds the optimizer composes the class
+    instead (:class:`FastClipping` before the Opacus class; the engine does). Here the optimizer
+    object is kept (its state, param groups, step hook and generator are shared) and its class
+    becomes a subclass of its own class with :class:`FastClipping` mixed in
+    (``FastDPOptimizer``, ``FastDistributedDPOptimizer``).
 
     Args:
         optimizer: an Opacus ``DPOptimizer`` or ``DistributedDPOptimizer`` with flat clipping.
@@ -95,14 +119,12 @@ def fast_clipping(optimizer: DPOptimizer, hooks: FastGradSampleHooks) -> DPOptim
     cls = type(optimizer)
     if not isinstance(optimizer, DPOptimizer):
         raise TypeError(f"fast_clipping needs an Opacus DPOptimizer, got {cls.__name__}.")
-    if not issubclass(cls, _FastClipping):
+    if not issubclass(cls, FastClipping):
         if cls.clip_and_accumulate is not DPOptimizer.clip_and_accumulate:
             raise TypeError(
                 f"{cls.__name__} clips in its own way (per-layer, adaptive or ghost clipping); fast "
                 "clipping replaces flat clipping only. Use DPOptimizer or DistributedDPOptimizer."
             )
         optimizer.__class__ = _fast_class(cls)
-    optimizer._fast_hooks = hooks
-    optimizer._fast_passes = 1
-    hooks.skip_duplicate_grads([p for group in optimizer.param_groups for p in group["params"]])
+    optimizer._bind(hooks)
     return optimizer
