@@ -82,8 +82,9 @@ class RequestLimits:
             raise EncryptedRequestError(
                 ErrorCode.REQUEST_TOO_LARGE,
                 f"The request body has {len(body)} bytes, more than this server accepts ({self.max_bytes}). "
-                f"Send fewer samples per request (EncryptedClient(chunk_size=...)), or raise "
-                f"{MAX_REQUEST_BYTES_ENV} on the server.",
+                f"Raise {MAX_REQUEST_BYTES_ENV} on the server, or send smaller requests: a batch-layout request "
+                "holds one ciphertext per input feature whatever the number of samples, a single-layout one "
+                "one per sample (EncryptedClient(layout='single', chunk_size=...)).",
             )
         # A body with no more openers than the limit cannot exceed it: every legitimate request
         # (4 openers) stops here after two C-speed scans, instead of the full scan (0.2 s / 20 MB).
