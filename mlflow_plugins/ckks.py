@@ -29,9 +29,8 @@ import platform
 import sys
 import tempfile
 import uuid
-from typing import Any
-
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import numpy as np

@@ -16,6 +16,7 @@ import time
 import zipfile
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pandas as pd
 import pytest
@@ -23,7 +24,6 @@ import requests
 import yaml
 from mlflow.exceptions import MlflowException
 
-import mlflow
 from lightning_privacy import he
 from lightning_privacy.errors import CompilationError
 from lightning_privacy.mlflow_plugins import ContextCache, EncryptedClient, ckks, protocol
@@ -78,7 +78,10 @@ def test_extra_files_and_code_paths_travel_with_the_model(compiled, tmp_path):
     (tmp_path / "notes.txt").write_text("calibrated on digits")
     (tmp_path / "helper.py").write_text("VALUE = 1\n")
     ckks.save_model(
-        compiled, tmp_path / "model", extra_files=[str(tmp_path / "notes.txt")], code_paths=[str(tmp_path / "helper.py")]
+        compiled,
+        tmp_path / "model",
+        extra_files=[str(tmp_path / "notes.txt")],
+        code_paths=[str(tmp_path / "helper.py")],
     )
     mlmodel = yaml.safe_load((tmp_path / "model" / "MLmodel").read_text())
     (extra,) = mlmodel["flavors"]["ckks"]["extra_files"]
