@@ -1,0 +1,193 @@
+"""The ``PrivacyAudit`` callback: a one-run ε lower bound measured in the same private training run."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+from opacus.optimizers import DPOptimizer
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.utilities import rank_zero_info
+
+from lightning_privacy.audit import GradientCanaries, InputCanaries, OneRunResult
+from lightning_privacy.callbacks import mlflow_privacy
+from lightning_privacy.callbacks.differential_privacy import DifferentialPrivacy
+from lightning_privacy.errors import AuditConfigError
+
+KINDS = ("gradient", "input")
+
+
+class PrivacyAudit(Callback):
+    r"""Audit a ``DifferentialPrivacy`` run from the inside (Steinke, Nasr & Jagielski 2023).
+
+    Each of ``canaries`` canaries is included with probability ½; after training the auditor scores
+    them, guesses the top ones "in", and the ε that the right guesses refute at ``confidence`` (with
+    the δ term) is the lower bound. It is logged next to the accountant's ε as MLflow metrics
+    ``audit.epsilon_lower_bound``, ``audit.guesses``, ``audit.correct``, ``audit.canaries`` and
+    ``audit.accountant_epsilon`` (every logger, or the active MLflow run). A bound above the
+    accountant's ε means the training is not as private as claimed.
+
+    - ``kind="gradient"`` (white box, tightest): Dirac gradient canaries of norm C enter the private
+      step's released gradient, each included canary with the sampling rate q per step; the
+      auditor reads every released gradient. Needs ``DifferentialPrivacy`` in the same Trainer.
+    - ``kind="input"`` (black box, final model only): canary examples (random inputs with random
+      labels by default) in the training set; build it with :meth:`dataset`, which appends the
+      included ones. The score is minus the final model's loss.
+
+    Args:
+        canaries: number of canaries m.
+        kind: ``"gradient"`` or ``"input"``.
+        guesses: number(s) of "in" guesses; default a few between m/100 and m/2 (Bonferroni).
+        confidence: confidence of the bound.
+        delta: δ of the claim tested; default the ``DifferentialPrivacy`` callback's.
+        input_canaries: for ``"input"``, your own :class:`~lightning_privacy.audit.InputCanaries`.
+        score: for ``"gradient"``, ``"spikes"`` (default) or ``"sum"`` (see ``lightning_privacy.audit.canaries``).
+        seed: seed of the canaries and coin flips.
+
+    Raises:
+        AuditConfigError: an unknown kind, gradient canaries without ``DifferentialPrivacy`` or with
+            several processes, or input canaries without :meth:`dataset`.
+
+    Example::
+
+        >>> from pytorch_lightning import Trainer
+        >>> from lightning_privacy.callbacks import DifferentialPrivacy, PrivacyAudit
+        >>> trainer = Trainer(max_epochs=5, callbacks=[DifferentialPrivacy(target_epsilon=3.0),
+        ...                                            PrivacyAudit(canaries=1000, kind="gradient")])
+    """
+
+    def __init__(
+        self,
+        canaries: int = 1000,
+        kind: str = "gradient",
+        *,
+        guesses: int | Sequence[int] | None = None,
+        confidence: float = 0.95,
+        delta: float | None = None,
+        input_canaries: InputCanaries | None = None,
+        score: str = "spikes",
+        seed: int = 0,
+    ) -> None:
+        if kind not in KINDS:
+            raise AuditConfigError(f"kind must be one of {KINDS}, got {kind!r}.")
+        if canaries < 1:
+            raise AuditConfigError(f"canaries must be a positive integer, got {canaries}.")
+        self.canaries = canaries
+        self.kind = kind
+        self.guesses = guesses
+        self.confidence = confidence
+        self.delta = delta
+        self.score = score
+        self.seed = seed
+        self.input_canaries = input_canaries
+        self.gradient_canaries: GradientCanaries | None = None
+        self.result: OneRunResult | None = None
+        self._dp: DifferentialPrivacy | None = None
+        self._hooked: list[tuple[DPOptimizer, Any]] = []
+
+    # ------------------------------------------------------------------ input canaries
+
+    def dataset(self, base: Any, *, num_classes: int) -> Any:
+        """``base`` (yielding ``(input, label)``) with the included input canaries appended.
+
+        Random canaries take their input range from up to 256 examples of ``base``.
+        """
+        if self.kind != "input":
+            raise AuditConfigError("dataset() is for kind='input'; gradient canaries need no data.")
+        if self.input_canaries is None:
+            import torch
+
+            like = torch.stack([torch.as_tensor(base[i][0]) for i in range(min(len(base), 256))])
+            self.input_canaries = InputCanaries.random(self.canaries, like, num_classes, seed=self.seed)
+        return self.input_canaries.dataset(base)
+
+    # ------------------------------------------------------------------ gradient canaries
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._dp = next((cb for cb in trainer.callbacks if isinstance(cb, DifferentialPrivacy)), None)
+        if self.kind == "gradient":
+            if self._dp is None:
+                raise AuditConfigError(
+                    "PrivacyAudit(kind='gradient') inserts canaries into the private step: add "
+                    "DifferentialPrivacy(...) to the same Trainer, or use kind='input'."
+                )
+            if trainer.world_size != 1:
+                raise AuditConfigError("Gradient canaries are supported in one process; use kind='input' with DDP.")
+        elif self.input_canaries is None:
+            raise AuditConfigError(
+                "PrivacyAudit(kind='input') needs the canaries in the training data: build the training "
+                "dataset with audit.dataset(train_dataset, num_classes=...)."
+            )
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        # After every callback's on_train_start: DifferentialPrivacy has wrapped the optimizers by now.
+        if self.kind != "gradient" or self._hooked:
+            return
+        optimizers = [opt for opt in trainer.strategy.optimizers if isinstance(opt, DPOptimizer)]
+        if len(optimizers) != 1:
+            raise AuditConfigError("Gradient canaries need exactly one private optimizer (DifferentialPrivacy's).")
+        (optimizer,) = optimizers
+        plan = self._dp.engine.plan
+        if self.gradient_canaries is None:
+            self.gradient_canaries = GradientCanaries(
+                optimizer.params, self.canaries, optimizer.max_grad_norm, plan.sample_rate, seed=self.seed
+            )
+        previous = optimizer.step_hook
+        canaries = self.gradient_canaries
+
+        def step_hook(opt: DPOptimizer) -> None:
+            if previous is not None:
+                previous(opt)  # the engine's: refuses an over-budget step before anything is released
+            scale = (
+                1.0 / (opt.expected_batch_size * opt.accumulated_iterations) if opt.loss_reduction == "mean" else 1.0
+            )
+            canaries.insert(scale)
+            canaries.observe(scale)
+
+        # Opacus' public step-hook API; the engine's own hook still runs first.
+        optimizer.attach_step_hook(step_hook)
+        self._hooked.append((optimizer, previous))
+
+    # ------------------------------------------------------------------ the bound
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        delta = self.delta if self.delta is not None else (self._dp.config.delta if self._dp else 0.0)
+        kwargs = dict(delta=delta, guesses=self.guesses, confidence=self.confidence)
+        if self.kind == "gradient":
+            if self.gradient_canaries is None:
+                return
+            self.result = self.gradient_canaries.audit(score=self.score, **kwargs)
+        else:
+            self.result = self.input_canaries.audit(pl_module, **kwargs)
+        metrics = self.result.as_metrics()
+        if self._dp is not None and self._dp.engine.steps:
+            metrics["audit.accountant_epsilon"] = self._dp.epsilon
+        if trainer.is_global_zero:
+            step = max(trainer.global_step - 1, 0)
+            for lg in trainer.loggers:
+                lg.log_metrics(metrics, step=step)
+            if not mlflow_privacy.has_mlflow_logger(trainer):
+                import mlflow
+
+                if mlflow.active_run() is not None:
+                    mlflow.log_metrics(metrics, step=step)
+        rank_zero_info(
+            f"Privacy audit ({self.kind} canaries): epsilon >= {self.result.epsilon_lower_bound:.3f} at "
+            f"{self.confidence:.0%} confidence ({self.result.correct} of {self.result.guesses} guesses right, "
+            f"{self.result.canaries} canaries, delta={delta:g})"
+            + (
+                f"; the accountant's epsilon is {metrics['audit.accountant_epsilon']:.3f}."
+                if "audit.accountant_epsilon" in metrics
+                else "."
+            )
+        )
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for optimizer, previous in self._hooked:
+            optimizer.step_hook = previous
+        self._hooked = []
