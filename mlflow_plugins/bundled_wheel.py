@@ -3,8 +3,9 @@
 No package index has this project, and a wheel from ``pip wheel .`` would pull torch, Lightning and
 Opacus into the serving environment. This one holds the installed package's source as it is
 imported here (an editable checkout or a regular install alike) and declares only what serving
-needs; the model's ``requirements.txt`` lists it by its path inside the model directory, as MLflow's
-``add_libraries_to_model`` does with the wheels it bundles.
+needs. Its version carries a local label, the hash of its content (``0.1.0+3f2a...``): no package
+index can hold such a version, so a ``lightning-privacy==0.1.0`` found on an index never replaces
+it, and two models with different code never share an installer's cache entry.
 """
 
 from __future__ import annotations
@@ -26,11 +27,6 @@ _PACKAGES = ("lightning_privacy", "lightning_privacy.callbacks", "lightning_priv
 _EPOCH = (1980, 1, 1, 0, 0, 0)
 
 
-def wheel_name() -> str:
-    """File name of the wheel for this version of lightning-privacy."""
-    return f"lightning_privacy-{lightning_privacy.__version__}-py3-none-any.whl"
-
-
 def write_wheel(directory: str | os.PathLike[str], requirements: Sequence[str]) -> Path:
     """Write the wheel into ``directory`` (created if needed) and return its path.
 
@@ -41,13 +37,17 @@ def write_wheel(directory: str | os.PathLike[str], requirements: Sequence[str]) 
     Raises:
         ImportError: the source of a package of the distribution cannot be found.
     """
-    dist_info = f"lightning_privacy-{lightning_privacy.__version__}.dist-info"
     files = {arcname: path.read_bytes() for arcname, path in sorted(_package_files())}
+    content = hashlib.sha256()
+    for name, data in files.items():
+        content.update(f"{name}\0{len(data)}\0".encode() + data)
+    version = f"{lightning_privacy.__version__}+{content.hexdigest()[:12]}"
+    dist_info = f"lightning_privacy-{version}.dist-info"
     files[f"{dist_info}/METADATA"] = "\n".join(
         [
             "Metadata-Version: 2.1",
             "Name: lightning-privacy",
-            f"Version: {lightning_privacy.__version__}",
+            f"Version: {version}",
             "Summary: lightning-privacy, as a CKKS model served by MLflow needs it",
             *(f"Requires-Dist: {r}" for r in requirements),
             "",
@@ -59,7 +59,7 @@ def write_wheel(directory: str | os.PathLike[str], requirements: Sequence[str]) 
     record = [f"{name},sha256={_digest(data)},{len(data)}" for name, data in files.items()]
     files[f"{dist_info}/RECORD"] = "\n".join([*record, f"{dist_info}/RECORD,,", ""]).encode()
 
-    path = Path(directory) / wheel_name()
+    path = Path(directory) / f"lightning_privacy-{version}-py3-none-any.whl"
     path.parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as wheel:
         for name, data in files.items():

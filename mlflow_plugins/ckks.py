@@ -15,9 +15,10 @@ Example::
         info = ckks.log_model(
             model, name="model", calibration_data=X_train, registered_model_name="digits-ckks"
         )
-    # mlflow models serve -m models:/digits-ckks/1 -p 5001 --env-manager uv
-    # (or virtualenv, conda, local): the model carries lightning-privacy's wheel (``wheels/``) and
-    # requires only the HE runtime, numpy, scipy, pandas and MLflow -- no torch, Lightning or ONNX.
+    # mlflow models serve -m models:/digits-ckks/1 -p 5001 --env-manager uv   (or virtualenv, local)
+    # mlflow models build-docker -m models:/digits-ckks/1 -n digits-ckks
+    # The model carries lightning-privacy's wheel (``wheels/``) and requires only the HE runtime,
+    # numpy, scipy, pandas, tqdm and MLflow: no torch, Lightning, Opacus or ONNX.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def get_default_pip_requirements() -> list[str]:
     """What serving a model of this flavor needs, pinned to the installed versions.
 
     lightning-privacy itself is not on a package index: :func:`save_model` writes its wheel into
-    the model and lists it in ``requirements.txt`` before these.
+    the model's ``wheels/`` and lists it in ``requirements.txt`` before these.
     """
     return [f"{name}=={importlib.metadata.version(name)}" for name in _SERVING_DISTRIBUTIONS]
 
@@ -135,9 +136,11 @@ def save_model(
     path = os.path.abspath(path)
     if conda_env is None:
         # Always given, so MLflow does not infer them (it loads the model in a subprocess, ~10 s).
-        wheel = f"{_WHEELS_SUBPATH}/{bundled_wheel.wheel_name()}"
+        # pip and uv resolve a relative --find-links against the requirements file, unlike a
+        # relative path to the wheel itself, which pip takes from its working directory.
+        project = [f"--find-links {_WHEELS_SUBPATH}", f"lightning-privacy=={lightning_privacy.__version__}"]
         listed = get_default_pip_requirements() if pip_requirements is None else _requirement_lines(pip_requirements)
-        pip_requirements = [wheel, *listed, *_requirement_lines(extra_pip_requirements)]
+        pip_requirements = [*project, *listed, *_requirement_lines(extra_pip_requirements)]
     if mlflow_model is None:
         mlflow_model = Model()
     flavor = mlflow_model.add_flavor(

@@ -23,6 +23,8 @@ import pytest
 import requests
 import yaml
 from mlflow.exceptions import MlflowException
+from packaging.requirements import Requirement
+from packaging.version import Version
 
 from lightning_privacy import he
 from lightning_privacy.errors import CompilationError
@@ -112,19 +114,24 @@ def _requirement_names(lines: list[str]) -> set[str]:
 
 
 def _bundled_wheel(model_dir: Path) -> Path:
-    """The one local wheel requirements.txt installs, relative to the model directory; it exists."""
-    lines = (model_dir / "requirements.txt").read_text().split()
-    (wheel,) = [line for line in lines if line.endswith(".whl")]
-    assert not os.path.isabs(wheel) and (model_dir / wheel).is_file()
-    return model_dir / wheel
+    """The wheel of lightning-privacy in the model, which requirements.txt installs from the model's
+    ``wheels/`` (a folder relative to requirements.txt, so any working directory does); its version
+    has a local label no package index can hold, so an index's lightning-privacy never replaces it."""
+    lines = (model_dir / "requirements.txt").read_text().splitlines()
+    assert "--find-links wheels" in lines
+    (pin,) = [Requirement(line) for line in lines if line.startswith("lightning-privacy")]
+    (wheel,) = (model_dir / "wheels").glob("lightning_privacy-*.whl")
+    version = Version(wheel.name.split("-")[1])
+    assert version.local and pin.specifier.contains(version)
+    return wheel
 
 
 def test_saved_model_carries_the_project_wheel_and_only_serving_requirements(compiled, tmp_path):
     ckks.save_model(compiled, tmp_path / "model")
     lines = [line for line in (tmp_path / "model" / "requirements.txt").read_text().splitlines() if line]
-    names = _requirement_names([line for line in lines if not line.endswith(".whl")])
-    assert {"tenseal", "numpy", "pandas", "scipy", "mlflow"} <= names
-    assert not names & {"lightning-privacy", *TRAINING_ONLY_DISTRIBUTIONS}
+    names = _requirement_names([line for line in lines if not line.startswith("--")])
+    assert {"lightning-privacy", "tenseal", "numpy", "pandas", "scipy", "mlflow"} <= names
+    assert not names & set(TRAINING_ONLY_DISTRIBUTIONS)
     conda = yaml.safe_load((tmp_path / "model" / "conda.yaml").read_text())
     (pip_section,) = [d["pip"] for d in conda["dependencies"] if isinstance(d, dict)]
     assert sorted(pip_section) == sorted(lines)
@@ -267,6 +274,24 @@ def _index_reachable() -> bool:
         return requests.get("https://pypi.org/simple/tenseal/", timeout=10).ok
     except requests.RequestException:
         return False
+
+
+@pytest.mark.slow
+def test_requirements_resolve_with_pip_from_another_working_directory(compiled, tmp_path):
+    """What `mlflow models build-docker -m URI` runs in its image: pip install -r <model>/requirements.txt,
+    from a working directory that is not the model's."""
+    if not _index_reachable():
+        pytest.skip("pypi.org is unreachable; pip resolves the model's other requirements there")
+    ckks.save_model(compiled, tmp_path / "model")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    command = [sys.executable, "-m", "pip", "install", "--dry-run", "--no-deps", "--ignore-installed", "--quiet",
+               "--report", "report.json", "-r", str(tmp_path / "model" / "requirements.txt")]  # fmt: skip
+    result = subprocess.run(command, cwd=elsewhere, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    installs = {i["metadata"]["name"]: i for i in json.loads((elsewhere / "report.json").read_text())["install"]}
+    url = installs["lightning-privacy"]["download_info"]["url"]
+    assert url == (tmp_path / "model" / "wheels").resolve().joinpath(_bundled_wheel(tmp_path / "model").name).as_uri()
 
 
 @pytest.mark.slow
