@@ -8,14 +8,16 @@ from typing import Any
 import pytorch_lightning as pl
 from opacus.optimizers import DPOptimizer
 from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.loggers import MLFlowLogger
 from pytorch_lightning.utilities import rank_zero_info
 
 from lightning_privacy.audit import GradientCanaries, InputCanaries, OneRunResult
-from lightning_privacy.callbacks import mlflow_privacy
 from lightning_privacy.callbacks.differential_privacy import DifferentialPrivacy
 from lightning_privacy.errors import AuditConfigError
 
 KINDS = ("gradient", "input")
+#: The artifact of the training run that holds the canary scores (the evaluator plots it).
+CANARY_SCORES_ARTIFACT = "audit/canary_scores.json"
 
 
 class PrivacyAudit(Callback):
@@ -25,7 +27,8 @@ class PrivacyAudit(Callback):
     them, guesses the top ones "in", and the ε that the right guesses refute at ``confidence`` (with
     the δ term) is the lower bound. It is logged next to the accountant's ε as MLflow metrics
     ``audit.epsilon_lower_bound``, ``audit.guesses``, ``audit.correct``, ``audit.canaries`` and
-    ``audit.accountant_epsilon`` (every logger, or the active MLflow run). A bound above the
+    ``audit.accountant_epsilon`` (every logger, or the active MLflow run), and the canary scores as
+    the run's artifact ``audit/canary_scores.json`` (the ``privacy`` evaluator plots them). A bound above the
     accountant's ε means the training is not as private as claimed.
 
     - ``kind="gradient"`` (white box, tightest): Dirac gradient canaries of norm C enter the private
@@ -85,6 +88,7 @@ class PrivacyAudit(Callback):
         self.result: OneRunResult | None = None
         self._dp: DifferentialPrivacy | None = None
         self._hooked: list[tuple[DPOptimizer, Any]] = []
+        self._input_scores: Any = None
 
     # ------------------------------------------------------------------ input canaries
 
@@ -163,19 +167,13 @@ class PrivacyAudit(Callback):
                 return
             self.result = self.gradient_canaries.audit(score=self.score, **kwargs)
         else:
+            self._input_scores = self.input_canaries.scores(pl_module)
             self.result = self.input_canaries.audit(pl_module, **kwargs)
         metrics = self.result.as_metrics()
         if self._dp is not None and self._dp.engine.steps:
             metrics["audit.accountant_epsilon"] = self._dp.epsilon
         if trainer.is_global_zero:
-            step = max(trainer.global_step - 1, 0)
-            for lg in trainer.loggers:
-                lg.log_metrics(metrics, step=step)
-            if not mlflow_privacy.has_mlflow_logger(trainer):
-                import mlflow
-
-                if mlflow.active_run() is not None:
-                    mlflow.log_metrics(metrics, step=step)
+            self._log(trainer, metrics)
         rank_zero_info(
             f"Privacy audit ({self.kind} canaries): epsilon >= {self.result.epsilon_lower_bound:.3f} at "
             f"{self.confidence:.0%} confidence ({self.result.correct} of {self.result.guesses} guesses right, "
@@ -186,6 +184,31 @@ class PrivacyAudit(Callback):
                 else "."
             )
         )
+
+    def canary_scores(self) -> tuple[list[float], list[bool]]:
+        """The audited canaries' scores and inclusion flags (what the score histogram shows)."""
+        if self.kind == "gradient":
+            scores, included = self.gradient_canaries.scores(self.score), self.gradient_canaries.included
+        else:
+            scores, included = self._input_scores, self.input_canaries.included
+        return [float(s) for s in scores], [bool(i) for i in included]
+
+    def _log(self, trainer: pl.Trainer, metrics: dict[str, float]) -> None:
+        """Metrics to every logger; metrics and the canary scores to the MLflow run(s) of the training."""
+        step = max(trainer.global_step - 1, 0)
+        for lg in trainer.loggers:
+            lg.log_metrics(metrics, step=step)
+        scores, included = self.canary_scores()
+        record = {"kind": self.kind, "scores": scores, "included": included}
+        runs = [(lg.experiment, lg.run_id) for lg in trainer.loggers if isinstance(lg, MLFlowLogger)]
+        for client, run_id in runs:
+            client.log_dict(run_id, record, CANARY_SCORES_ARTIFACT)
+        if not runs:
+            import mlflow
+
+            if mlflow.active_run() is not None:
+                mlflow.log_metrics(metrics, step=step)
+                mlflow.log_dict(record, CANARY_SCORES_ARTIFACT)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         for optimizer, previous in self._hooked:
