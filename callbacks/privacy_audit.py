@@ -33,7 +33,9 @@ class PrivacyAudit(Callback):
 
     - ``kind="gradient"`` (white box, tightest): Dirac gradient canaries of norm C enter the private
       step's released gradient, each included canary with the sampling rate q per step; the
-      auditor reads every released gradient. Needs ``DifferentialPrivacy`` in the same Trainer.
+      auditor reads every released gradient. Without ``DifferentialPrivacy`` in the Trainer they
+      join the plain batch gradient (norm ``norm``, rate batch size / dataset size): a baseline
+      that shows what a non-private run leaks.
     - ``kind="input"`` (black box, final model only): canary examples (random inputs with random
       labels by default) in the training set; build it with :meth:`dataset`, which appends the
       included ones. The score is minus the final model's loss.
@@ -46,11 +48,12 @@ class PrivacyAudit(Callback):
         delta: δ of the claim tested; default the ``DifferentialPrivacy`` callback's.
         input_canaries: for ``"input"``, your own :class:`~lightning_privacy.audit.InputCanaries`.
         score: for ``"gradient"``, ``"spikes"`` (default) or ``"sum"`` (see ``lightning_privacy.audit.canaries``).
+        norm: for ``"gradient"`` without ``DifferentialPrivacy``, each canary gradient's norm.
         seed: seed of the canaries and coin flips.
 
     Raises:
-        AuditConfigError: an unknown kind, gradient canaries without ``DifferentialPrivacy`` or with
-            several processes, or input canaries without :meth:`dataset`.
+        AuditConfigError: an unknown kind, gradient canaries in several processes, or input
+            canaries without :meth:`dataset`.
 
     Example::
 
@@ -70,6 +73,7 @@ class PrivacyAudit(Callback):
         delta: float | None = None,
         input_canaries: InputCanaries | None = None,
         score: str = "spikes",
+        norm: float = 1.0,
         seed: int = 0,
     ) -> None:
         if kind not in KINDS:
@@ -82,6 +86,8 @@ class PrivacyAudit(Callback):
         self.confidence = confidence
         self.delta = delta
         self.score = score
+        self.norm = norm
+        self._batch_size = 0
         self.seed = seed
         self.input_canaries = input_canaries
         self.gradient_canaries: GradientCanaries | None = None
@@ -113,11 +119,6 @@ class PrivacyAudit(Callback):
             return
         self._dp = next((cb for cb in trainer.callbacks if isinstance(cb, DifferentialPrivacy)), None)
         if self.kind == "gradient":
-            if self._dp is None:
-                raise AuditConfigError(
-                    "PrivacyAudit(kind='gradient') inserts canaries into the private step: add "
-                    "DifferentialPrivacy(...) to the same Trainer, or use kind='input'."
-                )
             if trainer.world_size != 1:
                 raise AuditConfigError("Gradient canaries are supported in one process; use kind='input' with DDP.")
         elif self.input_canaries is None:
@@ -130,7 +131,7 @@ class PrivacyAudit(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         # After every callback's on_train_start: DifferentialPrivacy has wrapped the optimizers by now.
-        if self.kind != "gradient" or self._hooked:
+        if self.kind != "gradient" or self._hooked or self._dp is None:
             return
         optimizers = [opt for opt in trainer.strategy.optimizers if isinstance(opt, DPOptimizer)]
         if len(optimizers) != 1:
@@ -156,6 +157,24 @@ class PrivacyAudit(Callback):
         # Opacus' public step-hook API; the engine's own hook still runs first.
         optimizer.attach_step_hook(step_hook)
         self._hooked.append((optimizer, previous))
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        # Without DifferentialPrivacy: the canaries join the plain batch gradient (a mean over the
+        # batch), as one more example of gradient norm `norm` each.
+        if self.kind != "gradient" or self._dp is not None:
+            return
+        if self.gradient_canaries is None:
+            loader = trainer.train_dataloader
+            batch_size, size = loader.batch_size, len(loader.dataset)
+            if not batch_size:
+                raise AuditConfigError("Gradient canaries without DifferentialPrivacy need a loader with a batch_size.")
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            self._batch_size = batch_size
+            self.gradient_canaries = GradientCanaries(
+                params, self.canaries, self.norm, min(1.0, batch_size / size), seed=self.seed
+            )
+        self.gradient_canaries.insert(1.0 / self._batch_size)
+        self.gradient_canaries.observe(1.0 / self._batch_size)
 
     # ------------------------------------------------------------------ the bound
 
