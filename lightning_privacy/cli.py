@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from lightning_privacy.dp import ACCOUNTANTS, DPConfig, GaussianSteps, calibrate_noise_multiplier, epsilon_for
+from lightning_privacy.dp import ACCOUNTANTS, DPConfig, calibrate_noise_multiplier, dp_sgd_event, epsilon_for
 from lightning_privacy.errors import LightningPrivacyError, PrivacyConfigError
 
 #: Exit codes: 2 for input the command refuses (as argparse does), 1 for any other error of ours.
@@ -37,9 +37,9 @@ def _epsilon(args: argparse.Namespace) -> str:
         raise PrivacyConfigError(f"--sample-rate must be in (0, 1], got {q}: it is batch size / dataset size.")
     if config.target_epsilon is not None:
         sigma = calibrate_noise_multiplier(config.target_epsilon, config.delta, q, config.steps, config.accountant)
-        eps = epsilon_for([GaussianSteps(sigma, q, config.steps)], config.delta, config.accountant)
+        eps = epsilon_for(dp_sgd_event(sigma, q, config.steps), config.delta, config.accountant)
         return f"noise_multiplier={sigma:.6g} epsilon={eps:.6g} delta={config.delta:g} accountant={config.accountant}"
-    eps = epsilon_for([GaussianSteps(config.noise_multiplier, q, config.steps)], config.delta, config.accountant)
+    eps = epsilon_for(dp_sgd_event(config.noise_multiplier, q, config.steps), config.delta, config.accountant)
     return f"epsilon={eps:.6g} delta={config.delta:g} accountant={config.accountant}"
 
 

@@ -3,7 +3,7 @@
 Framework-neutral: the Lightning callback and strategy in ``lightning_privacy.callbacks`` drive it.
 """
 
-from lightning_privacy.dp.accounting import GaussianSteps, PrivacyLedger, epsilon_for
+from lightning_privacy.dp.accounting import PrivacyLedger, dp_sgd_event, epsilon_for, make_accountant
 from lightning_privacy.dp.calibration import calibrate_noise_multiplier, steps_within_budget
 from lightning_privacy.dp.config import ACCOUNTANTS, DPConfig
 from lightning_privacy.dp.data import poisson_loader
@@ -14,14 +14,15 @@ __all__ = [
     "ACCOUNTANTS",
     "DPConfig",
     "DPSGDEngine",
-    "GaussianSteps",
     "PrivacyLedger",
     "SamplingPlan",
     "calibrate_noise_multiplier",
     "check_modules",
+    "dp_sgd_event",
     "epsilon_for",
     "fix_modules",
     "incompatible_modules",
+    "make_accountant",
     "poisson_loader",
     "steps_within_budget",
 ]

@@ -1,48 +1,62 @@
-"""What happened, and what it cost: the privacy ledger and ε from any of the four accountants.
+"""What happened, and what it cost: the privacy ledger as dp-accounting events, and ε from any of
+the four accountants.
 
-The ledger records every private step as a small immutable event (σ, q, count), in the spirit of
-dp-accounting's ``DpEvent``: it describes the mechanism fully, so any accountant can replay it, and it
-is the only privacy state a checkpoint needs.
+Every run of private steps at one (σ, q) is the event
+``SelfComposedDpEvent(PoissonSampledDpEvent(q, GaussianDpEvent(σ)), steps)``; the ledger is their
+``ComposedDpEvent``. The event describes the mechanism fully, so any accountant can replay it, and it
+is the only privacy state a checkpoint needs (stored in its plain named-tuple form).
 """
 
 from __future__ import annotations
 
 import math
-import warnings
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections import namedtuple
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
-import numpy as np
-from dp_accounting.pld.privacy_loss_mechanism import GaussianPrivacyLoss
-from opacus.accountants.analysis import gdp as gdp_analysis
-from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV, compute_safe_domain_size
+import dp_accounting
+from dp_accounting import dp_event
+from dp_accounting.privacy_accountant import PrivacyAccountant, UnsupportedEventError
 
-from lightning_privacy.dp.config import ACCOUNTANTS
-from lightning_privacy.errors import AccountantLimitError, DeltaTooLargeError, PrivacyConfigError
+from lightning_privacy.dp.accountants import ACCOUNTANT_TYPES, gaussian_steps, meaningless_delta
+from lightning_privacy.errors import PrivacyConfigError, PrivacyStateMismatchError
 
-#: The most points the PRV accountant may discretise the privacy loss on (Opacus' domain): about
-#: 1 GiB of working memory and ~10 s; σ = 0.2, q = 0.01, 1000 steps needs 6.9e6 points (6.7 s, 0.8 GB).
-PRV_MAX_POINTS = 2**24
-#: The most points dp-accounting's PLD may discretise one step's privacy loss on (interval 1e-4):
-#: σ = 0.1, q = 0.01 needs 1.4e6 points (1000 steps: 26 s, 2 GB); σ = 0.05 needs 3.9e6 (77 s, 6.8 GB).
-PLD_MAX_POINTS = 2**21
-#: The largest ε Opacus' gdp accountant searches (its root bracket).
-GDP_MAX_EPSILON = 500.0
+#: The event classes a checkpointed ledger may name (nothing else is instantiated from a checkpoint).
+_STORED_EVENT_TYPES = {
+    cls.__name__: cls
+    for cls in (
+        dp_event.NoOpDpEvent,
+        dp_event.ComposedDpEvent,
+        dp_event.SelfComposedDpEvent,
+        dp_event.PoissonSampledDpEvent,
+        dp_event.GaussianDpEvent,
+    )
+}
 
 
-@dataclass(frozen=True)
-class GaussianSteps:
-    """``count`` steps of the Poisson-subsampled Gaussian mechanism at noise σ and sampling rate q."""
+def dp_sgd_event(noise_multiplier: float, sample_rate: float, steps: int = 1) -> dp_event.SelfComposedDpEvent:
+    """``steps`` DP-SGD steps at (σ, q): the Poisson-subsampled Gaussian mechanism, self-composed."""
+    return dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(sample_rate, dp_accounting.GaussianDpEvent(noise_multiplier)), steps
+    )
 
-    noise_multiplier: float
-    sample_rate: float
-    count: int
+
+def make_accountant(accountant: str) -> PrivacyAccountant:
+    """A fresh accountant by the name a DP config uses (``prv``, ``rdp``, ``gdp`` or ``pld``).
+
+    Raises:
+        PrivacyConfigError: for an unknown name.
+    """
+    if accountant not in ACCOUNTANT_TYPES:
+        raise PrivacyConfigError(f"accountant must be one of {tuple(ACCOUNTANT_TYPES)}, got {accountant!r}.")
+    return ACCOUNTANT_TYPES[accountant]()
 
 
 class PrivacyLedger:
-    """The history of private steps; consecutive steps with equal (σ, q) are merged.
+    """The history of private steps as dp-accounting events; consecutive steps with equal (σ, q) are
+    merged into one self-composed event.
 
-    Merging makes the history of a resumed run identical, entry by entry, to the history of an
+    Merging makes the history of a resumed run identical, event by event, to the history of an
     uninterrupted one, so both give the same ε to the last bit.
 
     Example::
@@ -52,14 +66,20 @@ class PrivacyLedger:
         ledger.epsilon(delta=1e-5, accountant="rdp")
     """
 
-    def __init__(self, events: Iterable[GaussianSteps] = ()) -> None:
-        self._events: list[GaussianSteps] = []
+    def __init__(self, events: Iterable[dp_event.DpEvent] = ()) -> None:
+        self._events: list[dp_event.SelfComposedDpEvent] = []
         for event in events:
-            self.record(event.noise_multiplier, event.sample_rate, event.count)
+            self.compose(event)
 
     @property
-    def events(self) -> tuple[GaussianSteps, ...]:
+    def events(self) -> tuple[dp_event.SelfComposedDpEvent, ...]:
+        """One ``SelfComposedDpEvent`` per run of steps at one (σ, q), in order."""
         return tuple(self._events)
+
+    @property
+    def event(self) -> dp_event.DpEvent:
+        """The whole history as one dp-accounting event (what any ``PrivacyAccountant`` composes)."""
+        return dp_accounting.ComposedDpEvent(list(self._events))
 
     @property
     def steps(self) -> int:
@@ -79,143 +99,110 @@ class PrivacyLedger:
             raise PrivacyConfigError(f"A private step needs a sampling rate in (0, 1], got {sample_rate}.")
         if count < 0:
             raise PrivacyConfigError(f"The number of steps cannot be negative, got {count}.")
+        if count == 0:
+            return
+        sigma, q = float(noise_multiplier), float(sample_rate)
         last = self._events[-1] if self._events else None
-        if last and (last.noise_multiplier, last.sample_rate) == (noise_multiplier, sample_rate):
-            self._events[-1] = GaussianSteps(noise_multiplier, sample_rate, last.count + count)
+        if last is not None and (last.event.event.noise_multiplier, last.event.sampling_probability) == (sigma, q):
+            self._events[-1] = dp_sgd_event(sigma, q, last.count + int(count))
         else:
-            self._events.append(GaussianSteps(float(noise_multiplier), float(sample_rate), int(count)))
+            self._events.append(dp_sgd_event(sigma, q, int(count)))
+
+    def compose(self, event: dp_event.DpEvent) -> None:
+        """Add the steps ``event`` describes (DP-SGD events, self-composed or composed).
+
+        Raises:
+            PrivacyConfigError: for an event that is not made of Poisson-subsampled Gaussian steps.
+        """
+        steps = gaussian_steps(event)
+        if not isinstance(steps, list):
+            raise PrivacyConfigError(f"The ledger records DP-SGD steps only; got {steps.invalid_event}.")
+        for sigma, q, n in steps:
+            self.record(sigma, q, n)
 
     def epsilon(self, delta: float, accountant: str = "prv") -> float:
-        """ε spent so far at ``delta``; 0 before the first step."""
-        return epsilon_for(self._events, delta, accountant)
+        """ε spent so far at ``delta``; 0 before the first step. See :func:`epsilon_for`."""
+        return epsilon_for(self.event, delta, accountant)
 
-    def state_dict(self) -> list[list[float]]:
-        return [[e.noise_multiplier, e.sample_rate, e.count] for e in self._events]
+    def state_dict(self) -> dict[str, Any]:
+        """The ledger event in dp-accounting's named-tuple form, as plain dicts (what a checkpoint holds)."""
+        return _plain(self.event.to_named_tuple())
 
     @classmethod
-    def from_state_dict(cls, state: Sequence[Sequence[float]]) -> PrivacyLedger:
-        return cls(GaussianSteps(float(s), float(q), int(n)) for s, q, n in state)
+    def from_state_dict(cls, state: Mapping[str, Any] | Sequence[Sequence[float]]) -> PrivacyLedger:
+        """The ledger of :meth:`state_dict`; also reads the first checkpoints' ``[[σ, q, steps], ...]``.
+
+        Raises:
+            PrivacyStateMismatchError: for a state that is neither.
+        """
+        if isinstance(state, Mapping):
+            return cls([_event_from_plain(state)])
+        try:
+            return cls(dp_sgd_event(float(s), float(q), int(n)) for s, q, n in state)
+        except (TypeError, ValueError) as err:
+            raise PrivacyStateMismatchError(f"Unreadable privacy ledger in the checkpoint: {state!r}.") from err
 
 
-def epsilon_for(events: Sequence[GaussianSteps], delta: float, accountant: str = "prv") -> float:
-    """ε of a sequence of Poisson-subsampled Gaussian steps, by the named accountant.
+def epsilon_for(
+    events: dp_event.DpEvent | Sequence[dp_event.DpEvent] | PrivacyLedger, delta: float, accountant: str = "prv"
+) -> float:
+    """ε of DP-SGD events (one ``DpEvent``, several composed in order, or a ledger), by the named accountant.
 
-    ``prv``, ``rdp`` and ``gdp`` are Opacus' accountants; ``pld`` is dp-accounting's privacy loss
-    distribution accountant.
+    ``prv``, ``rdp`` and ``gdp`` are Opacus' analyses; ``pld`` is dp-accounting's privacy loss
+    distribution accountant (see :mod:`lightning_privacy.dp.accountants`).
 
     Raises:
-        AccountantLimitError: σ too small for the accountant (see :func:`check_computable`).
+        PrivacyConfigError: an unknown accountant, or events it does not support (``gdp`` needs one
+            (σ, q) over the run).
+        AccountantLimitError: σ too small for the accountant to compute ε.
         DeltaTooLargeError: δ so large that the accountant's ε is ≤ 0: (0, δ)-DP already holds, a
             guarantee that bounds nothing.
+
+    Example::
+
+        epsilon_for(dp_sgd_event(1.1, 0.01, 1000), delta=1e-5, accountant="prv")
     """
-    if accountant not in ACCOUNTANTS:
-        raise PrivacyConfigError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}.")
-    events = [e for e in PrivacyLedger(events).events if e.count > 0]
-    if not events:
-        return 0.0
-    if any(e.noise_multiplier <= 0 for e in events):
-        return math.inf  # a step without noise has no finite guarantee
-    check_computable(events, delta, accountant)
-    if accountant == "pld":
-        eps = _pld_epsilon(events, delta)
+    if isinstance(events, PrivacyLedger):
+        event = events.event
+    elif isinstance(events, dp_event.DpEvent):
+        event = events
     else:
-        eps = _opacus_epsilon(events, delta, accountant)
-    if eps <= 0:
-        raise _meaningless_delta(delta, accountant, eps)
+        event = dp_accounting.ComposedDpEvent(list(events))
+    acc = make_accountant(accountant)
+    try:
+        acc.compose(event)
+    except UnsupportedEventError as err:
+        raise PrivacyConfigError(f"The {accountant} accountant cannot account these steps: {err}") from err
+    eps = float(acc.get_epsilon(delta))
+    if eps <= 0 and any(n > 0 for _, _, n in gaussian_steps(event)):
+        raise meaningless_delta(delta, accountant, eps)
     return eps
 
 
-def check_computable(events: Sequence[GaussianSteps], delta: float, accountant: str) -> None:
-    """Refuse, before any large allocation, a history whose ε the accountant cannot compute.
-
-    The PRV and PLD accountants discretise the privacy loss, whose range grows like 1/σ²: at
-    σ = 1e-3 that is ~1e10 points (tens of GiB). Opacus' gdp accountant searches ε only up to
-    ``GDP_MAX_EPSILON``. The RDP accountant computes ε for any σ.
-
-    Raises:
-        AccountantLimitError: naming σ, the size needed and what to change.
-    """
-    events = [e for e in events if e.count > 0 and e.noise_multiplier > 0]
-    if not events or accountant == "rdp":
-        return
-    if accountant == "prv":
-        delta_error = delta / 1000  # as Opacus' PRVAccountant.get_epsilon
-        prvs = [PoissonSubsampledGaussianPRV(e.sample_rate, e.noise_multiplier) for e in events]
-        with warnings.catch_warnings():
-            # It sizes the domain with an RDP bound, which warns about its order range at tiny σ.
-            warnings.simplefilter("ignore", UserWarning)
-            half_width = compute_safe_domain_size(prvs, [e.count for e in events], 0.01, delta_error)
-        mesh = 0.01 / np.sqrt(sum(e.count for e in events) * np.log(12 / delta_error) / 2)
-        need, limit = [float(2 * half_width / mesh)], PRV_MAX_POINTS
-    elif accountant == "pld":
-        need, limit = [_pld_points(e) for e in events], PLD_MAX_POINTS
-    else:
-        (e,) = events[-1:]
-        with np.errstate(over="ignore"):  # exp(1/σ²) overflows to inf for tiny σ: handled below
-            mu = gdp_analysis.compute_mu_poisson(
-                steps=e.count, noise_multiplier=e.noise_multiplier, sample_rate=e.sample_rate
-            )
-        if math.isfinite(mu) and gdp_analysis.delta_eps_mu(eps=0.0, mu=mu) <= delta:
-            raise _meaningless_delta(delta, accountant, 0.0)
-        if math.isfinite(mu) and gdp_analysis.delta_eps_mu(eps=GDP_MAX_EPSILON, mu=mu) <= delta:
-            return
-        worst = min(events, key=lambda e: e.noise_multiplier)
-        raise AccountantLimitError(
-            f"The gdp accountant cannot compute ε for noise_multiplier={worst.noise_multiplier:.4g} at sample "
-            f"rate {worst.sample_rate:.4g} over {worst.count} steps: ε would exceed {GDP_MAX_EPSILON:g}, the "
-            "end of its search range (no privacy at all). Raise noise_multiplier, or use accountant='rdp', "
-            "which computes ε for any σ."
-        )
-    if max(need) <= limit:
-        return
-    worst = events[int(np.argmax(need))] if len(need) > 1 else min(events, key=lambda e: e.noise_multiplier)
-    raise AccountantLimitError(
-        f"The {accountant} accountant cannot compute ε for noise_multiplier={worst.noise_multiplier:.4g} at "
-        f"sample rate {worst.sample_rate:.4g}: so little noise needs a discretisation of {max(need):.3g} points "
-        f"(its limit is {limit:.3g}, set by memory), and ε would be far beyond any meaningful value anyway. "
-        "Raise noise_multiplier, or use accountant='rdp', which computes ε for any σ."
-    )
+def _plain(value: Any) -> Any:
+    """A named tuple (nested) as plain dicts and lists: loadable without dp-accounting's generated classes."""
+    if isinstance(value, tuple) and hasattr(value, "_asdict"):
+        return {k: _plain(v) for k, v in value._asdict().items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
-def _pld_points(event: GaussianSteps) -> float:
-    """Points dp-accounting's PLD needs for one step's privacy loss (its range over the truncated
-    tails, at the accountant's default interval 1e-4)."""
-    loss = GaussianPrivacyLoss(event.noise_multiplier, sensitivity=1, sampling_prob=event.sample_rate)
-    tail = loss.privacy_loss_tail()
-    width = loss.privacy_loss(tail.lower_x_truncation) - loss.privacy_loss(tail.upper_x_truncation)
-    return float(width / 1e-4) if math.isfinite(width) else math.inf
+def _event_from_plain(state: Mapping[str, Any]) -> dp_event.DpEvent:
+    """The event of :func:`_plain`'s dict, through dp-accounting's ``from_named_tuple``; only the
+    event types a ledger writes are accepted."""
 
+    def named(value: Any) -> Any:
+        if isinstance(value, Mapping):
+            if value.get("module_name") != dp_event.__name__ or value.get("class_name") not in _STORED_EVENT_TYPES:
+                raise PrivacyStateMismatchError(
+                    f"The checkpoint's privacy ledger names an event this version does not record: "
+                    f"{value.get('module_name')}.{value.get('class_name')}."
+                )
+            fields = {k: named(v) for k, v in value.items()}
+            return namedtuple(f"_{value['class_name']}NamedTuple", list(fields))(**fields)
+        if isinstance(value, list):
+            return [named(v) for v in value]
+        return value
 
-def _meaningless_delta(delta: float, accountant: str, eps: float) -> DeltaTooLargeError:
-    sign = "negative" if eps < 0 else "zero"
-    return DeltaTooLargeError(
-        f"delta={delta:g} is so large that the {accountant} accountant's epsilon is {sign} ({eps:.4g}): the "
-        "run is already (0, δ)-DP, i.e. δ is at least the chance that the output singles out any one "
-        "example, so the guarantee bounds nothing. Use a delta well below 1/dataset_size (1e-5 is usual)."
-    )
-
-
-def _opacus_epsilon(events: Sequence[GaussianSteps], delta: float, name: str) -> float:
-    from opacus.accountants import create_accountant
-
-    with warnings.catch_warnings():
-        # GDP warns on every construction; the warning is repeated once per run by the engine.
-        warnings.simplefilter("ignore", UserWarning)
-        acc = create_accountant(mechanism=name)
-    if name == "gdp" and len(events) > 1:
-        raise PrivacyConfigError("The gdp accountant needs σ and q constant over the run; use prv or rdp.")
-    acc.history = [(e.noise_multiplier, e.sample_rate, e.count) for e in events]
-    return float(acc.get_epsilon(delta=delta))
-
-
-def _pld_epsilon(events: Sequence[GaussianSteps], delta: float) -> float:
-    import dp_accounting
-    from dp_accounting.pld import PLDAccountant
-
-    acc = PLDAccountant()
-    for e in events:
-        acc.compose(
-            dp_accounting.PoissonSampledDpEvent(e.sample_rate, dp_accounting.GaussianDpEvent(e.noise_multiplier)),
-            e.count,
-        )
-    return float(acc.get_epsilon(delta))
+    return dp_event.DpEvent.from_named_tuple(named(state))

@@ -1,26 +1,37 @@
-"""Solving the accountant backwards: σ for a target ε, and how many steps fit in a budget."""
+"""Solving the accountant backwards with dp-accounting's ``calibrate_dp_mechanism``: σ for a target
+ε, and how many steps fit in a budget. Both err on the private side: the answer's ε never exceeds
+the target."""
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
-from lightning_privacy.dp.accounting import GaussianSteps, epsilon_for
-from lightning_privacy.errors import DeltaTooLargeError, PrivacyBudgetExhaustedError, UnreachableEpsilonError
+import dp_accounting
+from dp_accounting import dp_event
+from dp_accounting.mechanism_calibration import ExplicitBracketInterval
+
+from lightning_privacy.dp.accounting import dp_sgd_event, epsilon_for, make_accountant
+from lightning_privacy.errors import (
+    AccountantLimitError,
+    PrivacyBudgetExhaustedError,
+    PrivacyConfigError,
+    UnreachableEpsilonError,
+)
 
 #: Beyond this σ a model learns nothing useful; a target that needs more is reported unreachable.
 MAX_NOISE_MULTIPLIER = 1000.0
+#: Below this σ the search for a lower bracket end stops (ε there is astronomically large).
+MIN_NOISE_MULTIPLIER = 1e-3
 
 
-def _epsilon_or_inf(events: Sequence[GaussianSteps], delta: float, accountant: str) -> float:
-    # Accountants fail or overflow for tiny σ; that region is "more than any target".
+def _epsilon_or_inf(event: dp_event.DpEvent, delta: float, accountant: str) -> float:
+    # Where the accountant cannot compute (σ too small), ε is "more than any target".
     try:
-        eps = epsilon_for(events, delta, accountant)
-    except DeltaTooLargeError:
-        raise  # no σ fixes a meaningless δ
-    except (ValueError, OverflowError, ArithmeticError, RuntimeError):
+        return epsilon_for(event, delta, accountant)
+    except AccountantLimitError:
         return math.inf
-    return eps if math.isfinite(eps) else math.inf
 
 
 def calibrate_noise_multiplier(
@@ -29,22 +40,30 @@ def calibrate_noise_multiplier(
     sample_rate: float,
     steps: int,
     accountant: str = "prv",
-    epsilon_tolerance: float = 0.01,
+    tolerance: float = 1e-3,
 ) -> float:
-    """The smallest σ (to ``epsilon_tolerance`` in ε) whose run of ``steps`` steps stays ≤ ``target_epsilon``.
+    """The smallest σ (to ``tolerance`` relative) whose run of ``steps`` steps stays ≤ ``target_epsilon``.
 
-    The result errs on the private side: ε(σ) ≤ target_epsilon always holds.
+    The result errs on the private side: ε(σ) ≤ target_epsilon always holds. The search is
+    ``dp_accounting.calibrate_dp_mechanism`` on a bracket [σ_lo, σ_hi] found first by doubling and
+    halving, with ε(σ_lo) > target ≥ ε(σ_hi) and both computable by the accountant.
 
     Raises:
+        PrivacyConfigError: for ``steps`` < 1.
         UnreachableEpsilonError: when even σ = ``MAX_NOISE_MULTIPLIER`` exceeds the target.
+        DeltaTooLargeError: when δ is so large that ε would be ≤ 0.
 
     Example::
 
         sigma = calibrate_noise_multiplier(3.0, 1e-5, sample_rate=0.01, steps=1000)
     """
 
+    if not steps > 0:
+        raise PrivacyConfigError(f"Calibrating σ needs a positive number of steps, got {steps}.")
+
+    @functools.cache
     def eps(sigma: float) -> float:
-        return _epsilon_or_inf([GaussianSteps(sigma, sample_rate, steps)], delta, accountant)
+        return _epsilon_or_inf(dp_sgd_event(sigma, sample_rate, steps), delta, accountant)
 
     hi = 1.0
     while eps(hi) > target_epsilon:
@@ -57,16 +76,29 @@ def calibrate_noise_multiplier(
             )
         hi = min(hi * 2.0, MAX_NOISE_MULTIPLIER)
     lo = hi / 2.0
-    while eps(lo) <= target_epsilon and lo > 1e-3:
+    while eps(lo) <= target_epsilon and lo > MIN_NOISE_MULTIPLIER:
         hi, lo = lo, lo / 2.0
-    # eps(lo) > target >= eps(hi): bisect until the ε gap is within tolerance.
-    while hi - lo > 1e-6 * hi and target_epsilon - eps(hi) > epsilon_tolerance:
+    if eps(lo) <= target_epsilon:
+        return lo  # the target allows (almost) no noise: the smallest σ searched
+    while math.isinf(eps(lo)) and hi - lo > tolerance * hi:
+        # ε(lo) is beyond the accountant: move lo up until it is computable (the search needs values).
         mid = (lo + hi) / 2.0
         if eps(mid) <= target_epsilon:
             hi = mid
         else:
             lo = mid
-    return hi
+    if math.isinf(eps(lo)):
+        return hi
+    return float(
+        dp_accounting.calibrate_dp_mechanism(
+            lambda: make_accountant(accountant),
+            lambda sigma: dp_sgd_event(sigma, sample_rate, steps),
+            target_epsilon,
+            delta,
+            bracket_interval=ExplicitBracketInterval(lo, hi),
+            tol=tolerance * lo,
+        )
+    )
 
 
 def steps_within_budget(
@@ -75,22 +107,27 @@ def steps_within_budget(
     noise_multiplier: float,
     sample_rate: float,
     accountant: str = "prv",
-    history: Sequence[GaussianSteps] = (),
+    history: Sequence[dp_event.DpEvent] = (),
     limit: int | None = None,
 ) -> int:
     """How many more steps at (σ, q) fit after ``history`` with ε ≤ ``max_epsilon``.
 
-    Computed once, up front, by exponential then binary search: the PRV accountant is too slow to
-    query after every step. The answer is capped at ``limit`` when given.
+    Computed once, up front, because the PRV accountant is too slow to query after every step:
+    ``dp_accounting.calibrate_dp_mechanism`` (discrete) on a bracket found by doubling, then one more
+    query to make the answer exact (it is only guaranteed within one step). Capped at ``limit``.
 
     Raises:
         PrivacyBudgetExhaustedError: when ``history`` alone already exceeds ``max_epsilon``.
     """
     history = list(history)
 
+    def event(extra: int) -> dp_event.DpEvent:
+        more = [dp_sgd_event(noise_multiplier, sample_rate, int(extra))] if extra > 0 else []
+        return dp_accounting.ComposedDpEvent([*history, *more])
+
+    @functools.cache
     def fits(extra: int) -> bool:
-        run = history + [GaussianSteps(noise_multiplier, sample_rate, extra)]
-        return _epsilon_or_inf(run, delta, accountant) <= max_epsilon
+        return _epsilon_or_inf(event(extra), delta, accountant) <= max_epsilon
 
     if not fits(0):
         raise PrivacyBudgetExhaustedError(
@@ -104,10 +141,15 @@ def steps_within_budget(
         if limit is not None and bad >= limit:
             bad = limit
             break
-    while bad - good > 1:
-        mid = (good + bad) // 2
-        if fits(mid):
-            good = mid
-        else:
-            bad = mid
-    return good
+    if bad - good <= 1:
+        return good
+    found = dp_accounting.calibrate_dp_mechanism(
+        lambda: make_accountant(accountant),
+        event,
+        max_epsilon,
+        delta,
+        bracket_interval=ExplicitBracketInterval(good, bad),
+        discrete=True,
+    )
+    # Within one step of the largest that fits, on the fitting side: one query settles which.
+    return found + 1 if found + 1 < bad and fits(found + 1) else found

@@ -7,9 +7,11 @@ import numbers
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from lightning_privacy.dp.accountants import ACCOUNTANT_TYPES
 from lightning_privacy.errors import PrivacyConfigError
 
-ACCOUNTANTS = ("prv", "rdp", "gdp", "pld")
+#: The accountants a config may name (see :mod:`lightning_privacy.dp.accountants`).
+ACCOUNTANTS = tuple(ACCOUNTANT_TYPES)
 GRAD_SAMPLE_MODES = ("auto", "fast", "hooks", "functorch", "ew")
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lightning_privacy.audit import GradientCanaries
-from lightning_privacy.dp import GaussianSteps, epsilon_for
+from lightning_privacy.dp import dp_sgd_event, epsilon_for
 from lightning_privacy.errors import AuditConfigError
 from tests.audit.dpsgd import train_with_gradient_canaries
 
@@ -16,7 +16,7 @@ SIGMA, Q, STEPS, DELTA = 2.0, 0.1, 100, 1e-5
 
 @pytest.fixture(scope="module")
 def claimed_epsilon() -> float:
-    return epsilon_for([GaussianSteps(SIGMA, Q, STEPS)], DELTA, "prv")  # 2.35
+    return epsilon_for(dp_sgd_event(SIGMA, Q, STEPS), DELTA, "prv")  # 2.35
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -3,18 +3,37 @@ where ε means nothing or cannot be computed are refused with a PrivacyConfigErr
 
 from __future__ import annotations
 
+import json
 import math
 import time
 import warnings
+from pathlib import Path
 
 import dp_accounting
 import pytest
+import pytorch_lightning as pl
+import torch
 from dp_accounting.pld import PLDAccountant
+from dp_accounting.privacy_accountant import PrivacyAccountant
 from opacus.accountants import create_accountant
 from opacus.accountants.analysis import gdp as opacus_gdp
 
-from lightning_privacy.dp import PrivacyLedger, epsilon_for
-from lightning_privacy.errors import AccountantLimitError, DeltaTooLargeError, PrivacyConfigError
+from lightning_privacy.callbacks import DifferentialPrivacy
+from lightning_privacy.dp import (
+    PrivacyLedger,
+    calibrate_noise_multiplier,
+    epsilon_for,
+    make_accountant,
+    steps_within_budget,
+)
+from lightning_privacy.errors import (
+    AccountantLimitError,
+    DeltaTooLargeError,
+    PrivacyConfigError,
+    PrivacyStateMismatchError,
+    UnreachableEpsilonError,
+)
+from tests.dp.models import trainer_kwargs
 
 
 def _ledger(sigma: float, q: float, steps: int) -> PrivacyLedger:
@@ -96,3 +115,189 @@ def test_rdp_computes_epsilon_for_any_sigma():
 def test_ledger_refuses_steps_that_no_accountant_can_count(sigma, q):
     with pytest.raises(PrivacyConfigError):
         PrivacyLedger().record(sigma, q)
+
+
+# ---------------------------------------------------------------------- the ledger as dp-accounting events
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def _v1_state() -> tuple[dict, dict]:
+    record = json.loads((FIXTURES / "ledger_v1.json").read_text())
+    checkpoint = torch.load(FIXTURES / "ledger_v1.ckpt", weights_only=True)
+    (state,) = [v for k, v in checkpoint["callbacks"].items() if k.startswith("DifferentialPrivacy")]
+    return state, record
+
+
+def _reference_epsilons(history: list[tuple[float, float, int]], delta: float) -> dict[str, float]:
+    """ε of a [(σ, q, steps)] history by Opacus' accountants stepped one step at a time, and by
+    dp-accounting's PLD accountant composed event by event."""
+    out = {}
+    for name in ("prv", "rdp"):
+        acc = create_accountant(name)
+        for sigma, q, n in history:
+            for _ in range(n):
+                acc.step(noise_multiplier=sigma, sample_rate=q)
+        out[name] = acc.get_epsilon(delta=delta)
+    pld = PLDAccountant()
+    for sigma, q, n in history:
+        pld.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), n)
+    out["pld"] = pld.get_epsilon(delta)
+    return out
+
+
+def test_a_version_1_checkpoint_ledger_gives_the_recorded_epsilon():
+    state, record = _v1_state()
+    assert state["version"] == 1 and state["ledger"] == [[1.0, 0.25, 3], [1.3, 0.25, 3]]
+    ledger = PrivacyLedger.from_state_dict(state["ledger"])
+    assert ledger.event == dp_accounting.ComposedDpEvent(
+        [
+            dp_accounting.SelfComposedDpEvent(
+                dp_accounting.PoissonSampledDpEvent(0.25, dp_accounting.GaussianDpEvent(s)), 3
+            )
+            for s in (1.0, 1.3)
+        ]
+    )
+    reference = _reference_epsilons([(1.0, 0.25, 3), (1.3, 0.25, 3)], 1e-5)
+    for accountant, recorded in record["epsilon"].items():
+        assert ledger.epsilon(1e-5, accountant) == pytest.approx(recorded, rel=1e-9, abs=0)
+        assert recorded == pytest.approx(reference[accountant], rel=1e-9 if accountant != "pld" else 1e-3)
+
+
+def test_a_version_1_checkpoint_resumes_with_the_recorded_epsilon(tmp_path):
+    from tests.dp.fixtures.make_ledger_v1 import SECOND, model
+
+    _, record = _v1_state()
+    dp = DifferentialPrivacy(**SECOND)
+    trainer = pl.Trainer(callbacks=[dp], **trainer_kwargs(tmp_path, max_steps=record["global_step"], max_epochs=None))
+    trainer.fit(model(), ckpt_path=FIXTURES / "ledger_v1.ckpt")
+    assert dp.engine.steps == 6
+    assert dp.epsilon == pytest.approx(record["callback_epsilon"], rel=1e-9, abs=0)
+
+    # ... and keeps counting: two more steps at σ = 1.3, as Opacus counts them one by one.
+    dp = DifferentialPrivacy(**SECOND)
+    trainer = pl.Trainer(callbacks=[dp], **trainer_kwargs(tmp_path, max_steps=8, max_epochs=None))
+    trainer.fit(model(), ckpt_path=FIXTURES / "ledger_v1.ckpt")
+    assert dp.engine.steps == 8
+    reference = _reference_epsilons([(1.0, 0.25, 3), (1.3, 0.25, 5)], 1e-5)["prv"]
+    assert dp.epsilon == pytest.approx(reference, rel=1e-9)
+    state = dp.state_dict()
+    assert state["version"] == 2 and state["ledger"]["class_name"] == "ComposedDpEvent"
+
+
+def test_the_ledger_state_is_dp_accountings_named_tuple_form_as_plain_data():
+    ledger = PrivacyLedger()
+    for sigma in (1.0, 1.0, 1.2, 1.2, 1.2, 1.0):
+        ledger.record(sigma, 0.01)
+    state = ledger.state_dict()
+    assert json.loads(json.dumps(state)) == state  # plain dicts, lists and numbers
+    assert state == _plain_named_tuple(ledger.event.to_named_tuple())
+    restored = PrivacyLedger.from_state_dict(state)
+    assert restored.events == ledger.events and restored.steps == 6
+    assert [e.count for e in restored.events] == [2, 3, 1]
+    assert (
+        restored.epsilon(1e-5, "rdp")
+        == _reference_epsilons([(1.0, 0.01, 2), (1.2, 0.01, 3), (1.0, 0.01, 1)], 1e-5)["rdp"]
+    )
+
+
+def _plain_named_tuple(value):
+    if hasattr(value, "_asdict"):
+        return {k: _plain_named_tuple(v) for k, v in value._asdict().items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain_named_tuple(v) for v in value]
+    return value
+
+
+def test_a_checkpointed_ledger_may_only_name_dp_sgd_events():
+    state = PrivacyLedger().state_dict()
+    state["events"] = [{"module_name": "os", "class_name": "system", "command": "true"}]
+    with pytest.raises(PrivacyStateMismatchError, match="os.system"):
+        PrivacyLedger.from_state_dict(state)
+
+
+# ---------------------------------------------------------------------- accountants are PrivacyAccountants
+
+
+def _event(sigma, q, n):
+    return dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), n
+    )
+
+
+@pytest.mark.parametrize("name", ["prv", "rdp", "gdp", "pld"])
+def test_each_accountant_is_a_dp_accounting_privacy_accountant_with_honest_supports(name):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        acc = make_accountant(name)
+    assert isinstance(acc, PrivacyAccountant)
+    two = dp_accounting.ComposedDpEvent([_event(1.0, 0.01, 5), _event(1.2, 0.01, 5)])
+    assert acc.supports(_event(1.0, 0.01, 5))
+    assert acc.supports(two) == (name != "gdp")  # gdp holds for one (σ, q) only
+    if name != "pld":  # dp-accounting's own PLD accounts Laplace too
+        assert not acc.supports(dp_accounting.LaplaceDpEvent(1.0))
+    assert (
+        not acc.supports(dp_accounting.PoissonSampledDpEvent(0.1, dp_accounting.LaplaceDpEvent(1.0))) or name == "pld"
+    )
+
+
+@pytest.mark.parametrize("name", ["prv", "rdp", "gdp"])
+def test_opacus_adapters_equal_opacus_accountants_to_the_last_bit(name):
+    history = [(1.1, 0.02, 40)] if name == "gdp" else [(1.1, 0.02, 40), (0.9, 0.05, 7), (1.1, 0.02, 3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        reference = create_accountant(name)
+        acc = make_accountant(name)
+    for sigma, q, n in history:
+        for _ in range(n):
+            reference.step(noise_multiplier=sigma, sample_rate=q)
+        acc.compose(_event(sigma, q, n))
+    assert acc.get_epsilon(1e-6) == reference.get_epsilon(delta=1e-6)
+
+
+def test_gdp_refuses_a_changed_sigma_with_a_clear_error():
+    ledger = PrivacyLedger()
+    ledger.record(1.0, 0.01, 5)
+    ledger.record(1.2, 0.01, 5)
+    with pytest.raises(PrivacyConfigError, match="gdp accountant needs σ and q constant"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            ledger.epsilon(1e-5, "gdp")
+
+
+# ---------------------------------------------------------------------- calibration
+
+
+@pytest.mark.parametrize("accountant", ["prv", "rdp", "pld"])
+def test_calibrated_sigma_meets_the_target_on_the_private_side_and_closely(accountant):
+    q, steps, delta, target = 0.02, 200, 1e-5, 2.0
+
+    def reference(sigma):
+        if accountant == "pld":
+            acc = PLDAccountant()
+            acc.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
+            return acc.get_epsilon(delta)
+        return _opacus(accountant, sigma, q, steps, delta)
+
+    sigma = calibrate_noise_multiplier(target, delta, q, steps, accountant)
+    assert reference(sigma) <= target
+    assert reference(sigma * (1 - 3e-3)) > target  # not far above the smallest σ that meets it
+
+
+def test_calibration_with_a_target_beyond_any_sigma_is_unreachable():
+    with pytest.raises(UnreachableEpsilonError, match="unreachable"):
+        calibrate_noise_multiplier(1e-4, 1e-5, 1.0, 10_000, "rdp")
+
+
+@pytest.mark.parametrize("limit", [None, 500])
+def test_steps_within_budget_is_exact_against_opacus(limit):
+    history = [_event(1.3, 0.05, 20)]
+    n = steps_within_budget(3.0, 1e-5, 1.0, 0.05, "rdp", history=history, limit=limit)
+    fits = [_opacus_history([(1.3, 0.05, 20), (1.0, 0.05, k)], 1e-5) <= 3.0 for k in (n, n + 1)]
+    assert fits == [True, False]
+
+
+def _opacus_history(history, delta):
+    acc = create_accountant("rdp")
+    acc.history = [h for h in history if h[2] > 0]
+    return acc.get_epsilon(delta=delta)

@@ -67,7 +67,7 @@ def test_resume_mid_epoch_gives_the_same_final_epsilon(tmp_path):
     assert mid.exists(), sorted(p.name for p in (tmp_path / "full").iterdir())
     state = torch.load(mid, weights_only=False)["callbacks"]
     (dp_state,) = [v for k, v in state.items() if k.startswith("DifferentialPrivacy")]
-    assert dp_state["ledger"][0][2] == 10 and dp_state["config"]["target_epsilon"] == 3.0
+    assert dp_state["ledger"]["events"][0]["count"] == 10 and dp_state["config"]["target_epsilon"] == 3.0
     resumed_trainer, resumed = _fit(tmp_path, "resumed", ckpt_path=mid)
     assert resumed_trainer.global_step == full_trainer.global_step == 24
     assert resumed.engine.steps == full.engine.steps == 24
