@@ -109,7 +109,9 @@ def step_only_when(trainer: pl.Trainer, ends_batch: Callable[[], bool]) -> None:
     loop = trainer.fit_loop.epoch_loop
     decide = _require(loop, "_should_accumulate", "the epoch loop's step-or-accumulate decision")
     if not callable(decide):
-        raise _unsupported(f"the epoch loop's step-or-accumulate decision is not a method ({type(loop).__name__}._should_accumulate)")
+        raise _unsupported(
+            f"the epoch loop's step-or-accumulate decision is not a method ({type(loop).__name__}._should_accumulate)"
+        )
     loop._should_accumulate = lambda: not ends_batch()
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any, Optional
+from typing import Any
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
@@ -80,22 +80,22 @@ class DifferentialPrivacy(Callback):
     def __init__(
         self,
         *,
-        noise_multiplier: Optional[float] = None,
-        target_epsilon: Optional[float] = None,
+        noise_multiplier: float | None = None,
+        target_epsilon: float | None = None,
         delta: float = 1e-5,
         max_grad_norm: float = 1.0,
         accountant: str = "prv",
-        epochs: Optional[int] = None,
-        steps: Optional[int] = None,
-        max_epsilon: Optional[float] = None,
+        epochs: int | None = None,
+        steps: int | None = None,
+        max_epsilon: float | None = None,
         poisson_sampling: bool = True,
         secure_mode: bool = False,
         loss_reduction: str = "mean",
         fix_modules: bool = False,
-        log_every_n_steps: Optional[int] = None,
+        log_every_n_steps: int | None = None,
         allow_config_change: bool = False,
         grad_sample_mode: str = "auto",
-        max_physical_batch_size: Optional[int] = None,
+        max_physical_batch_size: int | None = None,
         allow_large_delta: bool = False,
     ) -> None:
         self.config = DPConfig(
@@ -120,9 +120,9 @@ class DifferentialPrivacy(Callback):
         self.log_every_n_steps = log_every_n_steps
         self.allow_config_change = allow_config_change
         self.engine = DPSGDEngine(self.config)
-        self._trainer: Optional[pl.Trainer] = None
-        self._last_logged_step: Optional[int] = None
-        self._physical_loader: Optional[PhysicalBatchLoader] = None
+        self._trainer: pl.Trainer | None = None
+        self._last_logged_step: int | None = None
+        self._physical_loader: PhysicalBatchLoader | None = None
         self._ends_logical_batch = True
         self._steps_at_batch_start = 0
         self._backwards_since_step = 0
@@ -134,7 +134,7 @@ class DifferentialPrivacy(Callback):
 
     # ------------------------------------------------------------------ set-up
 
-    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         self._trainer = trainer
@@ -147,7 +147,7 @@ class DifferentialPrivacy(Callback):
         # LightningDataModule, train_dataloader() and trainer.fit(train_dataloaders=...), and reloads.
         fence.wrap_train_source(trainer, self._private_loader)
 
-    def _check_trainer(self, trainer: "pl.Trainer") -> None:
+    def _check_trainer(self, trainer: pl.Trainer) -> None:
         """Refuse the Trainer settings that would silently change what the guarantee covers."""
         if trainer.accumulate_grad_batches != 1:
             raise PrivacyConfigError(
@@ -200,7 +200,7 @@ class DifferentialPrivacy(Callback):
             fence.step_only_when(trainer, lambda: self._ends_logical_batch)
         return private
 
-    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # The loader (hence q and σ) exists only now; the optimizers were built and restored before.
         strategy = trainer.strategy
         if len(strategy.optimizers) > 1:
@@ -219,8 +219,10 @@ class DifferentialPrivacy(Callback):
                 "max_physical_batch_size": self.config.max_physical_batch_size,
             },
         )
-        target = "" if self.config.target_epsilon is None else (
-            f" (calibrated for epsilon={self.config.target_epsilon} over {plan.planned_steps} steps)"
+        target = (
+            ""
+            if self.config.target_epsilon is None
+            else (f" (calibrated for epsilon={self.config.target_epsilon} over {plan.planned_steps} steps)")
         )
         rank_zero_info(
             f"DP-SGD: noise_multiplier={plan.noise_multiplier:.4f}{target}, max_grad_norm={self.config.max_grad_norm}, "
@@ -228,8 +230,12 @@ class DifferentialPrivacy(Callback):
             f"{plan.dataset_size}{f' over {plan.world_size} processes' if plan.world_size > 1 else ''}), "
             f"delta={self.config.delta}, accountant={self.config.accountant}, "
             f"per-sample clipping mode={self.engine.grad_sample_mode}"
-            + (f", physical batches of at most {self.config.max_physical_batch_size}"
-               if self.config.max_physical_batch_size else "") + "."
+            + (
+                f", physical batches of at most {self.config.max_physical_batch_size}"
+                if self.config.max_physical_batch_size
+                else ""
+            )
+            + "."
         )
         if plan.allowed_steps is not None:
             rank_zero_info(
@@ -248,7 +254,7 @@ class DifferentialPrivacy(Callback):
     # ------------------------------------------------------------------ during training
 
     def on_train_batch_start(
-        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if self._physical_loader is not None:
             flags = self._physical_loader.last_flags
@@ -256,7 +262,7 @@ class DifferentialPrivacy(Callback):
         self._steps_at_batch_start = self.engine.steps
         self._backwards_since_step = 0
 
-    def on_after_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._ends_logical_batch:
             # A physical batch inside a Poisson batch: clip it into the running sum now, so the
             # next physical batch starts from empty per-sample state.
@@ -270,13 +276,11 @@ class DifferentialPrivacy(Callback):
                 "after each backward (manual optimization), or use max_physical_batch_size to split batches."
             )
 
-    def on_before_optimizer_step(
-        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: Any
-    ) -> None:
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         self._backwards_since_step = 0
 
     def on_train_batch_end(
-        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if self.engine.steps - self._steps_at_batch_start > 1:
             raise PrivacyConfigError(
@@ -289,10 +293,10 @@ class DifferentialPrivacy(Callback):
             self._log_epsilon(trainer, pl_module, on_step=True)
         self._stop_if_budget_spent(trainer)
 
-    def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._log_epsilon(trainer, pl_module, on_step=False)
 
-    def _log_epsilon(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", on_step: bool) -> None:
+    def _log_epsilon(self, trainer: pl.Trainer, pl_module: pl.LightningModule, on_step: bool) -> None:
         # One metric, "epsilon", labelled like Lightning labels the user's metrics: by the index of
         # the last optimizer step. Step-level values go to the loggers directly, because Lightning
         # re-sends a step metric at every later step until the epoch ends.
@@ -307,11 +311,18 @@ class DifferentialPrivacy(Callback):
             pl_module.log("epsilon", eps, prog_bar=True, logger=False, on_step=True, on_epoch=False, batch_size=1)
         else:
             # ε is identical on every rank; syncing (a mean of equal values) keeps Lightning quiet.
-            pl_module.log("epsilon", eps, prog_bar=True, on_step=False, on_epoch=True, batch_size=1,
-                          sync_dist=trainer.world_size > 1)
+            pl_module.log(
+                "epsilon",
+                eps,
+                prog_bar=True,
+                on_step=False,
+                on_epoch=True,
+                batch_size=1,
+                sync_dist=trainer.world_size > 1,
+            )
         mlflow_privacy.log_epsilon_to_active_run(trainer, eps, step)
 
-    def _stop_if_budget_spent(self, trainer: "pl.Trainer") -> None:
+    def _stop_if_budget_spent(self, trainer: pl.Trainer) -> None:
         if self.engine.remaining_steps > 0 or trainer.should_stop:
             return
         trainer.should_stop = True
@@ -322,7 +333,7 @@ class DifferentialPrivacy(Callback):
 
     # ------------------------------------------------------------------ tear-down
 
-    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         eps = self.engine.epsilon()
         tags = {"epsilon": eps, "delta": self.config.delta, "steps": self.engine.steps}
         if self.engine.plan is not None:
@@ -332,19 +343,21 @@ class DifferentialPrivacy(Callback):
                 accountant=self.config.accountant,
             )
         mlflow_privacy.set_tags(trainer, tags)
-        rank_zero_info(f"DP-SGD finished: epsilon={eps:.4f} at delta={self.config.delta} after {self.engine.steps} steps.")
+        rank_zero_info(
+            f"DP-SGD finished: epsilon={eps:.4f} at delta={self.config.delta} after {self.engine.steps} steps."
+        )
 
-    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         self._restore(trainer)
 
-    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         # Lightning calls no teardown hook when fit fails: the model, the optimizers and the
         # process-wide step guard must be restored here too.
         self._restore(trainer)
 
-    def _restore(self, trainer: "pl.Trainer") -> None:
+    def _restore(self, trainer: pl.Trainer) -> None:
         """Undo what set-up and training start did: hooks, optimizer wrappers, step guard."""
         self.engine.detach()
         self._physical_loader = None

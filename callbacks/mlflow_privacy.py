@@ -8,31 +8,31 @@ the logger's run wins, so nothing is written twice.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any
 
 import pytorch_lightning as pl
 
 from lightning_privacy.privacy_tags import TAG_PREFIX
 
 
-def _logger_runs(trainer: "pl.Trainer") -> list[tuple[Any, str]]:
+def _logger_runs(trainer: pl.Trainer) -> list[tuple[Any, str]]:
     from pytorch_lightning.loggers import MLFlowLogger
 
     return [(lg.experiment, lg.run_id) for lg in trainer.loggers if isinstance(lg, MLFlowLogger)]
 
 
-def _active_run_id() -> Optional[str]:
+def _active_run_id() -> str | None:
     import mlflow
 
     run = mlflow.active_run()
     return None if run is None else run.info.run_id
 
 
-def has_mlflow_logger(trainer: "pl.Trainer") -> bool:
+def has_mlflow_logger(trainer: pl.Trainer) -> bool:
     return bool(_logger_runs(trainer))
 
 
-def log_params(trainer: "pl.Trainer", params: dict[str, Any]) -> None:
+def log_params(trainer: pl.Trainer, params: dict[str, Any]) -> None:
     """DP parameters as ``privacy.*`` hyperparameters of every logger (MLflow params for MLflow).
 
     Without an ``MLFlowLogger`` but inside an active MLflow run, they become that run's params.
@@ -48,16 +48,21 @@ def log_params(trainer: "pl.Trainer", params: dict[str, Any]) -> None:
         mlflow.log_params(prefixed)
 
 
-def log_epsilon_to_active_run(trainer: "pl.Trainer", epsilon: float, step: int) -> None:
+def log_epsilon_to_active_run(trainer: pl.Trainer, epsilon: float, step: int) -> None:
     """ε as a metric of the active MLflow run, when no ``MLFlowLogger`` carries it already (rank 0 only)."""
-    if not trainer.is_global_zero or has_mlflow_logger(trainer) or _active_run_id() is None or not math.isfinite(epsilon):
+    if (
+        not trainer.is_global_zero
+        or has_mlflow_logger(trainer)
+        or _active_run_id() is None
+        or not math.isfinite(epsilon)
+    ):
         return
     import mlflow
 
     mlflow.log_metric("epsilon", epsilon, step=step)
 
 
-def set_tags(trainer: "pl.Trainer", tags: dict[str, Any]) -> None:
+def set_tags(trainer: pl.Trainer, tags: dict[str, Any]) -> None:
     """``privacy.*`` tags on the MLflow run(s) of this training: the logger's, else the active one."""
     if not trainer.is_global_zero:
         return

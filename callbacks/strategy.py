@@ -4,7 +4,7 @@ device or ``Trainer(strategy="dp_ddp", devices=N)`` across processes."""
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
@@ -19,7 +19,7 @@ from lightning_privacy.errors import PrivacyConfigError
 _DEFAULTS = {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "delta": 1e-5}
 
 
-def _install(strategy: Any, model: "pl.LightningModule") -> None:
+def _install(strategy: Any, model: pl.LightningModule) -> None:
     """Put the strategy's callback on the model's Trainer (once).
 
     A ``DifferentialPrivacy`` callback already on the Trainer is adopted when the strategy was
@@ -70,13 +70,13 @@ class DPStrategy(SingleDeviceStrategy):
     strategy_name = "dp"
     is_dp_strategy = True
 
-    def __init__(self, device: Union[str, torch.device] = "cpu", **dp_kwargs: Any) -> None:
+    def __init__(self, device: str | torch.device = "cpu", **dp_kwargs: Any) -> None:
         super().__init__(device=device)
         # Written as a direct call so that LightningCLI (jsonargparse) sees the callback's arguments.
         self.privacy = DifferentialPrivacy(**dp_kwargs) if dp_kwargs else DifferentialPrivacy(**_DEFAULTS)
         self._default_privacy = not dp_kwargs
 
-    def connect(self, model: "pl.LightningModule") -> None:
+    def connect(self, model: pl.LightningModule) -> None:
         super().connect(model)
         _install(self, model)
 
@@ -128,13 +128,13 @@ class DPDDPStrategy(DDPStrategy):
 
     def __init__(
         self,
-        accelerator: Optional["pl.accelerators.Accelerator"] = None,
-        parallel_devices: Optional[list[torch.device]] = None,
-        cluster_environment: Optional[Any] = None,
-        checkpoint_io: Optional[Any] = None,
-        precision_plugin: Optional[Any] = None,
-        process_group_backend: Optional[str] = None,
-        timeout: Optional[timedelta] = timedelta(minutes=30),
+        accelerator: pl.accelerators.Accelerator | None = None,
+        parallel_devices: list[torch.device] | None = None,
+        cluster_environment: Any | None = None,
+        checkpoint_io: Any | None = None,
+        precision_plugin: Any | None = None,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = timedelta(minutes=30),
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         **dp_kwargs: Any,
     ) -> None:
@@ -152,11 +152,11 @@ class DPDDPStrategy(DDPStrategy):
         self.privacy = DifferentialPrivacy(**dp_kwargs) if dp_kwargs else DifferentialPrivacy(**_DEFAULTS)
         self._default_privacy = not dp_kwargs
 
-    def connect(self, model: "pl.LightningModule") -> None:
+    def connect(self, model: pl.LightningModule) -> None:
         super().connect(model)
         _install(self, model)
 
-    def setup(self, trainer: "pl.Trainer") -> None:
+    def setup(self, trainer: pl.Trainer) -> None:
         # The private loader already gives each rank its share; Lightning must not re-shard it.
         fence.disable_distributed_sampler(trainer)
         super().setup(trainer)
@@ -169,7 +169,9 @@ class DPDDPStrategy(DDPStrategy):
         strategy_registry.register(
             cls.strategy_name,
             cls,
-            description="DP-SGD across processes: per-rank Poisson sampling and clipping, noise once (lightning-privacy)",
+            description=(
+                "DP-SGD across processes: per-rank Poisson sampling and clipping, noise once (lightning-privacy)"
+            ),
         )
         strategy_registry.register(
             "dp_ddp_spawn",

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import collections
 import math
-from collections.abc import Iterator, Sequence
-from typing import Any, Callable, Optional
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from opacus.data_loader import DPDataLoader, dtype_safe, shape_safe, wrap_collate_with_empty
@@ -94,7 +94,7 @@ class DistributedPoissonBatchSampler(Sampler[list[int]]):
         sample_rate: float,
         rank: int,
         world_size: int,
-        generator: Optional[torch.Generator] = None,
+        generator: torch.Generator | None = None,
     ) -> None:
         if not 0 <= rank < world_size:
             raise PrivacyConfigError(f"rank {rank} is not in [0, world_size={world_size}).")
@@ -112,7 +112,7 @@ class DistributedPoissonBatchSampler(Sampler[list[int]]):
             yield self.shard[mask].tolist()
 
 
-def rank_generator(rank: int, generator: Optional[torch.Generator] = None) -> torch.Generator:
+def rank_generator(rank: int, generator: torch.Generator | None = None) -> torch.Generator:
     """A sampling generator for ``rank`` that differs from every other rank's.
 
     ``generator`` (e.g. a secure one) is returned as is. Otherwise the seed mixes the process' torch
@@ -128,7 +128,7 @@ def rank_generator(rank: int, generator: Optional[torch.Generator] = None) -> to
 
 def poisson_loader(
     loader: DataLoader,
-    generator: Optional[torch.Generator] = None,
+    generator: torch.Generator | None = None,
     rank: int = 0,
     world_size: int = 1,
 ) -> DataLoader:
@@ -194,7 +194,7 @@ def chunks_needed(size: int, max_size: int) -> int:
     return max(1, math.ceil(size / max_size))
 
 
-def split_batch(batch: Any, max_size: int, chunks: Optional[int] = None) -> list[Any]:
+def split_batch(batch: Any, max_size: int, chunks: int | None = None) -> list[Any]:
     """Split a collated batch along dim 0 into chunks of at most ``max_size`` examples.
 
     ``chunks`` (at least what ``max_size`` needs) pads the split with empty chunks, so that several
@@ -205,7 +205,7 @@ def split_batch(batch: Any, max_size: int, chunks: Optional[int] = None) -> list
     return [_slice(batch, min(size, i * max_size), min(size, (i + 1) * max_size)) for i in range(n)]
 
 
-def _batch_len(batch: Any) -> Optional[int]:
+def _batch_len(batch: Any) -> int | None:
     if isinstance(batch, torch.Tensor):
         return batch.shape[0] if batch.dim() else None
     items = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else None
@@ -244,8 +244,8 @@ class PhysicalBatchLoader:
         self,
         loader: DataLoader,
         max_size: int,
-        on_chunk: Optional[Callable[[bool], None]] = None,
-        agree_chunks: Optional[Callable[[int], int]] = None,
+        on_chunk: Callable[[bool], None] | None = None,
+        agree_chunks: Callable[[int], int] | None = None,
     ) -> None:
         self.loader = loader
         self.max_size = max_size

@@ -11,15 +11,15 @@ import logging
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from opacus.grad_sample import GradSampleHooks
 from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
-from torch.utils.hooks import RemovableHandle
 from torch.utils.data import DataLoader
+from torch.utils.hooks import RemovableHandle
 
 from lightning_privacy.dp.accounting import PrivacyLedger, dp_sgd_event, epsilon_for
 from lightning_privacy.dp.calibration import calibrate_noise_multiplier, steps_within_budget
@@ -65,8 +65,8 @@ class SamplingPlan:
     sample_rate: float
     steps_per_epoch: int
     noise_multiplier: float
-    planned_steps: Optional[int]
-    allowed_steps: Optional[int]
+    planned_steps: int | None
+    allowed_steps: int | None
     world_size: int = 1
 
     def as_params(self) -> dict[str, Any]:
@@ -79,7 +79,7 @@ class SamplingPlan:
         }
 
 
-def _secure_generator(secure_mode: bool) -> Optional[torch.Generator]:
+def _secure_generator(secure_mode: bool) -> torch.Generator | None:
     if not secure_mode:
         return None
     try:
@@ -117,15 +117,15 @@ class DPSGDEngine:
     def __init__(self, config: DPConfig) -> None:
         self.config = config
         self.ledger = PrivacyLedger()
-        self.plan: Optional[SamplingPlan] = None
+        self.plan: SamplingPlan | None = None
         self._generator = _secure_generator(config.secure_mode)
-        self._hooks: Optional[Any] = None
+        self._hooks: Any | None = None
         self._optimizers: list[DPOptimizer] = []
         self._param_names: dict[int, str] = {}
         self._step_guard: RemovableHandle | None = None
         self._authorized_steps: set[int] = set()
-        self.grad_sample_mode: Optional[str] = None
-        self._restored_noise_multiplier: Optional[float] = None
+        self.grad_sample_mode: str | None = None
+        self._restored_noise_multiplier: float | None = None
         if config.accountant == "gdp":
             warnings.warn(
                 "The gdp accountant is experimental and can underestimate ε "
@@ -138,8 +138,8 @@ class DPSGDEngine:
     def private_loader(
         self,
         loader: DataLoader,
-        planned_epochs: Optional[int] = None,
-        planned_steps: Optional[int] = None,
+        planned_epochs: int | None = None,
+        planned_steps: int | None = None,
         signal_optimizers: bool = True,
     ) -> Any:
         """The training loader to use instead of ``loader``, and the plan of the run.
@@ -220,16 +220,14 @@ class DPSGDEngine:
         for optimizer in self._optimizers:
             optimizer.signal_skip_step(do_skip=not last)
 
-    def _planned_steps(
-        self, steps_per_epoch: int, planned_epochs: Optional[int], planned_steps: Optional[int]
-    ) -> Optional[int]:
+    def _planned_steps(self, steps_per_epoch: int, planned_epochs: int | None, planned_steps: int | None) -> int | None:
         if self.config.steps is not None:
             return self.config.steps
         epochs = self.config.epochs or planned_epochs
         candidates = [s for s in (epochs and epochs * steps_per_epoch, planned_steps) if s]
         return min(candidates) if candidates else None
 
-    def _noise_multiplier(self, sample_rate: float, planned: Optional[int]) -> float:
+    def _noise_multiplier(self, sample_rate: float, planned: int | None) -> float:
         if self.config.noise_multiplier is not None:
             return self.config.noise_multiplier
         if self._restored_noise_multiplier is not None:
@@ -244,7 +242,12 @@ class DPSGDEngine:
         )
         log.info(
             "Calibrated noise_multiplier=%.4f for epsilon=%s at delta=%s over %d steps (q=%.4g, %s).",
-            sigma, self.config.target_epsilon, self.config.delta, planned, sample_rate, self.config.accountant,
+            sigma,
+            self.config.target_epsilon,
+            self.config.delta,
+            planned,
+            sample_rate,
+            self.config.accountant,
         )
         return sigma
 
@@ -353,7 +356,9 @@ class DPSGDEngine:
         """
         plan = self._require_plan()
         if self._hooks is None:
-            raise PrivacyConfigError("Call attach(model) before wrap_optimizer(): the optimizer clips what the hooks record.")
+            raise PrivacyConfigError(
+                "Call attach(model) before wrap_optimizer(): the optimizer clips what the hooks record."
+            )
         if isinstance(optimizer, DPOptimizer):
             optimizer = optimizer.original_optimizer
         private = private_optimizer(

@@ -28,11 +28,7 @@ EW_LAYERS = (
 
 
 def _trainable_leaves(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [
-        (name, m)
-        for name, m in model.named_modules()
-        if any(p.requires_grad for p in m.parameters(recurse=False))
-    ]
+    return [(name, m) for name, m in model.named_modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
 
 
 def _batch_size(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from torch import nn
 from opacus.validators import ModuleValidator
+from torch import nn
 
 from lightning_privacy.errors import IncompatibleModuleError
 

@@ -74,7 +74,9 @@ class PerSampleClipping:
     params: list[nn.Parameter]
     loss_reduction: str
 
-    def __init__(self, optimizer: torch.optim.Optimizer, *, param_names: dict[int, str], mode: str, **kwargs: Any) -> None:
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, *, param_names: dict[int, str], mode: str, **kwargs: Any
+    ) -> None:
         super().__init__(optimizer, **kwargs)
         self.param_names = param_names
         self.mode = mode

@@ -60,19 +60,21 @@ def _fit(tmp_path, loader: DataLoader) -> DifferentialPrivacy:
 
 
 @pytest.mark.parametrize(
-    ("make_loader", "named"),
+    ("sampler", "named"),
     [
-        (lambda ds: DataLoader(ds, batch_size=16, sampler=SubsetRandomSampler(range(64))), "SubsetRandomSampler"),
-        (lambda ds: DataLoader(ds, batch_size=16, sampler=WeightedRandomSampler(torch.ones(N), N)), "WeightedRandomSampler"),
-        (lambda ds: DataLoader(ds, batch_size=16, sampler=RandomSampler(ds, num_samples=64)), "RandomSampler"),
-        (lambda ds: DataLoader(ds, batch_size=16, sampler=range(64)), "range"),
-        (lambda ds: DataLoader(ds, batch_sampler=BatchSampler(SubsetRandomSampler(range(64)), 16, False)), "BatchSampler"),
+        (lambda ds: {"sampler": SubsetRandomSampler(range(64))}, "SubsetRandomSampler"),
+        (lambda ds: {"sampler": WeightedRandomSampler(torch.ones(N), N)}, "WeightedRandomSampler"),
+        (lambda ds: {"sampler": RandomSampler(ds, num_samples=64)}, "RandomSampler"),
+        (lambda ds: {"sampler": range(64)}, "range"),
+        (lambda ds: {"batch_sampler": BatchSampler(SubsetRandomSampler(range(64)), 16, False)}, "BatchSampler"),
     ],
-)  # fmt: skip
-def test_a_sampler_of_the_users_is_refused_before_any_example_is_read(tmp_path, make_loader, named):
+)
+def test_a_sampler_of_the_users_is_refused_before_any_example_is_read(tmp_path, sampler, named):
     ds = _Recording()
+    settings = sampler(ds)
+    loader = DataLoader(ds, **settings) if "batch_sampler" in settings else DataLoader(ds, batch_size=16, **settings)
     with pytest.raises(PrivacyConfigError, match=rf"{named}(.|\n)*Poisson(.|\n)*whole dataset(.|\n)*Subset"):
-        _fit(tmp_path, make_loader(ds))
+        _fit(tmp_path, loader)
     assert ds.read == set()
 
 

@@ -19,8 +19,16 @@ def make_dataset(n: int = 512, features: int = 8, classes: int = 3, seed: int = 
 class Classifier(pl.LightningModule):
     """An ordinary LightningModule: MLP, cross-entropy, SGD with a step LR schedule."""
 
-    def __init__(self, features: int = 8, classes: int = 3, hidden: int = 16, lr: float = 0.5,
-                 batch_size: int = 32, dataset: TensorDataset | None = None, norm: bool = False) -> None:
+    def __init__(
+        self,
+        features: int = 8,
+        classes: int = 3,
+        hidden: int = 16,
+        lr: float = 0.5,
+        batch_size: int = 32,
+        dataset: TensorDataset | None = None,
+        norm: bool = False,
+    ) -> None:
         super().__init__()
         layers = [nn.Linear(features, hidden)]
         if norm:

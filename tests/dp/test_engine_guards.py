@@ -28,7 +28,7 @@ def test_stepping_the_raw_optimizer_while_attached_is_refused(mode):
     nn.functional.cross_entropy(net(x), y).backward()
     with pytest.raises(PrivacyConfigError, match=r"SGD\.step\(\) was called outside DP-SGD(.|\n)*0\.weight"):
         raw.step()
-    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters(), strict=True))
     private.step()  # the private step still works, and is counted
     assert engine.steps == 1
     assert not torch.equal(before[0], net[0].weight)

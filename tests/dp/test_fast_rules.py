@@ -33,10 +33,10 @@ def reference_clipped_sum(model: nn.Module, inputs: torch.Tensor, proj: torch.Te
     if len(inputs) == 0:
         return {k: torch.zeros_like(v) for k, v in named}, torch.zeros(0, dtype=torch.float64)
     per_sample = {k: [] for k, _ in named}
-    for x, r in zip(inputs, proj):
+    for x, r in zip(inputs, proj, strict=True):
         grads = torch.autograd.grad((model(x.unsqueeze(0)).squeeze(0) * r).sum(), [v for _, v in named],
                                     allow_unused=True)  # fmt: skip
-        for (k, v), g in zip(named, grads):
+        for (k, v), g in zip(named, grads, strict=True):
             per_sample[k].append(torch.zeros_like(v) if g is None else g)
     per_sample = {k: torch.stack(v) for k, v in per_sample.items()}
     norms = torch.stack([g.flatten(1).norm(dim=1) for g in per_sample.values()], 1).norm(dim=1)
@@ -71,7 +71,7 @@ def check_rule(model: nn.Module, inputs: torch.Tensor, out_shape: tuple[int, ...
     finally:
         hooks.cleanup()
     assert passes == 1
-    for (name, p), g in zip(((n, p) for n, p in model.named_parameters() if p.requires_grad), got):
+    for (name, p), g in zip(((n, p) for n, p in model.named_parameters() if p.requires_grad), got, strict=True):
         ref = expected[name]
         assert g.shape == p.shape and g.dtype == p.dtype
         err = (g - ref).norm() / ref.norm().clamp(min=1e-12)

@@ -49,7 +49,8 @@ class Encoder(nn.Module):
 
 MODELS = {
     "cnn": (cnn, lambda b, g: (torch.randn(b, 1, 8, 8, generator=g), torch.randint(0, 10, (b,), generator=g))),
-    "encoder": (Encoder, lambda b, g: (torch.randint(0, 30, (b, 6), generator=g), torch.randint(0, 4, (b,), generator=g))),
+    "encoder": (Encoder,
+                lambda b, g: (torch.randint(0, 30, (b, 6), generator=g), torch.randint(0, 4, (b,), generator=g))),
     "mixed": (lambda: Encoder(fallback=True),
               lambda b, g: (torch.randint(0, 30, (b, 6), generator=g), torch.randint(0, 4, (b,), generator=g))),
 }  # fmt: skip
@@ -82,7 +83,7 @@ def train_step(model, opt, x, y, step: bool = True) -> None:
 
 
 def assert_same_params(a: nn.Module, b: nn.Module, atol: float = 1e-6) -> None:
-    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(p, q, atol=atol, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
 
 
@@ -97,11 +98,11 @@ def test_step_equals_opacus_hooks(kind, sigma):
         x, y = batch(kind, 8, seed=step)
         train_step(fast_model, fast_opt, x, y)
         train_step(ref_model, ref_opt, x, y)
-        for p, q in zip(fast_model.parameters(), ref_model.parameters()):
+        for p, q in zip(fast_model.parameters(), ref_model.parameters(), strict=True):
             torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-5)
     assert_same_params(fast_model, ref_model)
-    assert all(not torch.equal(p, q) for p, q in zip(fast_model.parameters(), before))  # the step happened
-    for p, q in zip(fast_model.parameters(), ref_model.parameters()):
+    assert all(not torch.equal(p, q) for p, q in zip(fast_model.parameters(), before, strict=True))  # the step happened
+    for p, q in zip(fast_model.parameters(), ref_model.parameters(), strict=True):
         torch.testing.assert_close(fast_opt.state[p]["momentum_buffer"], ref_opt.state[q]["momentum_buffer"],
                                    atol=1e-6, rtol=1e-5)  # fmt: skip
 
@@ -129,7 +130,7 @@ def test_empty_batch(kind):
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), y, reduction="sum").backward()
         opt.step()
-    for p, q in zip(fast_model.parameters(), ref_model.parameters()):
+    for p, q in zip(fast_model.parameters(), ref_model.parameters(), strict=True):
         assert torch.count_nonzero(p.summed_grad) == 0
         torch.testing.assert_close(p.grad, q.grad)
         assert p.grad.abs().sum() > 0
@@ -200,7 +201,7 @@ def test_bf16_autocast():
         loss.backward()
         auto_opt.step()
         train_step(ref_model, ref_opt, x, y)
-        for p, q in zip(auto_model.parameters(), ref_model.parameters()):
+        for p, q in zip(auto_model.parameters(), ref_model.parameters(), strict=True):
             assert p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
             assert (p.grad - q.grad).norm() <= 0.05 * q.grad.norm() + 1e-4
 
@@ -225,8 +226,10 @@ def _module_snapshot(model: nn.Module):
     return {
         name: (
             sorted(m.__dict__),
-            [len(getattr(m, h)) for h in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
-                                          "_backward_pre_hooks")],
+            [
+                len(getattr(m, h))
+                for h in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+            ],
             [(p.requires_grad, sorted(k for k in p.__dict__)) for p in m.parameters(recurse=False)],
         )
         for name, m in model.named_modules()

@@ -62,7 +62,9 @@ def test_one_step_equals_lr_times_clipped_mean_from_per_sample_loop(tmp_path, po
     clip = 0.05  # small enough that most per-sample gradients are actually clipped
     rec = _Recorder(zero_noise=True)
     dp = DifferentialPrivacy(noise_multiplier=1.0, max_grad_norm=clip, poisson_sampling=poisson, grad_sample_mode=mode)
-    trainer = pl.Trainer(callbacks=[dp, rec], **trainer_kwargs(tmp_path, max_steps=1, max_epochs=1, limit_val_batches=0))
+    trainer = pl.Trainer(
+        callbacks=[dp, rec], **trainer_kwargs(tmp_path, max_steps=1, max_epochs=1, limit_val_batches=0)
+    )
     trainer.fit(model)
     x, y = rec.batches[0]
     reference = Classifier(batch_size=32)
@@ -79,8 +81,14 @@ def test_one_step_equals_lr_times_clipped_mean_from_per_sample_loop(tmp_path, po
 
 class _ZeroGradModel(Classifier):
     def __init__(self):
-        super().__init__(features=64, hidden=128, classes=4, batch_size=64, lr=1.0,
-                         dataset=make_dataset(n=640, features=64, classes=4))
+        super().__init__(
+            features=64,
+            hidden=128,
+            classes=4,
+            batch_size=64,
+            lr=1.0,
+            dataset=make_dataset(n=640, features=64, classes=4),
+        )
 
     def training_step(self, batch, batch_idx):
         x, _ = batch
@@ -203,7 +211,7 @@ def test_engine_physical_batches_in_a_plain_loop_step_once_per_poisson_batch():
         results.append((net, engine.steps, chunks))
     (whole, steps_whole, n_whole), (split, steps_split, n_split) = results
     assert steps_whole == steps_split == n_whole == 8 and n_split > 3 * n_whole
-    for a, b in zip(whole.parameters(), split.parameters()):
+    for a, b in zip(whole.parameters(), split.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 

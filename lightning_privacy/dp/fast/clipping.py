@@ -48,7 +48,7 @@ class FastClipping:
     def clip_and_accumulate(self) -> None:
         params = self.params
         grads, self._fast_passes = self._fast_hooks.clipped_sum(params, self.max_grad_norm)
-        for p, grad in zip(params, grads):
+        for p, grad in zip(params, grads, strict=True):
             if p.summed_grad is not None:
                 p.summed_grad += grad
             else:

@@ -15,7 +15,8 @@ from opacus.layers import DPGRU, DPLSTM, DPRNN
 from torch import Tensor, nn
 
 from lightning_privacy.dp import coverage
-from lightning_privacy.dp.fast.rules import FAST_RULES, LayerState, Prepared, Workspace
+from lightning_privacy.dp.fast.records import LayerState, Prepared, Recording, Workspace
+from lightning_privacy.dp.fast.rules import FAST_RULES
 
 _RECURRENT = (DPRNN, DPLSTM, DPGRU)
 
@@ -104,9 +105,9 @@ def _fast_forward(state: LayerState, module: nn.Module, *args: Any, **kwargs: An
     Bound to the module as an instance attribute; ``state.module is module`` fails on a deep copy
     of the attached model, which then runs the plain forward.
     """
-    hooks: FastGradSampleHooks = state.owner
+    recording = state.recording
     if (
-        not hooks._attached
+        not recording.attached
         or state.module is not module
         or not module.training
         or not torch.is_grad_enabled()
@@ -114,14 +115,12 @@ def _fast_forward(state: LayerState, module: nn.Module, *args: Any, **kwargs: An
         or len(args) + len(kwargs) != 1
     ):
         return type(module).forward(module, *args, **kwargs)
-    if hooks._backward_seen:
-        hooks._pass += 1
-        hooks._backward_seen = False
+    pass_id = recording.next_forward()
     # Every fast layer's forward takes one tensor, `input`; any other call raises in the class's forward.
     x = args[0] if args else kwargs.get("input")
     if x is None:
         return type(module).forward(module, *args, **kwargs)
-    return state.rule.forward(state, module, hooks._pass, x)
+    return state.rule.forward(state, module, pass_id, x)
 
 
 class FastGradSampleHooks:
@@ -175,10 +174,7 @@ class FastGradSampleHooks:
         fast, fallback = _plan(module, batch_first)
         self.fast_layers: list[str] = list(fast)
         self.fallback_layers: list[str] = list(fallback)
-        self._pass = 0
-        self._backward_seen = False
-        self._skip_ids: set[int] = set()
-        self._attached = True
+        self._recording = Recording(batch_first=batch_first)
         self._fallback: _FallbackHooks | None = None
         if fallback:
             self._fallback = _FallbackHooks(
@@ -191,7 +187,7 @@ class FastGradSampleHooks:
         self._layers: list[LayerState] = []
         self._param_layer: dict[int, LayerState] = {}
         for name, m in fast.items():
-            state = LayerState(name, m, FAST_RULES[type(m)], self)
+            state = LayerState(name, m, FAST_RULES[type(m)], self._recording)
             m.forward = types.MethodType(functools.partial(_fast_forward, state), m)
             self._layers.append(state)
             for p in m.parameters(recurse=False):
@@ -203,13 +199,13 @@ class FastGradSampleHooks:
         Called by :func:`fast_clipping` for the parameters its optimizer owns: their clipped sum
         comes from the records, so autograd's own weight gradient would be wasted work.
         """
-        self._skip_ids.update(id(p) for p in params)
+        self._recording.skip_ids.update(id(p) for p in params)
 
     def cleanup(self) -> None:
         """Remove every trace from the module: forwards, Opacus hooks and attributes, records."""
-        if not self._attached:
+        if not self._recording.attached:
             return
-        self._attached = False
+        self._recording.attached = False
         for state in self._layers:
             state.calls.clear()
             state.module.__dict__.pop("forward", None)
@@ -218,7 +214,7 @@ class FastGradSampleHooks:
             for m in self._fallback._layers:
                 for attr in ("activations", "max_batch_len"):
                     m.__dict__.pop(attr, None)
-        self._skip_ids.clear()
+        self._recording.skip_ids.clear()
         self._workspace.clear()
 
     # ------------------------------------------------------------------ the clipping step
@@ -254,7 +250,7 @@ class FastGradSampleHooks:
             ValueError: for a parameter that no attached layer computes (as Opacus).
             UncoveredParameterError: for a parameter used outside the layers watched per sample.
         """
-        if not self._attached:
+        if not self._recording.attached:
             raise RuntimeError("These FastGradSampleHooks were cleaned up; attach new ones to train privately.")
         self._workspace.release()  # the previous step's tensors are gone
         dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
@@ -278,7 +274,9 @@ class FastGradSampleHooks:
                 by_pass[c.pass_id].append(c)
             mine = [p for p in state.module.parameters(recurse=False) if id(p) in fast_ids]
             for pass_id, group in by_pass.items():
-                prepared.append((pass_id, state.rule.prepare(state.module, group, self.batch_first, self._workspace), mine))
+                prepared.append(
+                    (pass_id, state.rule.prepare(state.module, group, self.batch_first, self._workspace), mine)
+                )
         pass_ids = sorted({pid for pid, _, _ in prepared})
         sizes = {pid: obj.batch_size for pid, obj, _ in prepared}
 
@@ -307,7 +305,9 @@ class FastGradSampleHooks:
                 sq[slot[pid]] += obj.sq_norms(p).to(dtype) * scale[pid] ** 2
         for gs_list in fallback.values():
             for k, gs in enumerate(gs_list):
-                sq[offsets[k] : offsets[k + 1]] += gs.reshape(len(gs), math.prod(gs.shape[1:])).to(dtype).square().sum(1)
+                sq[offsets[k] : offsets[k + 1]] += (
+                    gs.reshape(len(gs), math.prod(gs.shape[1:])).to(dtype).square().sum(1)
+                )
         factor = (max_grad_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
 
         sums: dict[int, Tensor] = {}
@@ -364,4 +364,3 @@ class FastGradSampleHooks:
             raise coverage.uncovered_error(uncovered, "fast")
         if untrained:
             coverage.warn_untrained(untrained, self._untrained_warned)
-

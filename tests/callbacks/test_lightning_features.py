@@ -61,7 +61,7 @@ def test_physical_batches_step_once_per_poisson_batch_with_the_same_update(tmp_p
     assert dp2.engine.steps == dp1.engine.steps == t1.global_step == t2.global_step
     assert physical.training_steps > 4 * whole.training_steps
     assert dp2.engine.ledger.events == dp1.engine.ledger.events
-    for a, b in zip(whole.parameters(), physical.parameters()):
+    for a, b in zip(whole.parameters(), physical.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     # The LR scheduler stepped per epoch, as without physical batches.
     assert t2.optimizers[0].param_groups[0]["lr"] == pytest.approx(t1.optimizers[0].param_groups[0]["lr"])
@@ -71,7 +71,9 @@ def test_physical_batches_lower_peak_memory(tmp_path):
     script = Path(__file__).parent / "scripts" / "physical_memory.py"
 
     def peak(*args):
-        out = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        out = subprocess.run(
+            [sys.executable, str(script), *args], capture_output=True, text=True, timeout=300, cwd=tmp_path
+        )
         assert out.returncode == 0, out.stderr[-3000:]
         return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -109,7 +111,7 @@ def test_manual_optimization_with_one_optimizer_equals_automatic(tmp_path):
     _, dp1 = _fit(tmp_path / "a", auto, grad_sample_mode="hooks")
     _, dp2 = _fit(tmp_path / "b", manual, grad_sample_mode="hooks")
     assert dp1.engine.steps == dp2.engine.steps > 0
-    for a, b in zip(auto.parameters(), manual.parameters()):
+    for a, b in zip(auto.parameters(), manual.parameters(), strict=True):
         torch.testing.assert_close(a, b)
 
 
@@ -167,8 +169,8 @@ def test_bf16_mixed_clips_and_adds_noise_in_fp32(tmp_path, mode):
                    **trainer_kwargs(tmp_path / root, max_epochs=1, max_steps=1)).fit(model)  # fmt: skip
     assert Probe.dtypes == {torch.float32}
     # One step at σ = 0 and lr 0.5: the clipped sum over at most ~n examples of norm ≤ C, / B.
-    delta_ref = torch.cat([(a - s).flatten() for a, s in zip(ref.parameters(), start)])
-    delta_mixed = torch.cat([(a - s).flatten() for a, s in zip(mixed.parameters(), start)])
+    delta_ref = torch.cat([(a - s).flatten() for a, s in zip(ref.parameters(), start, strict=True)])
+    delta_mixed = torch.cat([(a - s).flatten() for a, s in zip(mixed.parameters(), start, strict=True)])
     assert delta_mixed.norm() <= 0.5 * 0.5 * 64 / 32 + 1e-6
     assert (delta_mixed - delta_ref).norm() <= 0.05 * delta_ref.norm()
 
@@ -219,8 +221,8 @@ def test_frozen_backbone_pays_no_per_sample_cost_and_stays_frozen(tmp_path, mode
     dp = DifferentialPrivacy(noise_multiplier=1.0, max_grad_norm=0.5, accountant="rdp", grad_sample_mode=mode)
     pl.Trainer(callbacks=[dp, Probe()], **trainer_kwargs(tmp_path, max_epochs=1)).fit(model)
     assert dp.engine.grad_sample_mode == mode
-    assert all(torch.equal(a, b) for a, b in zip(frozen, model.net[0].parameters()))
-    assert not any(torch.equal(a, b) for a, b in zip(head, model.net[2].parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(frozen, model.net[0].parameters(), strict=True))
+    assert not any(torch.equal(a, b) for a, b in zip(head, model.net[2].parameters(), strict=True))
     assert [p.requires_grad for p in model.parameters()] == [False, False, True, True]
 
 

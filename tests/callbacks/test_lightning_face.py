@@ -97,30 +97,35 @@ def test_eval_loops_have_no_per_sample_cost_and_the_model_is_plain_after_fit(tmp
     before = [p.detach().clone() for p in model.parameters()]
     preds = trainer.predict(model, DataLoader(model.dataset, batch_size=64))
     assert len(preds) == 8
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # no noise outside training
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))  # no noise outside training
     assert not any(hasattr(p, "grad_sample") for p in model.parameters())
     assert not hasattr(model, "autograd_grad_sample_hooks")
 
 
 def test_user_optimizer_and_scheduler_keep_working(tmp_path):
     model = Classifier(lr=0.5)
-    trainer = pl.Trainer(callbacks=[DifferentialPrivacy(noise_multiplier=1.0)],
-                         **trainer_kwargs(tmp_path, max_epochs=3, limit_val_batches=0))
+    trainer = pl.Trainer(
+        callbacks=[DifferentialPrivacy(noise_multiplier=1.0)],
+        **trainer_kwargs(tmp_path, max_epochs=3, limit_val_batches=0),
+    )
     trainer.fit(model)
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.5 * 0.9**3)
     assert type(trainer.optimizers[0]) is torch.optim.SGD  # unwrapped again after fit
 
 
 def test_gradient_accumulation_is_refused(tmp_path):
-    trainer = pl.Trainer(callbacks=[DifferentialPrivacy(noise_multiplier=1.0)],
-                         **trainer_kwargs(tmp_path, accumulate_grad_batches=2))
+    trainer = pl.Trainer(
+        callbacks=[DifferentialPrivacy(noise_multiplier=1.0)], **trainer_kwargs(tmp_path, accumulate_grad_batches=2)
+    )
     with pytest.raises(PrivacyConfigError, match="accumulate_grad_batches=2(.|\n)*max_physical_batch_size"):
         trainer.fit(Classifier())
 
 
 def test_unreachable_target_is_a_clear_error(tmp_path):
-    trainer = pl.Trainer(callbacks=[DifferentialPrivacy(target_epsilon=1e-4, delta=1e-5, accountant="rdp")],
-                         **trainer_kwargs(tmp_path, max_epochs=50))
+    trainer = pl.Trainer(
+        callbacks=[DifferentialPrivacy(target_epsilon=1e-4, delta=1e-5, accountant="rdp")],
+        **trainer_kwargs(tmp_path, max_epochs=50),
+    )
     with pytest.raises(UnreachableEpsilonError, match="unreachable"):
         trainer.fit(Classifier(batch_size=256))
 
@@ -146,8 +151,10 @@ def _reference_epsilon(sigma, q, steps, delta):
 def test_mlflow_logger_gets_epsilon_metric_params_and_tags(tmp_path, _isolated_mlflow):
     logger = MLFlowLogger(experiment_name="dp", tracking_uri=_isolated_mlflow)
     dp = DifferentialPrivacy(noise_multiplier=1.2, delta=1e-6, accountant="rdp", log_every_n_steps=4)
-    trainer = pl.Trainer(callbacks=[dp], **trainer_kwargs(tmp_path, max_epochs=2, logger=logger, log_every_n_steps=1,
-                                                            limit_val_batches=0))
+    trainer = pl.Trainer(
+        callbacks=[dp],
+        **trainer_kwargs(tmp_path, max_epochs=2, logger=logger, log_every_n_steps=1, limit_val_batches=0),
+    )
     trainer.fit(Classifier())
     client = MlflowClient(_isolated_mlflow)
     run = client.get_run(logger.run_id)
@@ -177,7 +184,9 @@ def test_active_mlflow_run_without_logger_gets_the_same_records(tmp_path):
     assert [m.step for m in history] == [15, 31]
     assert data.params["privacy.noise_multiplier"] == "1.2"
     assert float(data.tags["privacy.epsilon"]) == pytest.approx(dp.epsilon)
-    assert {"privacy.delta", "privacy.noise_multiplier", "privacy.max_grad_norm", "privacy.accountant"} <= set(data.tags)
+    assert {"privacy.delta", "privacy.noise_multiplier", "privacy.max_grad_norm", "privacy.accountant"} <= set(
+        data.tags
+    )
 
 
 def _cli() -> list[str]:
@@ -187,9 +196,23 @@ def _cli() -> list[str]:
 
 def test_cli_epsilon_matches_the_accountant():
     out = subprocess.run(
-        _cli() + ["epsilon", "--sample-rate", "0.01", "--noise-multiplier", "1.1", "--steps", "500",
-                  "--delta", "1e-5", "--accountant", "rdp"],
-        capture_output=True, text=True, check=True,
+        _cli()
+        + [
+            "epsilon",
+            "--sample-rate",
+            "0.01",
+            "--noise-multiplier",
+            "1.1",
+            "--steps",
+            "500",
+            "--delta",
+            "1e-5",
+            "--accountant",
+            "rdp",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     eps = float(out.split("epsilon=")[1].split()[0])
     assert eps == pytest.approx(_reference_epsilon(1.1, 0.01, 500, 1e-5), rel=1e-5)
@@ -197,9 +220,23 @@ def test_cli_epsilon_matches_the_accountant():
 
 def test_cli_target_epsilon_solves_for_sigma():
     out = subprocess.run(
-        _cli() + ["epsilon", "--sample-rate", "0.01", "--target-epsilon", "2", "--steps", "500", "--delta", "1e-5",
-                  "--accountant", "rdp"],
-        capture_output=True, text=True, check=True,
+        _cli()
+        + [
+            "epsilon",
+            "--sample-rate",
+            "0.01",
+            "--target-epsilon",
+            "2",
+            "--steps",
+            "500",
+            "--delta",
+            "1e-5",
+            "--accountant",
+            "rdp",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     sigma = float(out.split("noise_multiplier=")[1].split()[0])
     assert 1.95 < _reference_epsilon(sigma, 0.01, 500, 1e-5) <= 2.0
@@ -207,8 +244,21 @@ def test_cli_target_epsilon_solves_for_sigma():
 
 def test_cli_reports_unreachable_targets():
     proc = subprocess.run(
-        _cli() + ["epsilon", "--sample-rate", "0.9", "--target-epsilon", "1e-4", "--steps", "100000", "--delta", "1e-5",
-                  "--accountant", "rdp"],
-        capture_output=True, text=True,
+        _cli()
+        + [
+            "epsilon",
+            "--sample-rate",
+            "0.9",
+            "--target-epsilon",
+            "1e-4",
+            "--steps",
+            "100000",
+            "--delta",
+            "1e-5",
+            "--accountant",
+            "rdp",
+        ],
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 1 and "unreachable" in proc.stderr

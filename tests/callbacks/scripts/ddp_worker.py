@@ -1,4 +1,4 @@
-"""A 2-process DP-DDP training run for tests/dp/test_ddp.py (Lightning's "popen" launcher re-runs
+"""A 2-process DP-DDP training run for tests/callbacks/test_ddp.py (Lightning's "popen" launcher re-runs
 this script for rank 1). It writes, per rank, what the test needs to check against independent
 references: the examples each rank used per step, the parameters before and after, and ε.
 

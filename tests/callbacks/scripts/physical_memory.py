@@ -1,5 +1,5 @@
 """Peak resident memory of one DP epoch with and without max_physical_batch_size (for
-tests/dp/test_lightning_features.py). Prints one JSON line: peak MB above the pre-training level."""
+tests/callbacks/test_lightning_features.py). Prints one JSON line: peak MB above the pre-training level."""
 
 from __future__ import annotations
 

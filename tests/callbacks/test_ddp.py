@@ -1,6 +1,6 @@
 """DP-SGD across 2 CPU processes (gloo) with strategy="dp_ddp", checked against independent
 references: a single-process per-sample loop for the update, the noise's standard deviation, and
-Opacus' RDP accountant at the global (q, σ, steps). The runs happen in tests/dp/scripts/ddp_worker.py
+Opacus' RDP accountant at the global (q, σ, steps). The runs happen in tests/callbacks/scripts/ddp_worker.py
 (Lightning's launcher re-runs a script per rank, which it cannot do with pytest itself)."""
 
 from __future__ import annotations

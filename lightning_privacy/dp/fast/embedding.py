@@ -1,0 +1,73 @@
+"""The fast rule of ``nn.Embedding``: the rows of one sample summed by unique (sample, index) keys."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_privacy.dp.fast.records import LayerState, Prepared, Rule, as_sequence, batch_front, cat, compute_dtype
+
+
+class _EmbeddingFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, idx, weight, state, pass_id):
+        module = state.module
+        ctx.save_for_backward(idx)
+        ctx.state, ctx.pass_id = state, pass_id
+        return F.embedding(idx, weight, module.padding_idx, module.max_norm, module.norm_type)
+
+    @staticmethod
+    def backward(ctx, g):
+        (idx,) = ctx.saved_tensors
+        state: LayerState = ctx.state
+        module = state.module
+        state.record(ctx.pass_id, (idx,), g)
+        gw = None
+        if state.wants_grad(module.weight):
+            padding_idx = -1 if module.padding_idx is None else module.padding_idx
+            gw = torch.ops.aten.embedding_dense_backward(g, idx, module.num_embeddings, padding_idx, False)
+        return None, gw, None, None
+
+
+class _EmbeddingPrepared(Prepared):
+    """Per-sample rows summed by unique ``(sample, index)`` key: O(B·T·d), no ``[B, V, d]`` tensor."""
+
+    def __init__(self, module: nn.Embedding, idx: Tensor, g: Tensor) -> None:
+        self.batch_size = b = idx.shape[0]
+        d = g.shape[-1]
+        if module.padding_idx is not None:
+            g = g * (idx != module.padding_idx).unsqueeze(-1)
+        key = torch.arange(b, device=idx.device).unsqueeze(1) * module.num_embeddings + idx
+        unique, inverse = torch.unique(key.flatten(), return_inverse=True)
+        self.dtype = g.dtype
+        self.rows = torch.zeros(unique.numel(), d, dtype=g.dtype, device=g.device)
+        self.rows.index_add_(0, inverse, g.reshape(-1, d))
+        self.sample = torch.div(unique, module.num_embeddings, rounding_mode="floor")
+        self.index = unique - self.sample * module.num_embeddings
+
+    def sq_norms(self, param):
+        out = torch.zeros(self.batch_size, dtype=self.rows.dtype, device=self.rows.device)
+        return out.index_add_(0, self.sample, self.rows.square().sum(1))
+
+    def weighted_sum(self, param, weights):
+        out = torch.zeros(param.shape, dtype=self.rows.dtype, device=self.rows.device)
+        return out.index_add_(0, self.index, self.rows * weights[self.sample].unsqueeze(1))
+
+
+class EmbeddingRule(Rule):
+    def eligible(self, module, batch_first):
+        # Frequency scaling couples the samples of a batch; sparse gradients are Opacus' business.
+        return not module.scale_grad_by_freq and not module.sparse
+
+    def forward(self, state, module, pass_id, x):
+        return _EmbeddingFn.apply(x, module.weight, state, pass_id)
+
+    def prepare(self, module, calls, batch_first, ws):
+        dtype = compute_dtype(module.weight, *(c.grad_output for c in calls))
+        idx = [batch_front(c.saved[0], batch_first) for c in calls]
+        idx = cat([i.reshape(i.shape[0], math.prod(i.shape[1:])) for i in idx], 1)
+        g = cat([as_sequence(batch_front(c.grad_output, batch_first), dtype) for c in calls], 1)
+        return _EmbeddingPrepared(module, idx, g)
