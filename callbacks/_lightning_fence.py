@@ -1,13 +1,15 @@
 """Every touch of a private part of pytorch-lightning, in one place.
 
-Private training needs three things Lightning has no public API for:
+Private training needs four things Lightning has no public API for:
 
 - the fit loop's training-data source, wrapped so that every training loader (from the module, a
   datamodule or ``trainer.fit(train_dataloaders=...)``, at every reload) becomes private;
 - the epoch loop's decision to step or accumulate, so that physical batches step the optimizer
   (and count a global step) only at the end of their Poisson batch;
 - the Trainer's ``use_distributed_sampler`` after construction, so that ``dp_ddp`` keeps its own
-  Poisson sharding instead of Lightning's ``DistributedSampler``.
+  Poisson sharding instead of Lightning's ``DistributedSampler``;
+- the DDP strategy's model-wrapping hook ``_setup_model``, which ``dp_ddp`` overrides to wrap the
+  model in Opacus' DDP wrapper (no all-reduce of unclipped gradients during backward).
 
 Each function checks that the attribute it reads exists (and, before an assignment, that it existed
 already: assigning to a renamed private attribute succeeds and changes nothing, which for a privacy
@@ -126,3 +128,13 @@ def disable_distributed_sampler(trainer: pl.Trainer) -> None:
     connector = _require(trainer, "_accelerator_connector", "the Trainer's accelerator connector")
     _require(connector, "use_distributed_sampler", "the use_distributed_sampler setting")
     connector.use_distributed_sampler = False
+
+
+def require_model_wrapping_hook(strategy_cls: type) -> None:
+    """Check that Lightning's ``strategy_cls`` still wraps the model through ``_setup_model``.
+
+    The DP DDP strategy overrides it to use Opacus' wrapper; an override of a renamed hook would
+    never be called, and torch's DDP wrapper would all-reduce unclipped gradients during backward.
+    """
+    if not callable(getattr(strategy_cls, "_setup_model", None)):
+        raise _unsupported(f"the DDP strategy's model-wrapping hook is missing ({strategy_cls.__name__}._setup_model)")

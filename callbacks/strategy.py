@@ -148,6 +148,7 @@ class DPDDPStrategy(DDPStrategy):
             timeout=timeout,
             start_method=start_method,
         )
+        fence.require_model_wrapping_hook(DDPStrategy)
         # Written as a direct call so that LightningCLI (jsonargparse) sees the callback's arguments.
         self.privacy = DifferentialPrivacy(**dp_kwargs) if dp_kwargs else DifferentialPrivacy(**_DEFAULTS)
         self._default_privacy = not dp_kwargs
@@ -162,6 +163,8 @@ class DPDDPStrategy(DDPStrategy):
         super().setup(trainer)
 
     def _setup_model(self, model: nn.Module) -> nn.Module:
+        # Lightning's hook (checked to exist in __init__, see the fence): Opacus' wrapper only
+        # broadcasts the initial weights; gradients are reduced after clipping and noise.
         return DifferentiallyPrivateDistributedDataParallel(model)
 
     @classmethod

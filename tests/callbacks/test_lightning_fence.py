@@ -91,3 +91,21 @@ def test_distributed_sampler_setting_missing_is_an_unsupported_version(trainer, 
         fence.disable_distributed_sampler(trainer)
     connector = getattr(trainer, "_accelerator_connector", None)
     assert connector is None or not hasattr(connector, "use_distributed_sampler")
+
+
+def test_model_wrapping_hook_is_there_for_dp_ddp():
+    from pytorch_lightning.strategies import DDPStrategy
+
+    from lightning_privacy.callbacks import DPDDPStrategy
+
+    fence.require_model_wrapping_hook(DDPStrategy)
+    assert DPDDPStrategy._setup_model is not DDPStrategy._setup_model
+
+
+def test_model_wrapping_hook_missing_is_an_unsupported_version():
+    class Renamed:
+        def _wrap_model(self, model):
+            return model
+
+    with pytest.raises(UnsupportedLightningVersionError, match=UNSUPPORTED + r"(.|\n)*Renamed\._setup_model"):
+        fence.require_model_wrapping_hook(Renamed)
