@@ -56,6 +56,31 @@ class OutputPerturbation:
         logits = np.asarray(self.target(x), dtype=np.float64)
         return logits + self._rng.normal(0.0, self.scale, logits.shape)
 
+    @staticmethod
+    def calibrate(logits: np.ndarray, max_flips: float = 0.01, seed: int = 0) -> float:
+        """The largest noise scale that changes the predicted class of at most ``max_flips`` of
+        ``logits`` (the defender's own data): what utility the defence may cost, fixed up front.
+
+        Raises:
+            AuditConfigError: ``max_flips`` outside (0, 1) or empty ``logits``.
+        """
+        logits = np.asarray(logits, dtype=np.float64)
+        if not 0 < max_flips < 1 or logits.size == 0:
+            raise AuditConfigError(f"Need max_flips in (0, 1) and some logits, got {max_flips} and {logits.shape}.")
+        noise = np.random.default_rng(seed).normal(size=(8, *logits.shape))  # common random numbers
+        labels = logits.argmax(axis=1)
+
+        def flips(scale: float) -> float:
+            return float(((logits + scale * noise).argmax(axis=2) != labels).mean())
+
+        lo, hi = 0.0, float(np.ptp(logits)) or 1.0
+        while flips(hi) <= max_flips:
+            lo, hi = hi, 2 * hi
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if flips(mid) <= max_flips else (lo, mid)
+        return lo
+
 
 class QueryBudget:
     """A target that answers at most ``max_queries`` inputs, then raises.
@@ -217,7 +242,7 @@ def extraction(
         reference: what fidelity compares against (the undefended model); default ``target``.
         surrogate: ``"linear"``, ``"quadratic"`` or ``"mlp"`` (see the module docstring).
         chunk: inputs per request.
-        mlp_epochs: training epochs of the ``mlp`` surrogate (default: about 2e5 examples seen).
+        mlp_epochs: training epochs of the ``mlp`` surrogate (default: about 2e5 examples seen, at least 40).
         seed: seed of queries and surrogate training.
 
     Raises:
@@ -253,7 +278,7 @@ def extraction(
         elif surrogate == "quadratic":
             predict = _fit_least_squares(_quadratic_features, x, y)
         else:
-            epochs = mlp_epochs or max(20, min(1000, 200_000 // n))
+            epochs = mlp_epochs or max(40, min(1000, 200_000 // n))
             predict = _fit_mlp(x, y, seed, epochs=epochs)
         guess = predict(holdout).argmax(axis=1)
         accuracy = None if holdout_labels is None else float((guess == np.asarray(holdout_labels)).mean())

@@ -84,6 +84,16 @@ def test_defences_cost_the_attacker(split, mlp):
     assert noisy < plain - 0.1
 
 
+def test_calibrated_perturbation_keeps_its_utility_promise(split, mlp):
+    x, *_ = split
+    logits = _api(mlp)(x.numpy())
+    scale = OutputPerturbation.calibrate(logits, max_flips=0.02)
+    fresh = OutputPerturbation(_api(mlp), scale, seed=5)(x.numpy())  # other noise than calibration's
+    flipped = (fresh.argmax(1) != logits.argmax(1)).mean()
+    assert 0.005 < flipped < 0.04
+    assert OutputPerturbation.calibrate(logits, max_flips=0.1) > scale
+
+
 def test_query_budget_refuses_past_the_limit():
     budget = QueryBudget(lambda z: np.zeros((len(z), 2)), 3)
     budget(np.zeros((3, 1)))
