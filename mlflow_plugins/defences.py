@@ -1,0 +1,122 @@
+"""Model-extraction defences of a served CKKS model, chosen when the model is saved (opt-in).
+
+- ``query_budget``: the most samples one client (one public key, ``key_id``) gets answered by a
+  server process; past it the server answers HTTP 400 ``QUERY_BUDGET_EXHAUSTED`` and keeps serving
+  others. A client that makes new keys starts a new budget, so this bounds what one key pair
+  extracts, not what a determined attacker with many keys extracts: pair it with authentication in
+  front of the server. Each uvicorn worker counts on its own.
+
+The settings travel as the pyfunc ``model_config`` (MLflow hands it to the loader in every server)
+and as ``privacy.defence.*`` tags on the registered model version.
+
+Example::
+
+    ckks.log_model(compiled, name="model", defences=ServingDefences(query_budget=10_000),
+                   registered_model_name="digits-ckks")
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from lightning_privacy.errors import EncryptedRequestError, QueryBudgetExhaustedError, ServingConfigError
+
+#: The ``model_config`` key, the flavor key and the tag prefix of the settings.
+CONFIG_KEY = "lightning_privacy_defences"
+TAG_PREFIX = "privacy.defence."
+#: The ``lightning_privacy_code`` of a request refused for its client's budget.
+QUERY_BUDGET_EXHAUSTED = "QUERY_BUDGET_EXHAUSTED"
+
+
+@dataclass(frozen=True)
+class ServingDefences:
+    """What a served CKKS model does against model extraction.
+
+    Args:
+        query_budget: samples answered per client key per server process; ``None`` for no limit.
+
+    Raises:
+        ServingConfigError: a budget that is not a positive integer.
+    """
+
+    query_budget: int | None = None
+
+    def __post_init__(self) -> None:
+        budget = self.query_budget
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
+            raise ServingConfigError(f"query_budget must be a positive integer or None, got {budget!r}.")
+
+    @property
+    def active(self) -> bool:
+        return self.query_budget is not None
+
+    def model_config(self) -> dict[str, Any]:
+        """The pyfunc ``model_config`` that carries these settings to every server."""
+        return {CONFIG_KEY: asdict(self)}
+
+    @classmethod
+    def from_model_config(cls, config: Mapping[str, Any] | None) -> ServingDefences:
+        """The settings in a pyfunc ``model_config`` (none: no defence)."""
+        return cls(**dict((config or {}).get(CONFIG_KEY) or {}))
+
+    def tags(self) -> dict[str, str]:
+        """``privacy.defence.*`` tags for the registered model version (only the settings in force)."""
+        return {TAG_PREFIX + k: str(v) for k, v in asdict(self).items() if v is not None}
+
+
+class QueryLedger:
+    """Samples answered per client key in this process, against ``ServingDefences.query_budget``.
+
+    Example::
+
+        ledger = QueryLedger(ServingDefences(query_budget=1000))
+        ledger.charge(row.key_id, batch.n_samples)   # before evaluating; raises past the budget
+    """
+
+    def __init__(self, defences: ServingDefences) -> None:
+        self.budget = defences.query_budget
+        self._used: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def used(self, key_id: str) -> int:
+        return self._used.get(key_id, 0)
+
+    def charge(self, key_id: str, samples: int) -> None:
+        """Count ``samples`` for ``key_id``, or refuse the whole request if they exceed the budget.
+
+        Raises:
+            EncryptedRequestError: code ``QUERY_BUDGET_EXHAUSTED``, with what was used and what is left.
+        """
+        if self.budget is None:
+            return
+        with self._lock:
+            used = self._used.get(key_id, 0)
+            if used + samples > self.budget:
+                raise EncryptedRequestError(
+                    QUERY_BUDGET_EXHAUSTED,
+                    f"Query budget exhausted for key {key_id[:16]}...: this server answers at most {self.budget} "
+                    f"samples per client key; {used} were answered and this request has {samples} "
+                    f"({max(0, self.budget - used)} left). The model's owner set this limit against model "
+                    "extraction (privacy.defence.query_budget).",
+                )
+            self._used[key_id] = used + samples
+
+
+def budgeted(predict_logits: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
+    """``EncryptedClient.predict_logits`` as an extraction target: a ``QUERY_BUDGET_EXHAUSTED``
+    refusal becomes :class:`QueryBudgetExhaustedError`, which ``audit.extraction`` stops at."""
+
+    def target(x: np.ndarray) -> np.ndarray:
+        try:
+            return predict_logits(x)
+        except EncryptedRequestError as error:
+            if error.code != QUERY_BUDGET_EXHAUSTED:
+                raise
+            raise QueryBudgetExhaustedError(str(error)) from error
+
+    return target
