@@ -52,6 +52,7 @@ from lightning_privacy.errors import (
 )
 from lightning_privacy.mlflow_plugins import _mlflow_fence, bundled_wheel, protocol
 from lightning_privacy.mlflow_plugins.context_cache import ContextCache
+from lightning_privacy.mlflow_plugins.context_spill import ContextSpill
 from lightning_privacy.mlflow_plugins.privacy_tags import copy_privacy_tags
 from lightning_privacy.mlflow_plugins.protocol import EncryptedRequest, ErrorCode
 from lightning_privacy.mlflow_plugins.request_limits import RequestLimits
@@ -286,11 +287,15 @@ def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> _CKKS
 
 
 class _CKKSModelWrapper:
-    """Evaluates encrypted requests with public contexts only; one context cache per process."""
+    """Evaluates encrypted requests with public contexts only; one context cache per process, and a
+    spill directory shared by the processes of one server (``context_spill``)."""
 
     def __init__(self, compiled: he.CompiledModel) -> None:
         self.compiled = compiled
-        self.contexts: ContextCache[he.PublicContext] = ContextCache(cost=lambda context: context.memory_bytes)
+        # Shared with the other uvicorn workers of the server, so each key is uploaded once per server.
+        self.contexts: ContextCache[he.PublicContext] = ContextCache(
+            cost=lambda context: context.memory_bytes, spill=ContextSpill.from_env()
+        )
 
     def get_raw_model(self) -> he.CompiledModel:
         """The compiled model (what ``EncryptedClient`` reads its CKKS parameters from)."""
