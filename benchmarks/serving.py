@@ -1,42 +1,56 @@
-"""The cost of serving: encrypted predict through ``mlflow models serve`` vs the same model in-process.
+"""The cost of serving: encrypted predict through ``mlflow models serve``, by worker count and concurrency.
 
 For the digits MLP 64-32-10 (square activation) compiled to CKKS, and for both packing layouts
 (``single``: one sample per request; ``batch``: ``--batch-size`` samples per request), it measures
-over loopback, at concurrency 1, 4 and 16 with a bounded number of requests:
+over loopback, for each server worker count in ``--workers`` (default: 1, then one per core, the
+``ScoringServer`` default):
 
-- end-to-end latency per request (client encrypt + JSON/base64 + HTTP + server evaluate + decrypt),
-- throughput in samples per second,
-- payload bytes per sample (request and response bodies; the public context is sent once, before),
+- server throughput (samples/s), mean and p95 latency at concurrency 1, 2, 4, 8 and 16: each client
+  thread has its own connection and posts a request encrypted beforehand, so that the clients'
+  encryption and decryption (on the clients' machines in a deployment) do not take the server's
+  cores here; every answer is decrypted after the timing and checked against the plaintext model;
+- how often a worker answered ``UNKNOWN_KEY_ID`` (the client then uploads its context again): each
+  key is uploaded once before the timing, to whichever worker takes it;
+- end to end at concurrency 1 (``EncryptedClient``: encrypt + JSON + HTTP + evaluate + decrypt)
+  against the same work in-process, and the payload per sample;
+- with ``--distinct-keys K``, resident memory of each worker while K clients, each with its own
+  single-layout key, send one request each (the context caches' bounds), and the bytes of the
+  workers' shared spill directory.
 
-and beside it the same work in-process (encrypt + evaluate + decrypt, no MLflow, no HTTP), so
-the cost of serving shows as a ratio. One thread per process (``torch.set_num_threads(1)``); the
-server runs ``--workers`` uvicorn processes. Everything lives in a temporary MLflow store.
+One thread per process (``torch.set_num_threads(1)``). Everything lives in a temporary MLflow store.
 
 Run::
 
-    python benchmarks/serving.py
+    python benchmarks/serving.py --distinct-keys 200
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import mlflow
 import numpy as np
+import requests
 import torch
 from sklearn.datasets import load_digits
 from torch import nn
 
 from lightning_privacy import he
-from lightning_privacy.mlflow_plugins import EncryptedClient, ScoringServer, ckks
+from lightning_privacy.he.parallel import available_workers
+from lightning_privacy.mlflow_plugins import EncryptedClient, ScoringServer, ckks, protocol
+from lightning_privacy.mlflow_plugins.context_spill import SPILL_DIR_ENV
+from lightning_privacy.mlflow_plugins.protocol import EncryptedRequest, ErrorCode
 
-CONCURRENCY = (1, 4, 16)
+CONCURRENCY = (1, 2, 4, 8, 16)
+MIB = 2**20
 
 
 def train_digits_mlp(x: np.ndarray, y: np.ndarray) -> nn.Module:
@@ -64,46 +78,122 @@ def in_process_seconds(compiled: he.CompiledModel, layout: str, x: np.ndarray, r
     return statistics.mean(times)
 
 
-def served(
-    client: EncryptedClient, x: np.ndarray, expected: np.ndarray, concurrency: int, n_requests: int
-) -> dict[str, float]:
-    """Latencies and throughput of ``n_requests`` requests of ``x`` sent by ``concurrency`` threads,
-    and the largest deviation of any answer from ``expected`` (concurrency must not corrupt results)."""
+class PreparedRequest:
+    """One encrypted request as JSON bodies with and without the public context."""
 
-    def one(_: int) -> tuple[float, float]:
+    def __init__(self, compiled: he.CompiledModel, layout: str, x: np.ndarray) -> None:
+        self.keyring = he.Keyring(compiled, layout)
+        context = self.keyring.public_context_bytes()
+        row = EncryptedRequest(protocol.key_id_of(context), layout, context, self.keyring.encrypt(x).to_bytes())
+        self.with_context = json.dumps(protocol.encode_request([row]))
+        self.without_context = json.dumps(protocol.encode_request([EncryptedRequest(**{**vars(row), "context": None})]))
+        self.expected = compiled.plaintext_forward(x)
+
+    def post(self, session: requests.Session, url: str) -> tuple[bytes, int]:
+        """The answer's ciphertext and how many ``UNKNOWN_KEY_ID`` answers came before it (0 or 1)."""
+        unknown = 0
+        for body in (self.without_context, self.with_context):
+            response = session.post(url, data=body, headers={"Content-Type": "application/json"}, timeout=600)
+            if response.status_code == 200:
+                (result,) = protocol.decode_response(response.json())
+                return result, unknown
+            if response.json().get(protocol.ERROR_CODE_FIELD) != ErrorCode.UNKNOWN_KEY_ID:
+                raise RuntimeError(f"The server answered {response.status_code}: {response.text[:500]}")
+            unknown += 1
+        raise RuntimeError("The server answered UNKNOWN_KEY_ID to a request that carried the context.")
+
+    def error(self, result: bytes) -> float:
+        logits = self.keyring.decrypt(he.EncryptedBatch.from_bytes(result, self.keyring.public_context))
+        return float(np.abs(logits - self.expected).max())
+
+
+def throughput(request: PreparedRequest, url: str, concurrency: int, n_requests: int) -> dict[str, float]:
+    """``n_requests`` posts of ``request`` by ``concurrency`` threads, one connection each."""
+    local = threading.local()
+    latencies: list[float] = []
+    results: list[bytes] = []
+    unknown = 0
+    lock = threading.Lock()
+
+    def one(_: int) -> None:
+        nonlocal unknown
+        if not hasattr(local, "session"):
+            local.session = requests.Session()
         start = time.perf_counter()
-        logits = client.predict_logits(x)
-        return time.perf_counter() - start, float(np.abs(logits - expected).max())
+        result, refused = request.post(local.session, url)
+        with lock:
+            latencies.append(time.perf_counter() - start)
+            results.append(result)
+            unknown += refused
 
-    sent, received = client.bytes_sent, client.bytes_received
     start = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
-        latencies, errors = zip(*pool.map(one, range(n_requests)))
+        list(pool.map(one, range(n_requests)))
     wall = time.perf_counter() - start
-    samples = n_requests * len(x)
     return {
+        "throughput": n_requests / wall,
         "latency": statistics.mean(latencies),
         "p95": float(np.percentile(latencies, 95)),
-        "throughput": samples / wall,
-        "sent": (client.bytes_sent - sent) / samples,
-        "received": (client.bytes_received - received) / samples,
-        "error": max(errors),
+        "unknown": unknown,
+        "error": max(request.error(r) for r in results[:4]),
     }
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of a process, from /proc."""
+    with open(f"/proc/{pid}/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def distinct_keys(
+    server: ScoringServer, compiled: he.CompiledModel, x: np.ndarray, n_keys: int, spill_dir: Path
+) -> list[tuple[int, list[int], int]]:
+    """(keys so far, RSS of each worker, spill bytes) while ``n_keys`` single-layout clients send one request each."""
+    points = [(0, [rss_bytes(pid) for pid in server.worker_pids()], _dir_bytes(spill_dir))]
+    lock = threading.Lock()
+    done = 0
+
+    def one(_: int) -> None:
+        nonlocal done
+        request = PreparedRequest(compiled, "single", x)
+        with requests.Session() as session:
+            result, _ = request.post(session, f"{server.url}/invocations")
+        assert request.error(result) < 1e-2
+        with lock:
+            done += 1
+
+    step = max(1, n_keys // 4)
+    with ThreadPoolExecutor(4) as pool:
+        for start in range(0, n_keys, step):
+            list(pool.map(one, range(start, min(n_keys, start + step))))
+            points.append((done, [rss_bytes(pid) for pid in server.worker_pids()], _dir_bytes(spill_dir)))
+    return points
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.iterdir()) if path.is_dir() else 0
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=512, help="samples per batch-layout request")
-    parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes of the server")
+    parser.add_argument(
+        "--workers", default=f"1,{available_workers()}", help="comma-separated server worker counts to compare"
+    )
     parser.add_argument("--rounds", type=int, default=2, help="requests per client thread (bounded loop)")
+    parser.add_argument("--min-requests", type=int, default=8, help="fewest requests per point (for p95)")
+    parser.add_argument("--distinct-keys", type=int, default=0, help="clients with their own key (last server)")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    worker_counts = [int(w) for w in args.workers.split(",")]
 
     x, y = load_digits(return_X_y=True)
     x = (x / 16.0).astype(np.float32)
     model = train_digits_mlp(x, y)
     compiled = he.compile(he.export(model, torch.from_numpy(x[:1])), x)
+    load_before = os.getloadavg()
 
+    rows, end_to_end, memory = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         store = f"sqlite:///{Path(tmp) / 'mlflow.db'}"
         os.environ.update(MLFLOW_TRACKING_URI=store, MLFLOW_REGISTRY_URI=store)
@@ -114,40 +204,94 @@ def main() -> None:
             info = ckks.log_model(compiled, name="model", registered_model_name="bench-ckks")
         uri = f"models:/bench-ckks/{info.registered_model_version}"
 
-        rows = []
-        with ScoringServer(uri, workers=args.workers, log_path=Path(tmp) / "server.log") as server:
-            for layout, per_request in (("single", 1), ("batch", args.batch_size)):
-                batch = x[:per_request]
-                local = in_process_seconds(compiled, layout, batch, repeats=3)
-                expected = compiled.plaintext_forward(batch)
-                client = EncryptedClient(compiled, url=server.url, layout=layout)
-                for _ in range(args.workers):  # keys, and the one-time context upload to each worker
-                    client.predict_logits(batch)
-                for concurrency in CONCURRENCY:
-                    stats = served(client, batch, expected, concurrency, concurrency * args.rounds)
-                    rows.append((layout, per_request, concurrency, concurrency * args.rounds, local, stats))
+        for w, workers in enumerate(worker_counts):
+            spill_dir = Path(tmp) / f"spill-{workers}"
+            env = {SPILL_DIR_ENV: str(spill_dir)}
+            log = Path(tmp) / f"server-{workers}.log"
+            with ScoringServer(uri, workers=workers, env=env, log_path=log) as server:
+                url = f"{server.url}/invocations"
+                for layout, per_request in (("single", 1), ("batch", args.batch_size)):
+                    request = PreparedRequest(compiled, layout, x[:per_request])
+                    with requests.Session() as session:
+                        request.post(session, url)  # the one upload of this key
+                    for concurrency in CONCURRENCY:
+                        n = max(concurrency * args.rounds, args.min_requests)
+                        rows.append(
+                            (workers, layout, per_request, concurrency, n, throughput(request, url, concurrency, n))
+                        )
+                    if w == 0:
+                        end_to_end.append(
+                            (layout, per_request, *_end_to_end(compiled, server.url, layout, x[:per_request]))
+                        )
+                if args.distinct_keys and w == len(worker_counts) - 1:
+                    memory = distinct_keys(server, compiled, x[:1], args.distinct_keys, spill_dir)
+    load_after = os.getloadavg()
 
+    _print_throughput(rows, compiled, load_before, load_after)
+    _print_end_to_end(end_to_end, worker_counts[0])
+    if memory:
+        _print_memory(memory, worker_counts[-1])
+
+
+def _end_to_end(compiled: he.CompiledModel, url: str, layout: str, x: np.ndarray) -> tuple[float, float, float, float]:
+    """Served latency with ``EncryptedClient`` at concurrency 1, in-process time, KB up and down per sample."""
+    client = EncryptedClient(compiled, url=url, layout=layout)
+    client.predict_logits(x)  # keys and the upload
+    sent, received, latencies = client.bytes_sent, client.bytes_received, []
+    for _ in range(3):
+        start = time.perf_counter()
+        client.predict_logits(x)
+        latencies.append(time.perf_counter() - start)
+    samples = 3 * len(x)
+    up, down = (client.bytes_sent - sent) / samples / 1024, (client.bytes_received - received) / samples / 1024
+    return statistics.mean(latencies), in_process_seconds(compiled, layout, x, repeats=3), up, down
+
+
+def _print_throughput(rows: list, compiled: he.CompiledModel, load_before: tuple, load_after: tuple) -> None:
     header = (
-        f"{'layout':<6} {'n/req':>5} {'conc':>4} {'reqs':>4} {'latency ms':>10} {'p95 ms':>8} {'samples/s':>9} "
-        f"{'in-proc ms':>10} {'in-proc samples/s':>17} {'latency x':>9} {'throughput /':>12} "
-        f"{'KB up/sample':>12} {'KB down/sample':>14} {'max err':>8}"
+        f"{'workers':>7} {'layout':<6} {'n/req':>5} {'conc':>4} {'reqs':>4} {'samples/s':>9} {'x conc 1':>8} "
+        f"{'latency ms':>10} {'p95 ms':>8} {'UNKNOWN_KEY_ID':>14} {'max err':>8}"
     )
-    print(f"\nEncrypted serving, digits MLP 64-32-10, N={compiled.params.poly_modulus_degree}, "
-          f"{args.workers} server worker(s), loopback\n{header}\n{'-' * len(header)}")  # fmt: skip
-    for layout, per_request, concurrency, n, local, s in rows:
-        local_throughput = per_request / local
+    print(
+        f"\nEncrypted serving, digits MLP 64-32-10, N={compiled.params.poly_modulus_degree}, loopback, "
+        f"{available_workers()} cores; load average {load_before[0]:.2f} before, {load_after[0]:.2f} after"
+        f"\n{header}\n{'-' * len(header)}"
+    )
+    base = {}
+    for workers, layout, per_request, concurrency, n, s in rows:
+        samples = s["throughput"] * per_request
+        base.setdefault((workers, layout), samples)
         print(
-            f"{layout:<6} {per_request:>5d} {concurrency:>4d} {n:>4d} {1e3 * s['latency']:>10.1f} "
-            f"{1e3 * s['p95']:>8.1f} {s['throughput']:>9.1f} {1e3 * local:>10.1f} {local_throughput:>17.1f} "
-            f"{s['latency'] / local:>9.2f} {local_throughput / s['throughput']:>12.2f} "
-            f"{s['sent'] / 1024:>12.2f} {s['received'] / 1024:>14.2f} {s['error']:>8.1e}"
+            f"{workers:>7d} {layout:<6} {per_request:>5d} {concurrency:>4d} {n:>4d} {samples:>9.1f} "
+            f"{samples / base[(workers, layout)]:>8.2f} {1e3 * s['latency']:>10.1f} {1e3 * s['p95']:>8.1f} "
+            f"{s['unknown']:>14d} {s['error']:>8.1e}"
         )
     print(
-        "latency x = served latency / in-process time (encrypt + evaluate + decrypt, one thread) of the same request;\n"
-        "throughput / = in-process samples/s / served samples/s. Bytes: JSON bodies (base64 ciphertexts); the\n"
-        "public context is uploaded once per server worker before timing. max err: largest |logit| deviation of any\n"
-        "served answer from the compiled model's plaintext forward pass."
+        "x conc 1: throughput / the same server's throughput at concurrency 1. Requests are encrypted before the\n"
+        "timing and decrypted after it (checked: max err is the largest |logit| deviation from the plaintext model).\n"
+        "UNKNOWN_KEY_ID: answers that made the client upload its context again (each key was uploaded once before)."
     )
+
+
+def _print_end_to_end(rows: list, workers: int) -> None:
+    header = (
+        f"{'layout':<6} {'n/req':>5} {'served ms':>9} {'in-proc ms':>10} {'x':>5} {'KB up/sample':>12} "
+        f"{'KB down/sample':>14}"
+    )
+    print(f"\nEnd to end with EncryptedClient, concurrency 1, {workers} worker(s)\n{header}\n{'-' * len(header)}")
+    for layout, per_request, served, local, up, down in rows:
+        print(
+            f"{layout:<6} {per_request:>5d} {1e3 * served:>9.1f} {1e3 * local:>10.1f} {served / local:>5.2f} "
+            f"{up:>12.2f} {down:>14.2f}"
+        )
+
+
+def _print_memory(points: list, workers: int) -> None:
+    print(f"\nResident memory of each of {workers} worker(s) (MiB) while clients with distinct keys send a request")
+    for keys, rss, spill in points:
+        print(
+            f"{keys:>5d} keys: " + " ".join(f"{r / MIB:>8.0f}" for r in rss) + f"   spill dir {spill / MIB:>6.0f} MiB"
+        )
 
 
 if __name__ == "__main__":

@@ -15,6 +15,11 @@ from types import TracebackType
 import requests
 
 from lightning_privacy.errors import ScoringServerError
+from lightning_privacy.he.parallel import available_workers
+from lightning_privacy.mlflow_plugins.server_settings import positive_int
+
+#: MLflow's own setting for the number of uvicorn workers of ``mlflow models serve``.
+WORKERS_ENV = "MLFLOW_MODELS_WORKERS"
 
 
 class ScoringServer:
@@ -28,12 +33,16 @@ class ScoringServer:
     Args:
         model_uri: what to serve, e.g. ``models:/digits-ckks@champion``.
         port: TCP port on 127.0.0.1; default a free one.
-        workers: uvicorn worker processes (each has its own public-context cache).
+        workers: uvicorn worker processes; default ``MLFLOW_MODELS_WORKERS`` when set, else one per
+            CPU core this process may run on. SEAL holds the GIL, so one worker evaluates one
+            request at a time; the workers share uploaded public contexts through a spill directory
+            (``context_spill``), each keeps its own in-memory cache.
         env: extra environment variables for the server.
         log_path: file for the server's stdout and stderr; default a temporary file.
         startup_timeout: seconds to wait for ``/ping``.
 
     Raises:
+        ServingConfigError: ``workers`` (or ``MLFLOW_MODELS_WORKERS``) is not a positive integer.
         ScoringServerError: the server exited or did not answer ``/ping`` in time.
 
     Example::
@@ -48,14 +57,14 @@ class ScoringServer:
         model_uri: str,
         port: int | None = None,
         *,
-        workers: int = 1,
+        workers: int | None = None,
         env: dict[str, str] | None = None,
         log_path: str | os.PathLike[str] | None = None,
         startup_timeout: float = 180.0,
     ) -> None:
         self.model_uri = model_uri
         self.port = port or _free_port()
-        self.workers = workers
+        self.workers = positive_int(workers, WORKERS_ENV, available_workers())
         self.env = {**os.environ, **(env or {})}
         # MLflow starts the server as `bash -c "exec uvicorn ..."`: uvicorn must be on PATH even when
         # this interpreter runs from a virtual environment that was never activated (`make demo`).
@@ -116,6 +125,28 @@ class ScoringServer:
             time.sleep(0.1)
         _signal_group(process.pid, signal.SIGKILL)
         process.wait()
+
+    def worker_pids(self) -> list[int]:
+        """Process ids of the uvicorn workers that evaluate requests (Linux: read from ``/proc``).
+
+        With one worker that is the uvicorn process itself; with several, the processes it spawned.
+        Empty when the server is not running or ``/proc`` is missing.
+        """
+        if self._process is None or not os.path.isdir("/proc"):
+            return []
+        group = {}
+        for entry in os.scandir("/proc"):
+            try:
+                with open(os.path.join(entry.path, "stat"), "rb") as stat:
+                    # pid (comm) state ppid pgrp ...: comm may hold spaces, so split after its ")".
+                    pgrp = int(stat.read().rsplit(b")", 1)[1].split()[2])
+                if pgrp == self._process.pid:
+                    with open(os.path.join(entry.path, "cmdline"), "rb") as cmdline:
+                        group[int(entry.name)] = cmdline.read().replace(b"\0", b" ")
+            except (OSError, ValueError, IndexError):  # not a process, or gone meanwhile
+                continue
+        spawned = [pid for pid, cmd in group.items() if b"spawn_main" in cmd]
+        return sorted(spawned or [pid for pid, cmd in group.items() if b"uvicorn" in cmd])
 
     def restart(self) -> None:
         """Stop and start again on the same port: the new process has an empty context cache."""

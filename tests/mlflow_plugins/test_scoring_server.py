@@ -1,13 +1,22 @@
-"""ScoringServer refuses a busy port and reports a server that cannot start, with its log."""
+"""ScoringServer refuses a busy port and reports a server that cannot start, with its log; its
+workers (one per core by default) share each uploaded public context."""
 
 from __future__ import annotations
 
+import hashlib
+import os
 import socket
+from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 
-from lightning_privacy.errors import ScoringServerError
-from lightning_privacy.mlflow_plugins import ScoringServer
+from lightning_privacy import he
+from lightning_privacy.errors import ScoringServerError, ServingConfigError
+from lightning_privacy.mlflow_plugins import EncryptedClient, ScoringServer, ckks
+from lightning_privacy.mlflow_plugins.context_spill import DEFAULT_DIR_PREFIX, SPILL_DIR_ENV
+from lightning_privacy.mlflow_plugins.serving import WORKERS_ENV
+from tests.mlflow_plugins.conftest import assert_matches_reference
 
 
 def test_busy_port_is_refused_before_anything_starts():
@@ -33,3 +42,46 @@ def test_a_server_too_slow_to_answer_is_stopped(tmp_path):
     with pytest.raises(ScoringServerError, match="No answer"):
         server.start()
     assert server._process is None  # stopped, process group included
+
+
+def test_workers_default_to_the_cores_or_mlflows_setting(monkeypatch):
+    monkeypatch.delenv(WORKERS_ENV, raising=False)
+    assert ScoringServer("models:/anything/1").workers == len(os.sched_getaffinity(0))
+    monkeypatch.setenv(WORKERS_ENV, "3")
+    assert ScoringServer("models:/anything/1").workers == 3
+    assert ScoringServer("models:/anything/1", workers=1).workers == 1
+    monkeypatch.setenv(WORKERS_ENV, "many")
+    with pytest.raises(ServingConfigError, match=WORKERS_ENV):
+        ScoringServer("models:/anything/1")
+    assert ScoringServer("models:/anything/1", workers=2).worker_pids() == []  # not started
+
+
+def _rss(pid: int) -> int:
+    with open(f"/proc/{pid}/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.slow
+def test_two_workers_share_one_upload(compiled, digits, reference, monkeypatch, tmp_path):
+    """Default settings, two workers: the context is uploaded once, both workers evaluate with it
+    (each grows by the context's memory), and no request is answered UNKNOWN_KEY_ID."""
+    monkeypatch.delenv(SPILL_DIR_ENV, raising=False)
+    ckks.save_model(compiled, tmp_path / "model")
+    env = {"TMPDIR": str(tmp_path)}  # the default spill directory goes under the temp dir
+    with ScoringServer(str(tmp_path / "model"), workers=2, env=env, log_path=tmp_path / "server.log") as server:
+        pids = server.worker_pids()
+        assert len(pids) == 2
+        before = {pid: _rss(pid) for pid in pids}
+        client = EncryptedClient(compiled, url=server.url, layout="single")
+        x = digits.x_test[:12]
+        first = client.predict_logits(x[:1])  # the upload, to one of the workers
+        with ThreadPoolExecutor(4) as pool:  # four connections, taken by both workers
+            logits = list(pool.map(lambda i: client.predict_logits(x[i : i + 1]), range(1, len(x))))
+        assert_matches_reference(np.concatenate([first, *logits]), reference(x))
+        assert client.requests_sent == len(x)  # not one UNKNOWN_KEY_ID and re-upload
+        (spilled,) = tmp_path.glob(f"{DEFAULT_DIR_PREFIX}*/*")
+        assert hashlib.sha256(spilled.read_bytes()).hexdigest() == spilled.name
+        context_memory = he.PublicContext.from_bytes(spilled.read_bytes()).memory_bytes
+        grown = [_rss(pid) - before[pid] for pid in pids]
+        assert min(grown) > context_memory / 2, (grown, context_memory)
+    assert not server.worker_pids()
