@@ -89,6 +89,16 @@ def test_input_canaries_without_dp_are_memorised(data):
     assert audit.result.epsilon_lower_bound > 0.5
 
 
+def test_input_canaries_in_a_dp_run_stay_below_epsilon(data):
+    dp = DifferentialPrivacy(noise_multiplier=1.0, delta=1e-5, max_grad_norm=1.0)
+    audit = PrivacyAudit(canaries=200, kind="input", guesses=[20, 50])
+    train = audit.dataset(data, num_classes=10)
+    _fit([dp, audit], train, epochs=20)
+    print(f"sigma=1 input canaries: bound {audit.result.epsilon_lower_bound:.3f}, accountant {dp.epsilon:.3f}")
+    assert audit.result.delta == 1e-5  # the DP callback's δ
+    assert audit.result.epsilon_lower_bound <= dp.epsilon
+
+
 def test_gradient_canaries_in_a_non_private_run(data):
     audit = PrivacyAudit(canaries=1000, kind="gradient")
     _fit([audit], data)
