@@ -203,7 +203,8 @@ def _roc_figure(results: dict[str, audit.AttackMetrics]) -> Figure:
     for name, result in results.items():
         fpr, tpr, _ = audit.roc(result.member_scores, result.non_member_scores)
         ax.plot(np.maximum(fpr, 1e-5), tpr, label=f"{name} (AUC {result.auc:.3f})")
-    ax.plot([1e-5, 1], [1e-5, 1], "k:", lw=1, label="chance")
+    grid = np.logspace(-5, 0, 200)  # the diagonal is a curve on a log-FPR axis
+    ax.plot(grid, grid, "k:", lw=1, label="chance")
     ax.set(xscale="log", xlim=(1e-4, 1), ylim=(0, 1), xlabel="false positive rate", ylabel="true positive rate",
            title="Membership inference ROC")  # fmt: skip
     ax.legend(loc="lower right", fontsize=8)
