@@ -57,6 +57,11 @@ is what a server needs and imports neither:
   (``.layout``); a context holding a secret key raises ``SecretKeyExposureError``; garbage raises
   ``EncryptionInputError``. ``.key_id`` equals the client's ``Keyring.key_id``.
 - ``CKKSParams``, ``SECURITY_LIMITS`` (N -> max total coefficient-modulus bits at 128-bit security).
+- Sealed models (the weights encrypted under the model owner's key, ``y = f(Enc(θ), x)``):
+  ``OwnerKeyring(compiled)`` (owner side, holds the secret key; ``.encrypt(x)``, ``.decrypt(out)``,
+  ``.public_context_bytes()``, ``.key_id``), ``compiled.seal(owner) -> SealedModel`` (``.save(dir)``,
+  ``SealedModel.load(dir)``, ``.evaluate(x_or_encrypted_batch) -> EncryptedBatch`` on the host with
+  public keys only: plaintext inputs or ``owner.encrypt(x)``; the output only the owner decrypts).
 - ``nn.Square``, ``nn.PolyActivation``: HE-friendly blocks that import exactly (no approximation).
 """
 
@@ -72,8 +77,10 @@ from lightning_privacy.he.context import PublicContext
 from lightning_privacy.he.graph import LayerGraph
 from lightning_privacy.he.keys import Keyring
 from lightning_privacy.he.model import CompiledModel
+from lightning_privacy.he.owner import OwnerKeyring
 from lightning_privacy.he.params import SECURITY_LIMITS, CKKSParams
 from lightning_privacy.he.report import ApproximationReport
+from lightning_privacy.he.sealed import SealedModel
 
 #: Public names whose modules need torch or onnx (export, ONNX import, compiling): imported on first
 #: use, so a server that loads and evaluates a CompiledModel imports neither. name -> (module,
@@ -121,7 +128,9 @@ __all__ = [
     "EncryptedBatch",
     "Keyring",
     "LayerGraph",
+    "OwnerKeyring",
     "PublicContext",
+    "SealedModel",
     "apply_output_activation",
     "compile",
     "export",

@@ -97,8 +97,8 @@ class Arithmetic:
         self.evaluator.add_plain(ct, self.encode(values, ct.parms_id(), ct.scale), out)
         return out
 
-    def polynomial(self, ct: seal.Ciphertext, coefficients: Sequence[float]) -> seal.Ciphertext:
-        """``sum_k c_k ct**k`` (some ``c_k != 0`` for ``k >= 1``); a bare power skips the coefficient level."""
+    def powers(self, ct: seal.Ciphertext, exponents: Sequence[int]) -> dict[int, seal.Ciphertext]:
+        """``ct**k`` for every ``k`` in ``exponents`` (and the powers on the way), ``ceil(log2 k)`` levels each."""
         powers = {1: ct}
 
         def power(k: int) -> seal.Ciphertext:
@@ -111,7 +111,14 @@ class Arithmetic:
                 )
             return powers[k]
 
-        terms = [(k, c, power(k)) for k, c in enumerate(coefficients) if k >= 1 and c != 0.0]
+        for k in exponents:
+            power(k)
+        return powers
+
+    def polynomial(self, ct: seal.Ciphertext, coefficients: Sequence[float]) -> seal.Ciphertext:
+        """``sum_k c_k ct**k`` (some ``c_k != 0`` for ``k >= 1``); a bare power skips the coefficient level."""
+        powers = self.powers(ct, [k for k, c in enumerate(coefficients) if k >= 1 and c != 0.0])
+        terms = [(k, c, powers[k]) for k, c in enumerate(coefficients) if k >= 1 and c != 0.0]
         if len(terms) == 1 and terms[0][1] == 1.0 and coefficients[0] == 0.0:
             return terms[0][2]
         lowest = min((t[2] for t in terms), key=self.chain_index)

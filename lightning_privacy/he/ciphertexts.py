@@ -13,6 +13,7 @@ import tenseal.sealapi as seal
 from lightning_privacy.errors import EncryptionInputError
 from lightning_privacy.he import wire
 from lightning_privacy.he.context import PublicContext
+from lightning_privacy.he.packing import SEALED
 
 BATCH_MAGIC = b"LPHE-BATCH1"
 
@@ -21,7 +22,8 @@ class EncryptedBatch:
     """Ciphertexts of ``n_samples`` samples in one ``layout``, bound to one public context.
 
     ``batch`` layout: one ciphertext per feature (samples in the slots); ``single``: one ciphertext
-    per sample.
+    per sample; ``sealed``: the same number of ciphertexts for every sample (a sealed model's inputs
+    and outputs).
 
     Example::
 
@@ -74,7 +76,11 @@ class EncryptedBatch:
         if layout != context.layout or not isinstance(n, int) or n < 1 or not blobs:
             raise EncryptionInputError(f"corrupted batch header (layout {layout!r}, n_samples {n!r})")
         expected = n if layout == "single" else None
-        if (expected is not None and len(blobs) != expected) or (layout == "batch" and n > context.params.slots):
+        if (
+            (expected is not None and len(blobs) != expected)
+            or (layout == "batch" and n > context.params.slots)
+            or (layout == SEALED and len(blobs) % n)
+        ):
             raise EncryptionInputError(f"batch holds {len(blobs)} ciphertexts for {n} samples in layout {layout!r}")
         ciphertexts = wire.load_objects(blobs, seal.Ciphertext, context.context, "ciphertext")
         for i, ct in enumerate(ciphertexts):

@@ -16,7 +16,7 @@ import tenseal.sealapi as seal
 from lightning_privacy.errors import EncryptionInputError, ModelMismatchError, SecretKeyExposureError
 from lightning_privacy.he import wire
 from lightning_privacy.he.arithmetic import Arithmetic
-from lightning_privacy.he.packing import LAYOUTS
+from lightning_privacy.he.packing import LAYOUTS, SEALED
 from lightning_privacy.he.params import SECURITY_LIMITS, CKKSParams
 
 CONTEXT_MAGIC = b"LPHE-CTX1"
@@ -172,7 +172,7 @@ class PublicContext:
                 "the context sent to the server contains the secret key; send Keyring.public_context_bytes() instead "
                 "and treat this key pair as compromised"
             )
-        if header.get("names") != PUBLIC_SECTIONS or header.get("layout") not in LAYOUTS:
+        if header.get("names") != PUBLIC_SECTIONS or header.get("layout") not in (*LAYOUTS, SEALED):
             raise EncryptionInputError("corrupted public context header")
         if header.get("format_version") != FORMAT_VERSION:
             raise EncryptionInputError(f"unsupported public context version {header.get('format_version')}")

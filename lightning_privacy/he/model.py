@@ -16,6 +16,7 @@ from lightning_privacy.he.context import PublicContext
 from lightning_privacy.he.depth import levels
 from lightning_privacy.he.graph import Add, Affine, LayerGraph, Multiply, Polynomial
 from lightning_privacy.he.input_range import check_input
+from lightning_privacy.he.owner import OwnerKeyring
 from lightning_privacy.he.packing.single import (
     DiagonalPlan,
     InputExpansion,
@@ -25,6 +26,7 @@ from lightning_privacy.he.packing.single import (
 )
 from lightning_privacy.he.params import CKKSParams
 from lightning_privacy.he.report import ApproximationReport
+from lightning_privacy.he.sealed import SealedModel, seal_model
 from lightning_privacy.he.serialization import SavedModel, load_model, save_model
 
 # Relative costs measured with sealapi at N=8192 (plaintext multiply-accumulate = 1).
@@ -240,6 +242,18 @@ class CompiledModel:
         """The compiled (approximated) graph in float64: raw outputs ``(n, output_dim)``."""
         x = np.asarray(x, dtype=np.float64)
         return self.graph.forward(x.reshape(len(x), *self.input_shape))
+
+    def seal(self, owner: OwnerKeyring) -> SealedModel:
+        """Owner side: this model with its weights, biases and polynomial coefficients encrypted under ``owner``'s key.
+
+        The sealed model runs at this model's depth and CKKS parameters (every layer keeps its one
+        rescale; see ``packing.sealed``) and carries the owner's public evaluation keys only.
+
+        Raises:
+            CompilationError: the graph does not start with one linear layer reading the input.
+            ModelMismatchError: ``owner`` is an ``OwnerKeyring`` of another model.
+        """
+        return seal_model(self.graph, self.params, owner)
 
     def save(self, directory: str | os.PathLike) -> None:
         """Write ``model.json`` (versioned, with content hashes) and ``weights.npz`` into ``directory``."""

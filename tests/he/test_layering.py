@@ -1,9 +1,9 @@
 """``lightning_privacy.he`` is layered: every module imports only from below, and alone (issue 11, §1).
 
 The layers, bottom up, in the shape of ``onnx.reference`` (base -> one module per op -> the list):
-pure IR and parameters; packing plans and serialization (numpy); SEAL objects; keys and
-evaluation; the compiled model; the ONNX importer; the compiler. ``export`` and ``nn`` (torch)
-stand apart.
+pure IR and parameters; packing plans and serialization (numpy); SEAL objects; keys (the client's
+and the owner's) and evaluation; sealed models; the compiled model; the ONNX importer; the compiler.
+``export`` and ``nn`` (torch) stand apart.
 """
 
 from __future__ import annotations
@@ -27,21 +27,23 @@ LAYERS: dict[str, int] = {
     "graph": 1,
     "depth": 2,
     "packing.batch": 3, "packing.single": 3,
-    "packing": 4,
-    "input_range": 5, "serialization": 5,
-    "wire": 6, "arithmetic": 6,
-    "parallel": 7, "context": 7,
-    "ciphertexts": 8, "kernels.batch": 8, "kernels.single": 8,
-    "kernels": 9,
-    "keys": 10, "evaluation": 10,
-    "model": 11,
-    "onnx.base": 12,
-    "onnx.activations": 13, "onnx.elementwise": 13, "onnx.linear": 13, "onnx.shapes": 13,
-    "onnx.ops": 14,
-    "onnx.importer": 15,
-    "onnx": 16,
-    "compiler": 17,
-    "": 18,
+    "packing.sealed": 4,
+    "packing": 5,
+    "input_range": 6, "serialization": 6,
+    "wire": 7, "arithmetic": 7,
+    "parallel": 8, "context": 8,
+    "ciphertexts": 9, "kernels.batch": 9, "kernels.single": 9, "kernels.sealed": 9,
+    "kernels": 10,
+    "keys": 11, "evaluation": 11, "owner": 11,
+    "sealed": 12,
+    "model": 13,
+    "onnx.base": 14,
+    "onnx.activations": 15, "onnx.elementwise": 15, "onnx.linear": 15, "onnx.shapes": 15,
+    "onnx.ops": 16,
+    "onnx.importer": 17,
+    "onnx": 18,
+    "compiler": 19,
+    "": 20,
 }  # fmt: skip
 
 

@@ -5,10 +5,13 @@ affine maps (numpy only; the SEAL kernels that run the plans are in ``lightning_
   scalar multiply-accumulates, no rotations, no Galois keys. Best for many samples.
 - ``single``: one sample per ciphertext, replicated with a power-of-two period; affine maps use
   the diagonal method with baby-step giant-step rotations. Best for few samples.
+- ``sealed``: the weights are ciphertexts under the model owner's key (``packing.sealed``); one
+  sample per ciphertext, the first layer packed by columns. Not a request layout of a compiled model.
 """
 
-from lightning_privacy.he.packing import batch, single
+from lightning_privacy.he.packing import batch, sealed, single
 
 LAYOUTS = ("batch", "single")
+SEALED = "sealed"
 
-__all__ = ["LAYOUTS", "batch", "single"]
+__all__ = ["LAYOUTS", "SEALED", "batch", "sealed", "single"]
