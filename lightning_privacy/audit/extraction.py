@@ -91,6 +91,10 @@ class QueryBudget:
 
     Raises:
         QueryBudgetExhaustedError: from ``__call__``, once the budget would be exceeded.
+
+    Example::
+
+        defended = QueryBudget(model_logits, max_queries=1000)
     """
 
     def __init__(self, target: Target, max_queries: int) -> None:
