@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_privacy.dp import DPConfig, DPSGDEngine
-from lightning_privacy.errors import PrivacyConfigError
+from lightning_privacy.errors import PrivacyConfigError, UncoveredParameterError
 from tests.dp.models import make_dataset
 
 
@@ -35,3 +35,31 @@ def test_stepping_the_raw_optimizer_while_attached_is_refused(mode):
     engine.detach()
     nn.functional.cross_entropy(net(x), y).backward()
     raw.step()  # a plain model again
+
+
+class _Scaled(nn.Module):
+    """A model whose ``scale`` is used outside the forward of the layer that owns it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+        self.scale = nn.Parameter(torch.ones(()))
+
+
+@pytest.mark.parametrize("mode", ["hooks", "fast", "functorch"])
+def test_a_parameter_outside_the_per_sample_machinery_is_refused_in_a_plain_loop(mode):
+    torch.manual_seed(0)
+    model = _Scaled()
+    engine = DPSGDEngine(DPConfig(noise_multiplier=1.0, max_grad_norm=1.0, accountant="rdp", grad_sample_mode=mode))
+    loader = engine.private_loader(DataLoader(make_dataset(n=256), batch_size=32))
+    engine.attach(model.net)  # the engine watches the network; `scale` is applied by the loop
+    private = engine.wrap_optimizer(torch.optim.SGD(model.parameters(), lr=0.5))
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = next(iter(loader))
+    private.zero_grad()
+    nn.functional.cross_entropy(model.net(x) * model.scale, y).backward()
+    with pytest.raises(UncoveredParameterError, match="did not compute: <parameter of shape \\(\\)>"):
+        private.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert engine.steps == 0
+    engine.detach()

@@ -180,9 +180,6 @@ class FastGradSampleHooks:
             self._fallback = _FallbackHooks(
                 module, list(fallback.values()), batch_first=batch_first, loss_reduction=loss_reduction
             )
-        self._fallback_ids = {
-            id(p) for m in fallback.values() for p in m.parameters()
-        } if fallback else set()  # fmt: skip
         self._workspace = Workspace()
         self._layers: list[LayerState] = []
         self._param_layer: dict[int, LayerState] = {}
@@ -247,8 +244,8 @@ class FastGradSampleHooks:
         Raises:
             RuntimeError: after :meth:`cleanup`, or when the fast records and Opacus' per-sample
                 gradients disagree on the batches.
-            ValueError: for a parameter that no attached layer computes (as Opacus).
-            UncoveredParameterError: for a parameter used outside the layers watched per sample.
+            UncoveredParameterError: for a parameter with a gradient that no per-sample record or
+                grad sample accounts for (used outside its layer's forward, or in no attached layer).
         """
         if not self._recording.attached:
             raise RuntimeError("These FastGradSampleHooks were cleaned up; attach new ones to train privately.")
@@ -257,13 +254,9 @@ class FastGradSampleHooks:
         device = params[0].device
         fast_params = [p for p in params if id(p) in self._param_layer]
         fast_ids = {id(p) for p in fast_params}
+        # Parameters of no attached layer have no per-sample gradients: the coverage check below
+        # refuses them if autograd gave them a gradient, as in the other modes.
         fallback_params = [p for p in params if id(p) not in self._param_layer]
-        for p in fallback_params:
-            if id(p) not in self._fallback_ids:
-                raise ValueError(
-                    f"A parameter of shape {tuple(p.shape)} belongs to no layer of the attached model, so it "
-                    "has no per-sample gradient; attach the hooks to the model that owns it."
-                )
 
         # Fast records, per pass: [(pass_id, prepared, params)].
         prepared: list[tuple[int, Prepared, list[Tensor]]] = []
