@@ -117,7 +117,7 @@ class PrivacyAudit(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        self._dp = next((cb for cb in trainer.callbacks if isinstance(cb, DifferentialPrivacy)), None)
+        self._dp = _find_dp(trainer)
         if self.kind == "gradient":
             if trainer.world_size != 1:
                 raise AuditConfigError("Gradient canaries are supported in one process; use kind='input' with DDP.")
@@ -131,7 +131,10 @@ class PrivacyAudit(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         # After every callback's on_train_start: DifferentialPrivacy has wrapped the optimizers by now.
-        if self.kind != "gradient" or self._hooked or self._dp is None:
+        if self.kind != "gradient" or self._hooked:
+            return
+        self._dp = self._dp or _find_dp(trainer)
+        if self._dp is None:
             return
         optimizers = [opt for opt in trainer.strategy.optimizers if isinstance(opt, DPOptimizer)]
         if len(optimizers) != 1:
@@ -163,6 +166,12 @@ class PrivacyAudit(Callback):
         # batch), as one more example of gradient norm `norm` each.
         if self.kind != "gradient" or self._dp is not None:
             return
+        if isinstance(optimizer, DPOptimizer):
+            # A private step this callback cannot see the plan of: the canaries would miss it.
+            raise AuditConfigError(
+                "PrivacyAudit found a private optimizer but no DifferentialPrivacy callback or DP strategy "
+                "to read the sampling plan from; train with DifferentialPrivacy(...) or DPStrategy(...)."
+            )
         if self.gradient_canaries is None:
             loader = trainer.train_dataloader
             batch_size, size = loader.batch_size, len(loader.dataset)
@@ -233,3 +242,10 @@ class PrivacyAudit(Callback):
         for optimizer, previous in self._hooked:
             optimizer.step_hook = previous
         self._hooked = []
+
+
+def _find_dp(trainer: pl.Trainer) -> DifferentialPrivacy | None:
+    """The run's DifferentialPrivacy callback: on the Trainer, or installed by a DP strategy."""
+    found = next((cb for cb in trainer.callbacks if isinstance(cb, DifferentialPrivacy)), None)
+    privacy = getattr(trainer.strategy, "privacy", None)
+    return found or (privacy if isinstance(privacy, DifferentialPrivacy) else None)

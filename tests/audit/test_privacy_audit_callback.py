@@ -70,6 +70,20 @@ def test_gradient_canaries_bound_is_logged_next_to_epsilon(data):
     print(f"sigma=2: bound {audit.result.epsilon_lower_bound:.3f}, accountant {dp.epsilon:.3f}")
 
 
+def test_gradient_canaries_with_the_dp_strategy(data):
+    from lightning_privacy.callbacks import DPStrategy
+
+    pl.seed_everything(0, verbose=False)
+    audit = PrivacyAudit(canaries=500, kind="gradient")
+    trainer = pl.Trainer(
+        accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[audit], strategy=DPStrategy(noise_multiplier=1.0, delta=1e-5),
+    )  # fmt: skip
+    trainer.fit(DigitsMLP(data))
+    assert audit.gradient_canaries.steps == trainer.strategy.privacy.engine.steps > 10
+    assert audit.result.delta == 1e-5
+
+
 def test_gradient_canaries_reach_the_private_step(data):
     # Little noise (σ = 0.2, ε in the hundreds): the canaries' footprint in the released gradients
     # is plain to see, which shows they are inserted where the engine releases.
