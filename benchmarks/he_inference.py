@@ -13,12 +13,21 @@ error of the decrypted logits against onnxruntime on the same ONNX file. The bas
 ``CKKSVector`` per sample, chains ``.mm`` (``im2col`` convolution for the CNNs, as in the tutorial),
 adds biases with ``+``, and ships all default Galois keys.
 
-Run: ``python benchmarks/he_inference.py`` (a few minutes on 2 cores).
+A second table has the sealed rows (``y = f(Enc(θ), x)``, weights encrypted under the owner's key):
+server time per sample with plaintext inputs and with owner-encrypted inputs, max error against
+onnxruntime, the sealed weights, the owner's public keys and the saved directory (what the host holds),
+and the upload per encrypted sample.
+
+Run: ``python benchmarks/he_inference.py`` (a few minutes on 2 cores); ``--sealed-only`` prints the
+sealed table alone.
 """
 
 from __future__ import annotations
 
+import argparse
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -160,6 +169,36 @@ def baseline(net: torch.nn.Module, x: np.ndarray, n: int) -> dict:
     }
 
 
+def sealed(net: torch.nn.Module, x: np.ndarray, n: int) -> dict:
+    """The sealed mode on the host: plaintext and owner-encrypted inputs, one sample per call."""
+    proto = he.export(net, torch.as_tensor(x[:1]))
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    reference = session.run(None, {"input": x[:n]})[0]
+    model = he.compile(proto, x)
+    owner = he.OwnerKeyring(model)
+    start = time.perf_counter()
+    sealed_model = model.seal(owner)
+    row = {"seal_s": time.perf_counter() - start, "errors": []}
+    with tempfile.TemporaryDirectory() as directory:
+        sealed_model.save(directory)
+        row["artifact"] = sum(f.stat().st_size for f in Path(directory).iterdir())
+    row["weights"], row["keys"] = sealed_model.weight_bytes, len(owner.public_context_bytes())
+    encrypted = [
+        he.EncryptedBatch.from_bytes(owner.encrypt(x[i : i + 1]).to_bytes(), owner.public_context) for i in range(n)
+    ]
+    row["upload"] = len(encrypted[0].to_bytes())
+    sealed_model.evaluate(x[:1])  # warm-up
+    for mode, inputs in (("plain", [x[i : i + 1] for i in range(n)]), ("encrypted", encrypted)):
+        outputs, start = [], time.perf_counter()
+        for sample in inputs:
+            outputs.append(sealed_model.evaluate(sample))
+        row[f"{mode}_ms"] = (time.perf_counter() - start) * 1e3 / n
+        logits = np.concatenate([owner.decrypt(out) for out in outputs])
+        row["errors"].append(np.abs(logits - reference).max())
+    row["error"] = max(row.pop("errors"))
+    return row
+
+
 def _linear_after_conv(net: TutorialCNN) -> np.ndarray:
     """fc1 after the optional average pool, as one (in, out) matrix on the packed conv channels."""
     side = net.conv_side
@@ -169,25 +208,43 @@ def _linear_after_conv(net: TutorialCNN) -> np.ndarray:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sealed-only", action="store_true", help="print the sealed table only")
+    args = parser.parse_args()
     torch.set_num_threads(1)
     models = build_models()
-    print(
-        "| model | N | depth | single ms | single ms, 2 procs | batch1024 ms/sample | batch4096 ms/sample | "
-        "ct KB/sample single | ct KB/sample batch | keys MB single | keys MB batch | max err | tutorial ms | "
-        "tutorial ct KB | tutorial keys MB | tutorial err | speedup single | keys ratio single |"
-    )
-    print("|" + "---|" * 18)
-    for name, (net, x) in models.items():
-        row = ours(net, x, SINGLE_SAMPLES[name])
-        base = baseline(net, x, BASELINE_SAMPLES)
+    if not args.sealed_only:
         print(
-            f"| ({name}) | {row['N']} | {row['depth']} | {row['single_ms']:.1f} | {row['single2_ms']:.1f} | "
-            f"{row['batch1024_ms']:.3f} | {row['batch4096_ms']:.3f} | {row['single_ct'] / 1e3:.0f} | "
-            f"{row['batch_ct'] / 1e3:.1f} | "
-            f"{row['single_keys'] / 1e6:.1f} | {row['batch_keys'] / 1e6:.1f} | {row['error']:.1e} | "
-            f"{base['single_ms']:.0f} | {base['single_ct'] / 1e3:.0f} | {base['keys'] / 1e6:.1f} | "
-            f"{base['error']:.1e} | "
-            f"{base['single_ms'] / row['single_ms']:.1f}x | {base['keys'] / row['single_keys']:.1f}x |",
+            "| model | N | depth | single ms | single ms, 2 procs | batch1024 ms/sample | batch4096 ms/sample | "
+            "ct KB/sample single | ct KB/sample batch | keys MB single | keys MB batch | max err | tutorial ms | "
+            "tutorial ct KB | tutorial keys MB | tutorial err | speedup single | keys ratio single |"
+        )
+        print("|" + "---|" * 18)
+        for name, (net, x) in models.items():
+            row = ours(net, x, SINGLE_SAMPLES[name])
+            base = baseline(net, x, BASELINE_SAMPLES)
+            print(
+                f"| ({name}) | {row['N']} | {row['depth']} | {row['single_ms']:.1f} | {row['single2_ms']:.1f} | "
+                f"{row['batch1024_ms']:.3f} | {row['batch4096_ms']:.3f} | {row['single_ct'] / 1e3:.0f} | "
+                f"{row['batch_ct'] / 1e3:.1f} | "
+                f"{row['single_keys'] / 1e6:.1f} | {row['batch_keys'] / 1e6:.1f} | {row['error']:.1e} | "
+                f"{base['single_ms']:.0f} | {base['single_ct'] / 1e3:.0f} | {base['keys'] / 1e6:.1f} | "
+                f"{base['error']:.1e} | "
+                f"{base['single_ms'] / row['single_ms']:.1f}x | {base['keys'] / row['single_keys']:.1f}x |",
+                flush=True,
+            )
+        print()
+    print(
+        "| sealed model | ms/sample, plain x | ms/sample, encrypted x | max err | sealed weights MB | "
+        "owner's public keys MB | saved directory MB | upload KB/encrypted sample | seal s |"
+    )
+    print("|" + "---|" * 9)
+    for name, (net, x) in models.items():
+        row = sealed(net, x, SINGLE_SAMPLES[name])
+        print(
+            f"| ({name}) | {row['plain_ms']:.1f} | {row['encrypted_ms']:.1f} | {row['error']:.1e} | "
+            f"{row['weights'] / 1e6:.1f} | {row['keys'] / 1e6:.1f} | {row['artifact'] / 1e6:.1f} | "
+            f"{row['upload'] / 1e3:.0f} | {row['seal_s']:.1f} |",
             flush=True,
         )
 

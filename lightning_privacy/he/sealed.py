@@ -39,6 +39,7 @@ FORMAT = "lightning-privacy-ckks-sealed"
 VERSION = 1
 MODEL_FILE, CONTEXT_FILE, WEIGHTS_FILE = "sealed.json", "context.bin", "weights.bin"
 WEIGHTS_MAGIC = b"LPHE-SEALED1"
+PLAIN_MAGIC = b"LPHE-PLAIN1"
 
 
 class SealedModel:
@@ -97,6 +98,11 @@ class SealedModel:
         loaded = wire.load_objects(list(self._blobs.values()), seal.Ciphertext, context.context, "weight ciphertext")
         self._weights = dict(zip(self._blobs, loaded, strict=True))
         self._kernel = SealedKernel(context.arithmetic, context.galois_keys, params.slots, self._stored)
+
+    @staticmethod
+    def is_saved_in(directory: str | os.PathLike) -> bool:
+        """Whether ``directory`` holds a sealed model (its ``sealed.json``), not a compiled one."""
+        return os.path.isfile(os.path.join(directory, MODEL_FILE))
 
     @property
     def key_id(self) -> str:
@@ -268,6 +274,33 @@ class SealedModel:
             f"SealedModel(input_shape={self.input_shape}, output_dim={self.output_dim}, "
             f"N={self.params.poly_modulus_degree}, layers={len(self.layers)}, key_id={self.key_id[:12]})"
         )
+
+
+def pack_plain_inputs(x: np.ndarray) -> bytes:
+    """Plaintext inputs for a sealed model's host, as bytes (from the owner's front end)."""
+    x = np.ascontiguousarray(x, dtype="<f8")
+    return wire.pack_sections(PLAIN_MAGIC, {"shape": list(x.shape)}, [x.tobytes()])
+
+
+def unpack_plain_inputs(data: bytes) -> np.ndarray:
+    """The inverse of :func:`pack_plain_inputs`.
+
+    Raises:
+        EncryptionInputError: garbage, or a shape that does not match the bytes.
+    """
+    header, sections = wire.unpack_sections(PLAIN_MAGIC, data, "plaintext input")
+    shape = header.get("shape")
+    if (
+        len(sections) != 1
+        or not isinstance(shape, list)
+        or not shape
+        or not all(isinstance(d, int) and d > 0 for d in shape)
+        or int(np.prod(shape)) * 8 != len(sections[0])
+    ):
+        raise EncryptionInputError(
+            f"corrupted plaintext input (shape {shape!r}, {len(sections[0]) if sections else 0} bytes)"
+        )
+    return np.frombuffer(sections[0], dtype="<f8").reshape(shape)
 
 
 def _sha256(data: bytes) -> str:

@@ -32,7 +32,7 @@ from lightning_privacy.he import wire
 from lightning_privacy.he.context import CONTEXT_MAGIC, PUBLIC_SECTIONS
 from lightning_privacy.he.graph import Affine, Polynomial
 from lightning_privacy.he.packing import SEALED
-from lightning_privacy.he.sealed import CONTEXT_FILE, MODEL_FILE, WEIGHTS_FILE
+from lightning_privacy.he.sealed import CONTEXT_FILE, MODEL_FILE, WEIGHTS_FILE, pack_plain_inputs, unpack_plain_inputs
 from tests.he.helpers import assert_parity, digits, onnx_of, ort_run
 
 N_PARITY = 24
@@ -267,3 +267,11 @@ def test_all_zero_plaintext_input_is_the_bias_path(mlp):
 def test_artifact_and_key_sizes(saved):
     sizes = {name: os.path.getsize(saved / name) for name in os.listdir(saved)}
     assert sum(sizes.values()) <= 50e6, sizes
+
+
+def test_plain_inputs_travel_as_bytes_and_garbage_is_refused():
+    x = digits(3).astype(np.float64)
+    np.testing.assert_array_equal(unpack_plain_inputs(pack_plain_inputs(x)), x)
+    for garbage in (b"", b"LPHE-PLAIN1" + b"\x00" * 8, pack_plain_inputs(x)[:-8]):
+        with pytest.raises(EncryptionInputError):
+            unpack_plain_inputs(garbage)
