@@ -360,8 +360,8 @@ def seal_model(graph: LayerGraph, params: CKKSParams, owner: OwnerKeyring) -> Se
         source,
     )
     arith, top = kernel.arith, context.context.first_parms_id()
-    probe = layers[0].columns(params.slots).inputs(np.ones((1, layers[0].in_dim)))[0]
-    run(layers, graph.output_name, [arith.encode(v, top, params.scale) for v in probe], kernel)
+    probe = [arith.encode(np.ones(params.slots), top, params.scale)] * layers[0].columns(params.slots).chunks
+    run(layers, graph.output_name, probe, kernel)
     return SealedModel(
         layers,
         params,

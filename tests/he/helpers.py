@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import zipfile
+
 import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from onnx import numpy_helper
 from sklearn.datasets import load_digits
 
 import lightning_privacy.he as he
+from lightning_privacy.he.graph import Affine, Polynomial
 
 
 def digits(n: int | None = None, image: bool = False) -> np.ndarray:
@@ -43,3 +48,55 @@ def assert_parity(actual: np.ndarray, expected: np.ndarray, atol: float = 1e-3) 
     if expected.shape[1] > 1:
         agreement = float(np.mean(actual.argmax(axis=1) == expected.argmax(axis=1)))
         assert agreement >= 0.999, f"argmax agreement {agreement:.4f}"
+
+
+def weight_patterns(proto: onnx.ModelProto, compiled: he.CompiledModel) -> dict[str, list[bytes]]:
+    """Byte patterns of every weight, by where a plaintext copy would hold them: each nonzero value as
+    float64 and every two consecutive values as float32 (4 bytes alone would match random ciphertext
+    bytes by chance), of the ONNX initializers (float32) and of the compiled, fused layers (float64),
+    in both orders."""
+    arrays = {"onnx": [numpy_helper.to_array(t) for t in proto.graph.initializer], "compiled": []}
+    for layer in compiled.graph.layers:
+        if isinstance(layer, Affine):
+            arrays["compiled"] += [layer.weight, layer.weight.T, layer.bias]
+        elif isinstance(layer, Polynomial):
+            arrays["compiled"].append(np.asarray(layer.coefficients))
+    patterns = {}
+    for source, group in arrays.items():
+        for dtype in (np.float64, np.float32):
+            found = set()
+            for array in group:
+                flat = np.ascontiguousarray(np.asarray(array, dtype=dtype).reshape(-1))
+                width = 1 if dtype == np.float64 else 2
+                found.update(
+                    flat[i : i + width].tobytes()
+                    for i in range(len(flat) - width + 1)
+                    if np.count_nonzero(flat[i : i + width]) and not np.all(np.abs(flat[i : i + width]) == 1.0)
+                )
+            patterns[f"{source} {np.dtype(dtype).name}"] = sorted(found)
+    return patterns
+
+
+def found_patterns(directory, patterns: list[bytes]) -> list[tuple[str, int]]:
+    """(file name, pattern index) of every 8-byte pattern found at any offset of a file under
+    ``directory`` (zip members unpacked)."""
+    assert all(len(p) == 8 for p in patterns)
+    wanted = np.frombuffer(b"".join(patterns), dtype="<u8")
+    order = np.argsort(wanted)
+    ranked = wanted[order]
+    hits = []
+    for root, _, files in os.walk(directory):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                data = f.read()
+            if zipfile.is_zipfile(path):
+                with zipfile.ZipFile(path) as archive:
+                    data += b"".join(archive.read(member) for member in archive.namelist())
+            present = np.zeros(len(wanted), dtype=bool)
+            for offset in range(8):
+                words = np.frombuffer(data, dtype="<u8", count=(len(data) - offset) // 8, offset=offset)
+                at = np.minimum(np.searchsorted(ranked, words), len(ranked) - 1)
+                present[order[at[ranked[at] == words]]] = True
+            hits += [(name, int(i)) for i in np.flatnonzero(present)]
+    return hits

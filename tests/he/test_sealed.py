@@ -18,7 +18,6 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from onnx import numpy_helper
 
 import lightning_privacy.he as he
 from lightning_privacy.errors import (
@@ -30,10 +29,9 @@ from lightning_privacy.errors import (
 )
 from lightning_privacy.he import wire
 from lightning_privacy.he.context import CONTEXT_MAGIC, PUBLIC_SECTIONS
-from lightning_privacy.he.graph import Affine, Polynomial
 from lightning_privacy.he.packing import SEALED
 from lightning_privacy.he.sealed import CONTEXT_FILE, MODEL_FILE, WEIGHTS_FILE, pack_plain_inputs, unpack_plain_inputs
-from tests.he.helpers import assert_parity, digits, onnx_of, ort_run
+from tests.he.helpers import assert_parity, digits, found_patterns, onnx_of, ort_run, weight_patterns
 
 N_PARITY = 24
 
@@ -114,72 +112,20 @@ def test_same_depth_and_parameters_as_the_compiled_model(mlp, cnn):
         assert chain == compiled.params.depth - compiled.depth
 
 
-def _weight_patterns(proto: onnx.ModelProto, compiled: he.CompiledModel) -> dict[str, list[bytes]]:
-    """Byte patterns of every weight, by where a plaintext copy would hold them: each nonzero value as
-    float64 and every two consecutive values as float32 (4 bytes alone would match random ciphertext
-    bytes by chance), of the ONNX initializers (float32) and of the compiled, fused layers (float64),
-    in both orders."""
-    arrays = {"onnx": [numpy_helper.to_array(t) for t in proto.graph.initializer], "compiled": []}
-    for layer in compiled.graph.layers:
-        if isinstance(layer, Affine):
-            arrays["compiled"] += [layer.weight, layer.weight.T, layer.bias]
-        elif isinstance(layer, Polynomial):
-            arrays["compiled"].append(np.asarray(layer.coefficients))
-    patterns = {}
-    for source, group in arrays.items():
-        for dtype in (np.float64, np.float32):
-            found = set()
-            for array in group:
-                flat = np.ascontiguousarray(np.asarray(array, dtype=dtype).reshape(-1))
-                width = 1 if dtype == np.float64 else 2
-                found.update(
-                    flat[i : i + width].tobytes()
-                    for i in range(len(flat) - width + 1)
-                    if np.count_nonzero(flat[i : i + width]) and not np.all(np.abs(flat[i : i + width]) == 1.0)
-                )
-            patterns[f"{source} {np.dtype(dtype).name}"] = sorted(found)
-    return patterns
-
-
-def _found(directory, patterns: list[bytes]) -> list[tuple[str, int]]:
-    """(file name, pattern index) of every 8-byte pattern found at any offset of a file under
-    ``directory`` (zip members unpacked)."""
-    assert all(len(p) == 8 for p in patterns)
-    wanted = np.frombuffer(b"".join(patterns), dtype="<u8")
-    order = np.argsort(wanted)
-    ranked = wanted[order]
-    hits = []
-    for root, _, files in os.walk(directory):
-        for name in files:
-            path = os.path.join(root, name)
-            with open(path, "rb") as f:
-                data = f.read()
-            if zipfile.is_zipfile(path):
-                with zipfile.ZipFile(path) as archive:
-                    data += b"".join(archive.read(member) for member in archive.namelist())
-            present = np.zeros(len(wanted), dtype=bool)
-            for offset in range(8):
-                words = np.frombuffer(data, dtype="<u8", count=(len(data) - offset) // 8, offset=offset)
-                at = np.minimum(np.searchsorted(ranked, words), len(ranked) - 1)
-                present[order[at[ranked[at] == words]]] = True
-            hits += [(name, int(i)) for i in np.flatnonzero(present)]
-    return hits
-
-
 def test_no_plaintext_weight_in_the_saved_directory(mlp, relu_mlp, tmp_path):
     for proto, compiled, _, sealed in (mlp, relu_mlp):
-        patterns = _weight_patterns(proto, compiled)
+        patterns = weight_patterns(proto, compiled)
         plain_dir, sealed_dir = tmp_path / f"plain{id(sealed)}", tmp_path / f"sealed{id(sealed)}"
         compiled.save(plain_dir)
         onnx.save(proto, plain_dir / "model.onnx")
         # The search finds the weights where a plaintext copy holds them: ONNX float32, compiled float64
         # (all but a few compiled values that model.json holds as text).
         for group in ("onnx float32", "compiled float64"):
-            assert len({i for _, i in _found(plain_dir, patterns[group])}) >= 0.99 * len(patterns[group]), group
+            assert len({i for _, i in found_patterns(plain_dir, patterns[group])}) >= 0.99 * len(patterns[group]), group
         sealed.save(sealed_dir)
         assert sorted(os.listdir(sealed_dir)) == sorted([MODEL_FILE, CONTEXT_FILE, WEIGHTS_FILE])
         for group, group_patterns in patterns.items():
-            assert len(group_patterns) > 20 and _found(sealed_dir, group_patterns) == [], group
+            assert len(group_patterns) > 20 and found_patterns(sealed_dir, group_patterns) == [], group
         npz = (plain_dir / "weights.npz").read_bytes()
         for name in os.listdir(sealed_dir):
             assert not zipfile.is_zipfile(sealed_dir / name)

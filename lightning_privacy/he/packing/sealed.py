@@ -52,8 +52,8 @@ class ColumnPlan:
 
     @property
     def chunks(self) -> int:
-        """Ciphertexts per sample (and per weight matrix)."""
-        return max(1, self.in_period * self.out_period // self.slots)
+        """Ciphertexts per sample (and per weight matrix); chunks holding padding columns only are left out."""
+        return math.ceil(self.in_dim / self.blocks)
 
     @property
     def blocks(self) -> int:
@@ -67,7 +67,7 @@ class ColumnPlan:
     def _chunked(self, full: np.ndarray) -> list[np.ndarray]:
         if len(full) < self.slots:
             return [np.tile(full, self.slots // len(full))]
-        return list(full.reshape(self.chunks, self.slots))
+        return list(full.reshape(-1, self.slots)[: self.chunks])
 
     def weights(self, weight: np.ndarray) -> list[np.ndarray]:
         """``weight`` (out_dim, in_dim) -> ``chunks`` slot vectors."""
