@@ -5,6 +5,7 @@ the stated σ."""
 
 from __future__ import annotations
 
+import dp_accounting
 import numpy as np
 import torch
 from sklearn.datasets import load_digits
@@ -64,3 +65,10 @@ def train_with_gradient_canaries(
 
 def as_numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().numpy()
+
+
+def claimed_epsilon(sigma: float, sample_rate: float, steps: int, delta: float) -> float:
+    """ε that DP-SGD at (σ, q, steps) claims, from dp-accounting's PLD accountant (independent of ours)."""
+    accountant = dp_accounting.pld.PLDAccountant()
+    accountant.compose(dp_accounting.PoissonSampledDpEvent(sample_rate, dp_accounting.GaussianDpEvent(sigma)), steps)
+    return float(accountant.get_epsilon(delta))

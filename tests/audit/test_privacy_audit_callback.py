@@ -12,15 +12,15 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_privacy.callbacks import DifferentialPrivacy
 from lightning_privacy.callbacks.privacy_audit import PrivacyAudit
 from lightning_privacy.errors import AuditConfigError
-from tests.audit.dpsgd import digits
+from tests.audit.dpsgd import claimed_epsilon, digits
 
 
 class DigitsMLP(pl.LightningModule):
     """A plain LightningModule: nothing in it knows about privacy or canaries."""
 
-    def __init__(self, dataset: TensorDataset, batch_size: int = 180, lr: float = 0.5) -> None:
+    def __init__(self, dataset: TensorDataset, batch_size: int = 180, lr: float = 0.5, hidden: int = 32) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+        self.net = nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10))
         self.dataset, self.batch_size, self.lr = dataset, batch_size, lr
 
     def forward(self, x):
@@ -37,9 +37,9 @@ class DigitsMLP(pl.LightningModule):
         return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=True)
 
 
-def _fit(callbacks, dataset, epochs=10, seed=0, mlflow_run=False):
+def _fit(callbacks, dataset, epochs=10, seed=0, mlflow_run=False, hidden=32):
     pl.seed_everything(seed, verbose=False)
-    model = DigitsMLP(dataset)
+    model = DigitsMLP(dataset, hidden=hidden)
     trainer = pl.Trainer(
         accelerator="cpu", max_epochs=epochs, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
@@ -82,6 +82,26 @@ def test_gradient_canaries_with_the_dp_strategy(data):
     trainer.fit(DigitsMLP(data))
     assert audit.gradient_canaries.steps == trainer.strategy.privacy.engine.steps > 10
     assert audit.result.delta == 1e-5
+
+
+class TenfoldLessNoise(pl.Callback):
+    """A bug, in a test only: the private optimizer adds a tenth of the noise the run claims."""
+
+    def on_train_start(self, trainer, pl_module):
+        for optimizer in trainer.strategy.optimizers:
+            optimizer.noise_multiplier /= 10
+
+
+def test_tenfold_less_noise_through_the_engine_is_caught(data):
+    # σ = 3, q = 0.1, ~90 steps: the run claims ε ≈ 1.3 at δ = 1e-5, but adds noise for σ = 0.3.
+    dp = DifferentialPrivacy(noise_multiplier=3.0, delta=1e-5, max_grad_norm=1.0, accountant="rdp")
+    audit = PrivacyAudit(canaries=1000, kind="gradient")
+    # A wider layer (19210 parameters): each canary coordinate carries less of the real gradient.
+    _fit([dp, TenfoldLessNoise(), audit], data, hidden=256)
+    plan = dp.engine.plan
+    claimed = claimed_epsilon(plan.noise_multiplier, plan.sample_rate, dp.engine.steps, 1e-5)
+    print(f"broken engine run: bound {audit.result.epsilon_lower_bound:.3f} > claimed {claimed:.3f} ({audit.result})")
+    assert audit.result.epsilon_lower_bound > claimed
 
 
 def test_gradient_canaries_reach_the_private_step(data):
