@@ -8,13 +8,14 @@ decrypts. The owner keeps the keyring in its own process (its front end), as a c
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
 import tenseal.sealapi as seal
 
-from lightning_privacy.errors import EncryptionInputError
+from lightning_privacy.errors import EncryptionInputError, ModelMismatchError
 from lightning_privacy.he import wire
 from lightning_privacy.he.ciphertexts import EncryptedBatch
 from lightning_privacy.he.context import (
@@ -28,6 +29,8 @@ from lightning_privacy.he.graph import LayerGraph
 from lightning_privacy.he.packing import SEALED, single
 from lightning_privacy.he.packing.sealed import SealedLayer, sealed_layers
 from lightning_privacy.he.params import CKKSParams
+
+KEY_MAGIC = b"LPHE-OWNERKEY1"
 
 
 class OwnerSpec(Protocol):
@@ -55,6 +58,13 @@ class OwnerKeyring:
 
     Args:
         compiled: the :class:`CompiledModel` to seal (its graph fixes the Galois key steps).
+        key_file: a file written by :meth:`save`: the same keys again (after a restart);
+            default: new keys.
+
+    Raises:
+        CompilationError: the model does not start with one linear layer reading the input.
+        ModelMismatchError: ``key_file`` holds keys made for another model.
+        EncryptionInputError: ``key_file`` is not an owner key file.
 
     Example::
 
@@ -65,33 +75,60 @@ class OwnerKeyring:
         logits = owner.decrypt(out)                # only the owner can
     """
 
-    def __init__(self, compiled: OwnerSpec) -> None:
+    def __init__(self, compiled: OwnerSpec, *, key_file: str | os.PathLike | None = None) -> None:
         self.params = compiled.params
         self.input_shape = tuple(compiled.input_shape)
         self.output_dim = compiled.output_dim
         self._compiled = compiled
         self.layers = sealed_layers(compiled.graph, self.params.slots)
         self.rotation_steps = sealed_rotation_steps(self.layers)
-
-        parms = seal_parameters(self.params)
-        self._context = seal_context(parms)
-        generator = seal.KeyGenerator(self._context)
-        self._secret_key = generator.secret_key()
-        public_key = seal.PublicKey()
-        generator.create_public_key(public_key)
+        self._context = seal_context(seal_parameters(self.params))
+        if key_file is None:
+            self._secret_key, self._public_bytes = self._generate()
+        else:
+            self._secret_key, self._public_bytes = self._read(key_file)
         # Symmetric encryption: SEAL saves each ciphertext with one polynomial replaced by a seed,
         # halving the sealed weights and every encrypted input.
         self._encryptor = seal.Encryptor(self._context, self._secret_key)
         self._decryptor = seal.Decryptor(self._context, self._secret_key)
         self._encoder = seal.CKKSEncoder(self._context)
+        self.public_context = PublicContext.from_bytes(self._public_bytes)
+        if self.public_context.params != self.params or self.public_context.rotation_steps != self.rotation_steps:
+            raise ModelMismatchError(f"{key_file}: the owner's keys were made for another model")
+
+    def _generate(self) -> tuple[seal.SecretKey, bytes]:
+        generator = seal.KeyGenerator(self._context)
+        public_key = seal.PublicKey()
+        generator.create_public_key(public_key)
         steps = self.rotation_steps
-        elements = galois_elements(steps, self.params.poly_modulus_degree)
-        galois = generator.create_galois_keys(elements) if steps else None
+        galois = (
+            generator.create_galois_keys(galois_elements(steps, self.params.poly_modulus_degree)) if steps else None
+        )
+        parms = seal_parameters(self.params)
         blobs = wire.save_objects([parms, public_key, generator.create_relin_keys()] + ([galois] if galois else []))
         if galois is None:
             blobs.append(b"")
-        self._public_bytes = pack_public_context(SEALED, self.params, steps, blobs)
-        self.public_context = PublicContext.from_bytes(self._public_bytes)
+        return generator.secret_key(), pack_public_context(SEALED, self.params, steps, blobs)
+
+    def _read(self, path: str | os.PathLike) -> tuple[seal.SecretKey, bytes]:
+        with open(path, "rb") as f:
+            _, sections = wire.unpack_sections(KEY_MAGIC, f.read(), "owner key file")
+        if len(sections) != 2:
+            raise EncryptionInputError(f"{path}: corrupted owner key file")
+        (secret,) = wire.load_objects([sections[1]], seal.SecretKey, self._context, "secret key")
+        return secret, sections[0]
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the keys, the secret key included, to ``path`` (mode 0600).
+
+        ``OwnerKeyring(compiled, key_file=path)`` reads them back. The owner keeps this file; it
+        never goes to the host or the artifact store.
+        """
+        (secret,) = wire.save_objects([self._secret_key])
+        data = wire.pack_sections(KEY_MAGIC, {"key_id": self.key_id}, [self._public_bytes, secret])
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "wb") as f:
+            f.write(data)
 
     @property
     def key_id(self) -> str:

@@ -221,3 +221,15 @@ def test_plain_inputs_travel_as_bytes_and_garbage_is_refused():
     for garbage in (b"", b"LPHE-PLAIN1" + b"\x00" * 8, pack_plain_inputs(x)[:-8]):
         with pytest.raises(EncryptionInputError):
             unpack_plain_inputs(garbage)
+
+
+def test_owner_keys_survive_a_restart(mlp, cnn, tmp_path):
+    proto, compiled, owner, sealed = mlp
+    owner.save(tmp_path / "owner.key")
+    assert os.stat(tmp_path / "owner.key").st_mode & 0o077 == 0
+    again = he.OwnerKeyring(compiled, key_file=tmp_path / "owner.key")
+    assert again.key_id == owner.key_id
+    x = digits(3)
+    assert_parity(again.decrypt(sealed.evaluate(again.encrypt(x))), ort_run(proto, x))
+    with pytest.raises(ModelMismatchError):
+        he.OwnerKeyring(cnn[1], key_file=tmp_path / "owner.key")
