@@ -127,6 +127,10 @@ class EncryptedRequestError(LightningPrivacyError, ValueError):
         super().__init__(message)
         self.code = code
 
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        # Pickled as (code, message): requests evaluated in a pool process raise it back here.
+        return type(self), (self.code, str(self))
+
 
 class ServingConfigError(LightningPrivacyError, ValueError):
     """A serving setting is invalid: a context-cache limit in the environment, a client argument."""
@@ -153,3 +157,16 @@ class AuditConfigError(LightningPrivacyError, ValueError):
 
 class QueryBudgetExhaustedError(LightningPrivacyError, RuntimeError):
     """A client has used up the query budget a model-extraction defence allows it."""
+
+
+# --------------------------------------------------------------------------- the Keras face (keras)
+
+
+class KerasBackendError(LightningPrivacyError, ImportError):
+    """Keras runs on a backend other than torch (or is not installed); the message says how to set
+    ``KERAS_BACKEND``."""
+
+
+class KerasPerSampleError(PrivacyConfigError):
+    """A Keras model cannot get exact per-sample gradients: a layer draws randomness or mixes
+    examples in training (Dropout, BatchNormalization), or a call has no batch dimension."""

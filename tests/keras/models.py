@@ -1,0 +1,95 @@
+"""Small Keras models covering the layer kinds of issue 12, and an explicit per-sample reference."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["KERAS_BACKEND"] = "torch"
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+
+class Scale(keras.layers.Layer):
+    """A custom layer with weights of its own: ``x * w + b``, elementwise."""
+
+    def build(self, input_shape):
+        self.w = self.add_weight(shape=(input_shape[-1],), initializer="random_normal", name="w")
+        self.b = self.add_weight(shape=(input_shape[-1],), initializer="random_normal", name="b")
+
+    def call(self, x):
+        return x * self.w + self.b
+
+
+def build(kind: str, seed: int = 0) -> tuple[keras.Model, np.ndarray, np.ndarray]:
+    """A model of ``kind`` and 12 examples ``(x, y)`` for it (3 classes, logits out)."""
+    keras.utils.set_random_seed(seed)
+    rng = np.random.default_rng(seed)
+    n = 12
+    if kind == "dense":
+        layers = [keras.Input((6,)), keras.layers.Dense(8, activation="tanh"), keras.layers.Dense(3)]
+        x = rng.normal(size=(n, 6)).astype("float32")
+    elif kind == "conv":
+        layers = [
+            keras.Input((6, 6, 2)),
+            keras.layers.Conv2D(3, 3, activation="relu"),
+            keras.layers.AveragePooling2D(2),
+            keras.layers.Flatten(),
+            keras.layers.Dense(3),
+        ]
+        x = rng.normal(size=(n, 6, 6, 2)).astype("float32")
+    elif kind == "conv1d":
+        layers = [keras.Input((7, 2)), keras.layers.Conv1D(4, 3), keras.layers.Flatten(), keras.layers.Dense(3)]
+        x = rng.normal(size=(n, 7, 2)).astype("float32")
+    elif kind == "embedding":
+        layers = [
+            keras.Input((5,), dtype="int32"),
+            keras.layers.Embedding(11, 4),
+            keras.layers.GlobalAveragePooling1D(),
+            keras.layers.Dense(3),
+        ]
+        x = rng.integers(0, 11, size=(n, 5)).astype("int32")
+    elif kind == "layernorm":
+        layers = [
+            keras.Input((6,)),
+            keras.layers.Dense(8),
+            keras.layers.LayerNormalization(),
+            keras.layers.Dense(3),
+        ]
+        x = rng.normal(size=(n, 6)).astype("float32")
+    elif kind == "custom":
+        layers = [keras.Input((6,)), Scale(), keras.layers.Dense(3)]
+        x = rng.normal(size=(n, 6)).astype("float32")
+    else:
+        raise ValueError(kind)
+    y = rng.integers(0, 3, size=n)
+    return keras.Sequential(layers), x, y
+
+
+KINDS = ("dense", "conv", "conv1d", "embedding", "layernorm", "custom")
+
+
+def reference_clipped_mean(
+    model: keras.Model, x: np.ndarray, y: np.ndarray, max_grad_norm: float, expected_batch: float
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Each example's gradient by its own backward pass (Keras' ordinary call), clipped flat to C,
+    summed and divided by the expected batch size; also the per-example gradient norms."""
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    params = [v.value for v in model.trainable_variables]
+    total = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+    norms = []
+    for i in range(len(x)):
+        for p in params:
+            p.grad = None
+        loss = loss_fn(torch.as_tensor(y[i : i + 1]), model(torch.as_tensor(x[i : i + 1]), training=True))
+        loss.backward()
+        grads = [p.grad.double() for p in params]
+        norm = torch.sqrt(sum(g.square().sum() for g in grads))
+        norms.append(norm)
+        factor = min(1.0, max_grad_norm / (float(norm) + 1e-6))
+        for t, g in zip(total, grads, strict=True):
+            t += factor * g
+    for p in params:
+        p.grad = None
+    return [t / expected_batch for t in total], torch.stack(norms)
