@@ -1,9 +1,11 @@
-"""``torch.nn.Module`` -> ONNX, with the settings the importer expects."""
+"""``torch.nn.Module`` -> ONNX, with the settings the importer expects; a Keras 3 model through
+its own ``model.export(path, format="onnx")`` (duck-typed: no Keras import here)."""
 
 from __future__ import annotations
 
 import io
 import os
+import tempfile
 import warnings
 
 import onnx
@@ -28,11 +30,20 @@ def export(
         example_input: one batch ``(n, *input_shape)``; only its per-sample shape matters.
         path: where to also write the ``.onnx`` file.
 
+    A Keras 3 model (torch backend; it is an ``nn.Module`` with an ``export`` method) is exported
+    by Keras itself, ``model.export(path, format="onnx")``, after one call on ``example_input``
+    (Keras exports only models that have been called).
+
     Example::
 
         proto = export(model, torch.zeros(1, 64))
         graph = import_onnx(proto)
     """
+    if callable(getattr(module, "export", None)):
+        proto = _export_keras(module, example_input)
+        if path is not None:
+            onnx.save(proto, os.fspath(path))
+        return proto
     was_training = module.training
     module.eval()
     buffer = io.BytesIO()
@@ -60,3 +71,13 @@ def export(
     if path is not None:
         onnx.save(proto, os.fspath(path))
     return proto
+
+
+def _export_keras(model: torch.nn.Module, example_input: torch.Tensor) -> onnx.ModelProto:
+    """A Keras model through Keras' own ONNX export (batch axis dynamic, weights as initializers)."""
+    with torch.no_grad():
+        model(example_input)
+    with tempfile.TemporaryDirectory() as tmp:
+        file = os.path.join(tmp, "model.onnx")
+        model.export(file, format="onnx", verbose=False)
+        return onnx.load(file)

@@ -17,6 +17,7 @@ SUPPORTED_OPS: dict[str, Lowering] = {
     "Add": elementwise.add,
     "AveragePool": affine,
     "BatchNormalization": linear.batch_normalization,
+    "Cast": shapes.cast,
     "Conv": linear.conv,
     "Div": linear.div,
     "Dropout": shapes.dropout,

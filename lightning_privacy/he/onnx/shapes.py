@@ -1,5 +1,5 @@
-"""Lowerings that only rename or reshape values: Identity, Dropout (inference), Flatten, Reshape,
-and Shape (a constant that feeds Reshape targets)."""
+"""Lowerings that only rename or reshape values: Identity, Cast (between float types), Dropout
+(inference), Flatten, Reshape, and Shape (a constant that feeds Reshape targets)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,18 @@ from lightning_privacy.he.onnx.base import ImportState, attr, single_encrypted
 def identity(node: onnx.NodeProto, state: ImportState) -> None:
     """Identity: a new name for the same value."""
     state.alias(node.output[0], state.resolve(node.input[0]), state.shapes[node.input[0]])
+
+
+#: ONNX float element types: a Cast between them is the identity on CKKS values (real numbers).
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+
+
+def cast(node: onnx.NodeProto, state: ImportState) -> None:
+    """Cast of an encrypted value to a float type (Keras' exports cast float32 to float32)."""
+    single_encrypted(node, state)
+    if attr(node, "to", None) not in _FLOAT_TYPES:
+        raise LoweringError(f"cast to {onnx.TensorProto.DataType.Name(attr(node, 'to', 0))}; only float types")
+    identity(node, state)
 
 
 def dropout(node: onnx.NodeProto, state: ImportState) -> None:
