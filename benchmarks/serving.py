@@ -47,9 +47,11 @@ from lightning_privacy import he
 from lightning_privacy.he.parallel import available_workers
 from lightning_privacy.mlflow_plugins import EncryptedClient, ScoringServer, ckks, protocol
 from lightning_privacy.mlflow_plugins.context_spill import SPILL_DIR_ENV
+from lightning_privacy.mlflow_plugins.evaluation_pool import PROCESSES_ENV
 from lightning_privacy.mlflow_plugins.protocol import EncryptedRequest, ErrorCode
 
 CONCURRENCY = (1, 2, 4, 8, 16)
+TIMEOUT_ENV = "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"
 MIB = 2**20
 
 
@@ -97,7 +99,10 @@ class PreparedRequest:
             if response.status_code == 200:
                 (result,) = protocol.decode_response(response.json())
                 return result, unknown
-            if response.json().get(protocol.ERROR_CODE_FIELD) != ErrorCode.UNKNOWN_KEY_ID:
+            if (
+                response.status_code != 400
+                or response.json().get(protocol.ERROR_CODE_FIELD) != ErrorCode.UNKNOWN_KEY_ID
+            ):
                 raise RuntimeError(f"The server answered {response.status_code}: {response.text[:500]}")
             unknown += 1
         raise RuntimeError("The server answered UNKNOWN_KEY_ID to a request that carried the context.")
@@ -178,14 +183,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=512, help="samples per batch-layout request")
     parser.add_argument(
-        "--workers", default=f"1,{available_workers()}", help="comma-separated server worker counts to compare"
+        "--configs",
+        default=f"1x1,{available_workers()}x1,1x{available_workers()}",
+        help="comma-separated server setups WxP to compare: W uvicorn workers (--workers), P evaluation processes "
+        "each (LIGHTNING_PRIVACY_EVALUATION_PROCESSES); 1x1 is the server before evaluation pools",
     )
     parser.add_argument("--rounds", type=int, default=2, help="requests per client thread (bounded loop)")
     parser.add_argument("--min-requests", type=int, default=8, help="fewest requests per point (for p95)")
     parser.add_argument("--distinct-keys", type=int, default=0, help="clients with their own key (last server)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    worker_counts = [int(w) for w in args.workers.split(",")]
+    configs = [tuple(int(n) for n in c.split("x")) for c in args.configs.split(",")]
 
     x, y = load_digits(return_X_y=True)
     x = (x / 16.0).astype(np.float32)
@@ -204,33 +212,37 @@ def main() -> None:
             info = ckks.log_model(compiled, name="model", registered_model_name="bench-ckks")
         uri = f"models:/bench-ckks/{info.registered_model_version}"
 
-        for w, workers in enumerate(worker_counts):
-            spill_dir = Path(tmp) / f"spill-{workers}"
-            env = {SPILL_DIR_ENV: str(spill_dir)}
-            log = Path(tmp) / f"server-{workers}.log"
+        for w, (workers, processes) in enumerate(configs):
+            setup = f"{workers}x{processes}"
+            spill_dir = Path(tmp) / f"spill-{setup}"
+            # MLflow answers 504 after 60 s, counted from arrival: c16 batch requests queue longer on a busy machine.
+            env = {SPILL_DIR_ENV: str(spill_dir), PROCESSES_ENV: str(processes), TIMEOUT_ENV: "600"}
+            log = Path(tmp) / f"server-{setup}.log"
             with ScoringServer(uri, workers=workers, env=env, log_path=log) as server:
                 url = f"{server.url}/invocations"
                 for layout, per_request in (("single", 1), ("batch", args.batch_size)):
                     request = PreparedRequest(compiled, layout, x[:per_request])
                     with requests.Session() as session:
                         request.post(session, url)  # the one upload of this key
+                    # Untimed: every worker and pool process starts and loads the model (~5 s).
+                    throughput(request, url, 2 * workers * processes, 2 * workers * processes)
                     for concurrency in CONCURRENCY:
                         n = max(concurrency * args.rounds, args.min_requests)
-                        rows.append(
-                            (workers, layout, per_request, concurrency, n, throughput(request, url, concurrency, n))
-                        )
+                        stats = throughput(request, url, concurrency, n)
+                        rows.append((setup, layout, per_request, concurrency, n, stats))
+                        print(f"{setup} {layout} c{concurrency}: {stats}", flush=True)
                     if w == 0:
                         end_to_end.append(
                             (layout, per_request, *_end_to_end(compiled, server.url, layout, x[:per_request]))
                         )
-                if args.distinct_keys and w == len(worker_counts) - 1:
+                if args.distinct_keys and w == len(configs) - 1:
                     memory = distinct_keys(server, compiled, x[:1], args.distinct_keys, spill_dir)
     load_after = os.getloadavg()
 
     _print_throughput(rows, compiled, load_before, load_after)
-    _print_end_to_end(end_to_end, worker_counts[0])
+    _print_end_to_end(end_to_end, "x".join(map(str, configs[0])))
     if memory:
-        _print_memory(memory, worker_counts[-1])
+        _print_memory(memory, "x".join(map(str, configs[-1])))
 
 
 def _end_to_end(compiled: he.CompiledModel, url: str, layout: str, x: np.ndarray) -> tuple[float, float, float, float]:
@@ -249,7 +261,7 @@ def _end_to_end(compiled: he.CompiledModel, url: str, layout: str, x: np.ndarray
 
 def _print_throughput(rows: list, compiled: he.CompiledModel, load_before: tuple, load_after: tuple) -> None:
     header = (
-        f"{'workers':>7} {'layout':<6} {'n/req':>5} {'conc':>4} {'reqs':>4} {'samples/s':>9} {'x conc 1':>8} "
+        f"{'WxP':>5} {'layout':<6} {'n/req':>5} {'conc':>4} {'reqs':>4} {'samples/s':>9} {'x conc 1':>8} "
         f"{'latency ms':>10} {'p95 ms':>8} {'UNKNOWN_KEY_ID':>14} {'max err':>8}"
     )
     print(
@@ -258,12 +270,12 @@ def _print_throughput(rows: list, compiled: he.CompiledModel, load_before: tuple
         f"\n{header}\n{'-' * len(header)}"
     )
     base = {}
-    for workers, layout, per_request, concurrency, n, s in rows:
+    for setup, layout, per_request, concurrency, n, s in rows:
         samples = s["throughput"] * per_request
-        base.setdefault((workers, layout), samples)
+        base.setdefault((setup, layout), samples)
         print(
-            f"{workers:>7d} {layout:<6} {per_request:>5d} {concurrency:>4d} {n:>4d} {samples:>9.1f} "
-            f"{samples / base[(workers, layout)]:>8.2f} {1e3 * s['latency']:>10.1f} {1e3 * s['p95']:>8.1f} "
+            f"{setup:>5} {layout:<6} {per_request:>5d} {concurrency:>4d} {n:>4d} {samples:>9.1f} "
+            f"{samples / base[(setup, layout)]:>8.2f} {1e3 * s['latency']:>10.1f} {1e3 * s['p95']:>8.1f} "
             f"{s['unknown']:>14d} {s['error']:>8.1e}"
         )
     print(
@@ -273,12 +285,12 @@ def _print_throughput(rows: list, compiled: he.CompiledModel, load_before: tuple
     )
 
 
-def _print_end_to_end(rows: list, workers: int) -> None:
+def _print_end_to_end(rows: list, setup: str) -> None:
     header = (
         f"{'layout':<6} {'n/req':>5} {'served ms':>9} {'in-proc ms':>10} {'x':>5} {'KB up/sample':>12} "
         f"{'KB down/sample':>14}"
     )
-    print(f"\nEnd to end with EncryptedClient, concurrency 1, {workers} worker(s)\n{header}\n{'-' * len(header)}")
+    print(f"\nEnd to end with EncryptedClient, concurrency 1, server {setup}\n{header}\n{'-' * len(header)}")
     for layout, per_request, served, local, up, down in rows:
         print(
             f"{layout:<6} {per_request:>5d} {1e3 * served:>9.1f} {1e3 * local:>10.1f} {served / local:>5.2f} "
@@ -286,8 +298,8 @@ def _print_end_to_end(rows: list, workers: int) -> None:
         )
 
 
-def _print_memory(points: list, workers: int) -> None:
-    print(f"\nResident memory of each of {workers} worker(s) (MiB) while clients with distinct keys send a request")
+def _print_memory(points: list, setup: str) -> None:
+    print(f"\nResident memory (MiB) of each evaluating process of server {setup} while clients with distinct keys send")
     for keys, rss, spill in points:
         print(
             f"{keys:>5d} keys: " + " ".join(f"{r / MIB:>8.0f}" for r in rss) + f"   spill dir {spill / MIB:>6.0f} MiB"
