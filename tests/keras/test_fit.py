@@ -197,3 +197,12 @@ def test_another_backend_is_a_clear_error():
     assert out.returncode != 0
     assert "KerasBackendError" in out.stderr
     assert "KERAS_BACKEND=torch" in out.stderr
+
+
+def test_without_a_chosen_backend_the_face_selects_torch(tmp_path):
+    (tmp_path / "keras.json").write_text('{"backend": "tensorflow"}')  # what Keras writes on first import
+    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"} | {"KERAS_HOME": str(tmp_path)}
+    code = "import lightning_privacy.keras, keras; print(keras.config.backend())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "torch"
