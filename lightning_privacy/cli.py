@@ -9,9 +9,10 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from lightning_privacy.dp import ACCOUNTANTS, DPConfig, calibrate_noise_multiplier, dp_sgd_event, epsilon_for
-from lightning_privacy.errors import LightningPrivacyError, PrivacyConfigError
+from lightning_privacy.errors import LightningPrivacyError, PrivacyConfigError, UnreachableEpsilonError
 
-#: Exit codes: 2 for input the command refuses (as argparse does), 1 for any other error of ours.
+#: Exit codes: 2 for input the command refuses (as argparse does), 1 for any other error of ours,
+#: e.g. a valid target ε that no noise multiplier reaches.
 EXIT_BAD_INPUT = 2
 EXIT_ERROR = 1
 
@@ -68,7 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         print(args.run(args))
     except LightningPrivacyError as err:
-        code = EXIT_BAD_INPUT if isinstance(err, PrivacyConfigError) else EXIT_ERROR
+        refused = isinstance(err, PrivacyConfigError) and not isinstance(err, UnreachableEpsilonError)
+        code = EXIT_BAD_INPUT if refused else EXIT_ERROR
         print(f"lightning-privacy {args.command}: error: {' '.join(str(err).split())}", file=sys.stderr)
         return code
     return 0

@@ -77,3 +77,82 @@ def test_the_installed_command_refuses_infinity_without_a_traceback():
     assert out.returncode == 2
     assert "noise_multiplier" in out.stderr and "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def _reference_epsilon(sigma, q, steps, delta):
+    return _opacus("rdp", sigma, q, steps, delta)
+
+
+def _cli() -> list[str]:
+    script = Path(sys.executable).with_name("lightning-privacy")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "lightning_privacy.cli"]
+
+
+def test_cli_epsilon_matches_the_accountant():
+    out = subprocess.run(
+        _cli()
+        + [
+            "epsilon",
+            "--sample-rate",
+            "0.01",
+            "--noise-multiplier",
+            "1.1",
+            "--steps",
+            "500",
+            "--delta",
+            "1e-5",
+            "--accountant",
+            "rdp",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    eps = float(out.split("epsilon=")[1].split()[0])
+    assert eps == pytest.approx(_reference_epsilon(1.1, 0.01, 500, 1e-5), rel=1e-5)
+
+
+def test_cli_target_epsilon_solves_for_sigma():
+    out = subprocess.run(
+        _cli()
+        + [
+            "epsilon",
+            "--sample-rate",
+            "0.01",
+            "--target-epsilon",
+            "2",
+            "--steps",
+            "500",
+            "--delta",
+            "1e-5",
+            "--accountant",
+            "rdp",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    sigma = float(out.split("noise_multiplier=")[1].split()[0])
+    assert 1.95 < _reference_epsilon(sigma, 0.01, 500, 1e-5) <= 2.0
+
+
+def test_cli_reports_unreachable_targets():
+    proc = subprocess.run(
+        _cli()
+        + [
+            "epsilon",
+            "--sample-rate",
+            "0.9",
+            "--target-epsilon",
+            "1e-4",
+            "--steps",
+            "100000",
+            "--delta",
+            "1e-5",
+            "--accountant",
+            "rdp",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 1 and "unreachable" in proc.stderr

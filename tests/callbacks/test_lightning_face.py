@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import mlflow
 import pytest
 import pytorch_lightning as pl
@@ -187,78 +183,3 @@ def test_active_mlflow_run_without_logger_gets_the_same_records(tmp_path):
     assert {"privacy.delta", "privacy.noise_multiplier", "privacy.max_grad_norm", "privacy.accountant"} <= set(
         data.tags
     )
-
-
-def _cli() -> list[str]:
-    script = Path(sys.executable).with_name("lightning-privacy")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "lightning_privacy.cli"]
-
-
-def test_cli_epsilon_matches_the_accountant():
-    out = subprocess.run(
-        _cli()
-        + [
-            "epsilon",
-            "--sample-rate",
-            "0.01",
-            "--noise-multiplier",
-            "1.1",
-            "--steps",
-            "500",
-            "--delta",
-            "1e-5",
-            "--accountant",
-            "rdp",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    eps = float(out.split("epsilon=")[1].split()[0])
-    assert eps == pytest.approx(_reference_epsilon(1.1, 0.01, 500, 1e-5), rel=1e-5)
-
-
-def test_cli_target_epsilon_solves_for_sigma():
-    out = subprocess.run(
-        _cli()
-        + [
-            "epsilon",
-            "--sample-rate",
-            "0.01",
-            "--target-epsilon",
-            "2",
-            "--steps",
-            "500",
-            "--delta",
-            "1e-5",
-            "--accountant",
-            "rdp",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    sigma = float(out.split("noise_multiplier=")[1].split()[0])
-    assert 1.95 < _reference_epsilon(sigma, 0.01, 500, 1e-5) <= 2.0
-
-
-def test_cli_reports_unreachable_targets():
-    proc = subprocess.run(
-        _cli()
-        + [
-            "epsilon",
-            "--sample-rate",
-            "0.9",
-            "--target-epsilon",
-            "1e-4",
-            "--steps",
-            "100000",
-            "--delta",
-            "1e-5",
-            "--accountant",
-            "rdp",
-        ],
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 1 and "unreachable" in proc.stderr
