@@ -30,6 +30,14 @@ def build(kind: str, seed: int = 0) -> tuple[keras.Model, np.ndarray, np.ndarray
     if kind == "dense":
         layers = [keras.Input((6,)), keras.layers.Dense(8, activation="tanh"), keras.layers.Dense(3)]
         x = rng.normal(size=(n, 6)).astype("float32")
+    elif kind == "dense_rows":  # the textbook model's shape: Dense on each row of an image
+        layers = [
+            keras.Input((4, 6)),
+            keras.layers.Dense(5, activation="relu"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(3, activation="tanh"),
+        ]
+        x = rng.normal(size=(n, 4, 6)).astype("float32")
     elif kind == "conv":
         layers = [
             keras.Input((6, 6, 2)),
@@ -67,7 +75,7 @@ def build(kind: str, seed: int = 0) -> tuple[keras.Model, np.ndarray, np.ndarray
     return keras.Sequential(layers), x, y
 
 
-KINDS = ("dense", "conv", "conv1d", "embedding", "layernorm", "custom")
+KINDS = ("dense", "dense_rows", "conv", "conv1d", "embedding", "layernorm", "custom")
 
 
 def reference_clipped_mean(
