@@ -9,6 +9,7 @@ is the only privacy state a checkpoint needs (stored in its plain named-tuple fo
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import namedtuple
 from collections.abc import Iterable, Mapping, Sequence
@@ -121,8 +122,14 @@ class PrivacyLedger:
             self.record(sigma, q, n)
 
     def epsilon(self, delta: float, accountant: str = "prv") -> float:
-        """ε spent so far at ``delta``; 0 before the first step. See :func:`epsilon_for`."""
-        return epsilon_for(self.event, delta, accountant)
+        """ε spent so far at ``delta``; 0 before the first step. See :func:`epsilon_for`.
+
+        Remembered per history (the last 256 in this process): a run asks again for histories it
+        asked before (the engine's set-up query for the planned steps is the last epoch's ε; the
+        end-of-fit figures repeat it), and one PRV query is 0.05-0.15 s, a whole small epoch.
+        """
+        steps = tuple((e.event.event.noise_multiplier, e.event.sampling_probability, e.count) for e in self._events)
+        return _ledger_epsilon(steps, delta, accountant)
 
     def state_dict(self) -> dict[str, Any]:
         """The ledger event in dp-accounting's named-tuple form, as plain dicts (what a checkpoint holds)."""
@@ -177,6 +184,13 @@ def epsilon_for(
     if eps <= 0 and any(n > 0 for _, _, n in gaussian_steps(event)):
         raise meaningless_delta(delta, accountant, eps)
     return eps
+
+
+@functools.lru_cache(maxsize=256)
+def _ledger_epsilon(steps: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> float:
+    """:func:`epsilon_for` of the ledger whose events are ``steps`` (σ, q, count): the same event,
+    so the same ε to the last bit."""
+    return epsilon_for([dp_sgd_event(sigma, q, n) for sigma, q, n in steps], delta, accountant)
 
 
 def _plain(value: Any) -> Any:

@@ -21,7 +21,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.data import DataLoader
 from torch.utils.hooks import RemovableHandle
 
-from lightning_privacy.dp.accounting import PrivacyLedger, dp_sgd_event, epsilon_for
+from lightning_privacy.dp.accounting import PrivacyLedger
 from lightning_privacy.dp.calibration import calibrate_noise_multiplier, steps_within_budget
 from lightning_privacy.dp.config import DPConfig
 from lightning_privacy.dp.data import PhysicalBatchLoader, expected_batch_size_and_size, poisson_loader
@@ -177,12 +177,11 @@ class DPSGDEngine:
         self._check_delta(size)
         sigma = self._noise_multiplier(sample_rate, planned)
         # Refuse now what the accountant cannot count (σ too small for it, δ that makes ε ≤ 0), not
-        # at the first ε query after an epoch of training.
-        epsilon_for(
-            [*self.ledger.events, dp_sgd_event(sigma, sample_rate, planned or steps_per_epoch)],
-            self.config.delta,
-            self.config.accountant,
-        )
+        # at the first ε query after an epoch of training. Asked of a ledger, so that a run of all
+        # the planned steps finds its last ε remembered.
+        prospective = PrivacyLedger(self.ledger.events)
+        prospective.record(sigma, sample_rate, planned or steps_per_epoch)
+        prospective.epsilon(self.config.delta, self.config.accountant)
         allowed = None
         if self.config.max_epsilon is not None:
             allowed = self.ledger.steps + steps_within_budget(

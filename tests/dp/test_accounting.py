@@ -301,3 +301,69 @@ def _opacus_history(history, delta):
     acc = create_accountant("rdp")
     acc.history = [h for h in history if h[2] > 0]
     return acc.get_epsilon(delta=delta)
+
+
+# ---------------------------------------------------------------------- remembered ε
+
+
+@pytest.mark.parametrize("accountant", ["prv", "rdp"])
+def test_ledger_epsilon_equals_a_stepped_opacus_accountant_at_every_step_count(accountant):
+    # The per-step RDP curve is cached (and sizes PRV's domain); ε after every step of a run must
+    # still be what an independently stepped Opacus accountant says after that many steps.
+    sigma, q, steps, delta = 1.0, 64 / 455, 12, 1e-5
+    ledger = PrivacyLedger()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        reference = create_accountant(accountant)
+    for _ in range(steps):
+        ledger.record(sigma, q)
+        reference.step(noise_multiplier=sigma, sample_rate=q)
+        assert ledger.epsilon(delta, accountant) == pytest.approx(reference.get_epsilon(delta=delta), rel=1e-9, abs=0)
+
+
+def test_cached_rdp_curve_gives_opacus_domain_size_and_epsilon_to_the_last_bit():
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV, compute_safe_domain_size
+
+    from lightning_privacy.dp.accountants import prv_domain_half_width, rdp_epsilon
+
+    for history in ([(1.0, 64 / 455, 7)], [(0.7, 0.01, 1000), (1.3, 0.02, 55), (0.7, 0.01, 3)], [(0.3, 0.5, 3)]):
+        reference = RDPAccountant()
+        reference.history = list(history)
+        assert rdp_epsilon(history, 1e-6) == reference.get_epsilon(delta=1e-6)
+        prvs = [PoissonSubsampledGaussianPRV(q, sigma) for sigma, q, _ in history]
+        counts = [n for _, _, n in history]
+        assert prv_domain_half_width(history, 0.01, 1e-9) == compute_safe_domain_size(prvs, counts, 0.01, 1e-9)
+
+
+def test_remembered_epsilon_follows_resume_and_sigma_change():
+    # A resumed ledger (from its checkpoint state) gives the uninterrupted run's ε; a ledger whose σ
+    # changed is another history, never answered with the remembered ε of the first.
+    run = _ledger(1.0, 0.05, 30)
+    resumed = PrivacyLedger.from_state_dict(_ledger(1.0, 0.05, 20).state_dict())
+    resumed.record(1.0, 0.05, 10)
+    assert resumed.epsilon(1e-5, "prv") == run.epsilon(1e-5, "prv")
+    changed = _ledger(1.0, 0.05, 20)
+    changed.record(1.5, 0.05, 10)
+    assert changed.epsilon(1e-5, "prv") < run.epsilon(1e-5, "prv")
+    assert changed.epsilon(1e-5, "prv") == epsilon_for(changed.event, 1e-5, "prv")
+    assert _opacus_history([(1.0, 0.05, 20), (1.5, 0.05, 10)], 1e-5) == changed.epsilon(1e-5, "rdp")
+
+
+def test_engine_set_up_query_is_the_last_epochs_epsilon():
+    # The engine asks for ε of the planned steps when it builds the loader (to refuse σ the
+    # accountant cannot count); a run of all planned steps then finds its last ε remembered.
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_privacy.dp import DPConfig, DPSGDEngine
+    from lightning_privacy.dp.accounting import _ledger_epsilon
+
+    engine = DPSGDEngine(DPConfig(noise_multiplier=1.37, max_grad_norm=1.0))
+    data = TensorDataset(torch.randn(100, 3))
+    engine.private_loader(DataLoader(data, batch_size=10), planned_epochs=3)
+    planned = engine.plan.planned_steps
+    engine.ledger.record(1.37, engine.plan.sample_rate, planned)
+    hits = _ledger_epsilon.cache_info().hits
+    eps = engine.epsilon()
+    assert _ledger_epsilon.cache_info().hits == hits + 1
+    assert eps == epsilon_for(_ledger(1.37, engine.plan.sample_rate, planned).event, 1e-5, "prv")
