@@ -75,7 +75,8 @@ class QueryLedger:
     Example::
 
         ledger = QueryLedger(ServingDefences(query_budget=1000))
-        ledger.charge(row.key_id, batch.n_samples)   # before evaluating; raises past the budget
+        ledger.check(row.key_id)                      # before evaluating: refuses a spent budget
+        ledger.charge(row.key_id, result.n_samples)   # before answering: refuses past the budget
     """
 
     def __init__(self, defences: ServingDefences) -> None:
@@ -86,8 +87,18 @@ class QueryLedger:
     def used(self, key_id: str) -> int:
         return self._used.get(key_id, 0)
 
+    def check(self, key_id: str) -> None:
+        """Refuse a client whose budget is spent, before the server evaluates anything for it.
+
+        Raises:
+            EncryptedRequestError: code ``QUERY_BUDGET_EXHAUSTED``.
+        """
+        if self.budget is not None and self.used(key_id) >= self.budget:
+            raise self._refusal(key_id, self.used(key_id), None)
+
     def charge(self, key_id: str, samples: int) -> None:
-        """Count ``samples`` for ``key_id``, or refuse the whole request if they exceed the budget.
+        """Count ``samples`` for ``key_id``, or refuse them whole if they exceed the budget (the
+        server then withholds the answer it computed).
 
         Raises:
             EncryptedRequestError: code ``QUERY_BUDGET_EXHAUSTED``, with what was used and what is left.
@@ -97,14 +108,17 @@ class QueryLedger:
         with self._lock:
             used = self._used.get(key_id, 0)
             if used + samples > self.budget:
-                raise EncryptedRequestError(
-                    QUERY_BUDGET_EXHAUSTED,
-                    f"Query budget exhausted for key {key_id[:16]}...: this server answers at most {self.budget} "
-                    f"samples per client key; {used} were answered and this request has {samples} "
-                    f"({max(0, self.budget - used)} left). The model's owner set this limit against model "
-                    "extraction (privacy.defence.query_budget).",
-                )
+                raise self._refusal(key_id, used, samples)
             self._used[key_id] = used + samples
+
+    def _refusal(self, key_id: str, used: int, samples: int | None) -> EncryptedRequestError:
+        asked = "" if samples is None else f" and this request has {samples}"
+        return EncryptedRequestError(
+            QUERY_BUDGET_EXHAUSTED,
+            f"Query budget exhausted for key {key_id[:16]}...: this server answers at most {self.budget} "
+            f"samples per client key; {used} were answered{asked} ({max(0, self.budget - used)} left). The "
+            "model's owner set this limit against model extraction (privacy.defence.query_budget).",
+        )
 
 
 def budgeted(predict_logits: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:

@@ -37,6 +37,9 @@ def test_ledger_counts_per_key_and_refuses_whole_requests():
     assert refused.value.code == QUERY_BUDGET_EXHAUSTED and "40 left" in str(refused.value)
     assert ledger.used("a" * 64) == 60  # a refused request costs nothing
     ledger.charge("a" * 64, 40)
+    with pytest.raises(EncryptedRequestError, match="0 left"):
+        ledger.check("a" * 64)  # spent: refused before any work
+    ledger.check("b" * 64 + "c")
     QueryLedger(ServingDefences()).charge("a" * 64, 10**9)  # no budget, no limit
 
 
