@@ -47,7 +47,6 @@ from lightning_privacy import he
 from lightning_privacy.he.parallel import available_workers
 from lightning_privacy.mlflow_plugins import EncryptedClient, ScoringServer, ckks, protocol
 from lightning_privacy.mlflow_plugins.context_spill import SPILL_DIR_ENV
-from lightning_privacy.mlflow_plugins.evaluation_pool import PROCESSES_ENV
 from lightning_privacy.mlflow_plugins.protocol import EncryptedRequest, ErrorCode
 
 CONCURRENCY = (1, 2, 4, 8, 16)
@@ -183,17 +182,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=512, help="samples per batch-layout request")
     parser.add_argument(
-        "--configs",
-        default=f"1x1,{available_workers()}x1,1x{available_workers()}",
-        help="comma-separated server setups WxP to compare: W uvicorn workers (--workers), P evaluation processes "
-        "each (LIGHTNING_PRIVACY_EVALUATION_PROCESSES); 1x1 is the server before evaluation pools",
+        "--workers",
+        default=f"1,{available_workers()}",
+        help="comma-separated uvicorn worker counts to compare (1: the server before this benchmark's change)",
     )
     parser.add_argument("--rounds", type=int, default=2, help="requests per client thread (bounded loop)")
     parser.add_argument("--min-requests", type=int, default=8, help="fewest requests per point (for p95)")
     parser.add_argument("--distinct-keys", type=int, default=0, help="clients with their own key (last server)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    configs = [tuple(int(n) for n in c.split("x")) for c in args.configs.split(",")]
+    worker_counts = [int(w) for w in args.workers.split(",")]
 
     x, y = load_digits(return_X_y=True)
     x = (x / 16.0).astype(np.float32)
@@ -212,11 +210,11 @@ def main() -> None:
             info = ckks.log_model(compiled, name="model", registered_model_name="bench-ckks")
         uri = f"models:/bench-ckks/{info.registered_model_version}"
 
-        for w, (workers, processes) in enumerate(configs):
-            setup = f"{workers}x{processes}"
+        for w, workers in enumerate(worker_counts):
+            setup = str(workers)
             spill_dir = Path(tmp) / f"spill-{setup}"
             # MLflow answers 504 after 60 s, counted from arrival: c16 batch requests queue longer on a busy machine.
-            env = {SPILL_DIR_ENV: str(spill_dir), PROCESSES_ENV: str(processes), TIMEOUT_ENV: "600"}
+            env = {SPILL_DIR_ENV: str(spill_dir), TIMEOUT_ENV: "600"}
             log = Path(tmp) / f"server-{setup}.log"
             with ScoringServer(uri, workers=workers, env=env, log_path=log) as server:
                 url = f"{server.url}/invocations"
@@ -224,8 +222,7 @@ def main() -> None:
                     request = PreparedRequest(compiled, layout, x[:per_request])
                     with requests.Session() as session:
                         request.post(session, url)  # the one upload of this key
-                    # Untimed: every worker and pool process starts and loads the model (~5 s).
-                    throughput(request, url, 2 * workers * processes, 2 * workers * processes)
+                    throughput(request, url, 2 * workers, 2 * workers)  # untimed: every worker reads the context
                     for concurrency in CONCURRENCY:
                         n = max(concurrency * args.rounds, args.min_requests)
                         stats = throughput(request, url, concurrency, n)
@@ -235,14 +232,14 @@ def main() -> None:
                         end_to_end.append(
                             (layout, per_request, *_end_to_end(compiled, server.url, layout, x[:per_request]))
                         )
-                if args.distinct_keys and w == len(configs) - 1:
+                if args.distinct_keys and w == len(worker_counts) - 1:
                     memory = distinct_keys(server, compiled, x[:1], args.distinct_keys, spill_dir)
     load_after = os.getloadavg()
 
     _print_throughput(rows, compiled, load_before, load_after)
-    _print_end_to_end(end_to_end, "x".join(map(str, configs[0])))
+    _print_end_to_end(end_to_end, worker_counts[0])
     if memory:
-        _print_memory(memory, "x".join(map(str, configs[-1])))
+        _print_memory(memory, worker_counts[-1])
 
 
 def _end_to_end(compiled: he.CompiledModel, url: str, layout: str, x: np.ndarray) -> tuple[float, float, float, float]:
@@ -261,7 +258,7 @@ def _end_to_end(compiled: he.CompiledModel, url: str, layout: str, x: np.ndarray
 
 def _print_throughput(rows: list, compiled: he.CompiledModel, load_before: tuple, load_after: tuple) -> None:
     header = (
-        f"{'WxP':>5} {'layout':<6} {'n/req':>5} {'conc':>4} {'reqs':>4} {'samples/s':>9} {'x conc 1':>8} "
+        f"{'workers':>7} {'layout':<6} {'n/req':>5} {'conc':>4} {'reqs':>4} {'samples/s':>9} {'x conc 1':>8} "
         f"{'latency ms':>10} {'p95 ms':>8} {'UNKNOWN_KEY_ID':>14} {'max err':>8}"
     )
     print(
@@ -274,7 +271,7 @@ def _print_throughput(rows: list, compiled: he.CompiledModel, load_before: tuple
         samples = s["throughput"] * per_request
         base.setdefault((setup, layout), samples)
         print(
-            f"{setup:>5} {layout:<6} {per_request:>5d} {concurrency:>4d} {n:>4d} {samples:>9.1f} "
+            f"{setup:>7} {layout:<6} {per_request:>5d} {concurrency:>4d} {n:>4d} {samples:>9.1f} "
             f"{samples / base[(setup, layout)]:>8.2f} {1e3 * s['latency']:>10.1f} {1e3 * s['p95']:>8.1f} "
             f"{s['unknown']:>14d} {s['error']:>8.1e}"
         )
@@ -285,12 +282,12 @@ def _print_throughput(rows: list, compiled: he.CompiledModel, load_before: tuple
     )
 
 
-def _print_end_to_end(rows: list, setup: str) -> None:
+def _print_end_to_end(rows: list, workers: int) -> None:
     header = (
         f"{'layout':<6} {'n/req':>5} {'served ms':>9} {'in-proc ms':>10} {'x':>5} {'KB up/sample':>12} "
         f"{'KB down/sample':>14}"
     )
-    print(f"\nEnd to end with EncryptedClient, concurrency 1, server {setup}\n{header}\n{'-' * len(header)}")
+    print(f"\nEnd to end with EncryptedClient, concurrency 1, {workers} worker(s)\n{header}\n{'-' * len(header)}")
     for layout, per_request, served, local, up, down in rows:
         print(
             f"{layout:<6} {per_request:>5d} {1e3 * served:>9.1f} {1e3 * local:>10.1f} {served / local:>5.2f} "
@@ -298,8 +295,8 @@ def _print_end_to_end(rows: list, setup: str) -> None:
         )
 
 
-def _print_memory(points: list, setup: str) -> None:
-    print(f"\nResident memory (MiB) of each evaluating process of server {setup} while clients with distinct keys send")
+def _print_memory(points: list, workers: int) -> None:
+    print(f"\nResident memory (MiB) of each of {workers} worker(s) while clients with distinct keys send a request")
     for keys, rss, spill in points:
         print(
             f"{keys:>5d} keys: " + " ".join(f"{r / MIB:>8.0f}" for r in rss) + f"   spill dir {spill / MIB:>6.0f} MiB"

@@ -53,7 +53,6 @@ from lightning_privacy.errors import (
 from lightning_privacy.mlflow_plugins import _mlflow_fence, bundled_wheel, protocol
 from lightning_privacy.mlflow_plugins.context_cache import ContextCache
 from lightning_privacy.mlflow_plugins.context_spill import ContextSpill
-from lightning_privacy.mlflow_plugins.evaluation_pool import EvaluationPool
 from lightning_privacy.mlflow_plugins.privacy_tags import copy_privacy_tags
 from lightning_privacy.mlflow_plugins.protocol import EncryptedRequest, ErrorCode
 from lightning_privacy.mlflow_plugins.request_limits import RequestLimits
@@ -277,31 +276,25 @@ def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> _CKKS
     """Load the pyfunc implementation; called by ``mlflow.pyfunc.load_model``.
 
     In the scoring server this also makes MLflow refuse request bodies beyond the
-    :class:`RequestLimits` (read from the environment) before it parses them. Requests that arrive
-    while one is being evaluated go to an :class:`EvaluationPool` (one process per core).
+    :class:`RequestLimits` (read from the environment) before it parses them.
 
     Raises:
-        ServingConfigError: a request limit or the evaluation processes in the environment are not
-            positive integers.
+        ServingConfigError: a request limit in the environment is not a positive integer.
         UnsupportedMlflowVersionError: this MLflow has no place to check bodies before parsing.
     """
     _mlflow_fence.install_invocations_guard(RequestLimits.from_env().http_refusal)
-    pool = EvaluationPool.from_env(_load_pyfunc, path, model_config)
-    return _CKKSModelWrapper(he.CompiledModel.load(path), pool=pool)
+    return _CKKSModelWrapper(he.CompiledModel.load(path))
 
 
 class _CKKSModelWrapper:
     """Evaluates encrypted requests with public contexts only; one context cache per process, and a
-    spill directory shared by the processes of one server (``context_spill``), where concurrent
-    requests are evaluated in an ``EvaluationPool``."""
+    spill directory shared by the processes of one server (``context_spill``)."""
 
-    def __init__(self, compiled: he.CompiledModel, pool: EvaluationPool | None = None) -> None:
+    def __init__(self, compiled: he.CompiledModel) -> None:
         self.compiled = compiled
-        self.pool = pool
-        # Shared with the pool and other uvicorn workers of the server: each key is uploaded once per server.
-        spill = ContextSpill.from_env() if pool is None else pool.spill
+        # Shared with the other uvicorn workers of the server, so each key is uploaded once per server.
         self.contexts: ContextCache[he.PublicContext] = ContextCache(
-            cost=lambda context: context.memory_bytes, spill=spill
+            cost=lambda context: context.memory_bytes, spill=ContextSpill.from_env()
         )
 
     def get_raw_model(self) -> he.CompiledModel:
@@ -317,8 +310,8 @@ class _CKKSModelWrapper:
                 log under an incident id and never to the client (MLflow would put it in the body).
         """
         try:
-            answers = [self._answer_here_or_in_pool(row) for row in protocol.decode_request(data)]
-            return protocol.encode_response([c for c, _ in answers], [n for _, n in answers])
+            results = [self._evaluate(row) for row in protocol.decode_request(data)]
+            return protocol.encode_response([r.to_bytes() for r in results], [r.n_samples for r in results])
         except EncryptedRequestError as error:
             raise protocol.to_mlflow_exception(error) from None
         except Exception:
@@ -330,14 +323,6 @@ class _CKKSModelWrapper:
                 "Send requests made by EncryptedClient for this model; if this one was, report the incident id.",
             )
             raise protocol.to_mlflow_exception(error) from None
-
-    def _answer_here_or_in_pool(self, row: EncryptedRequest) -> tuple[bytes, int]:
-        return self.answer(row) if self.pool is None else self.pool.run(row, self.answer)
-
-    def answer(self, row: EncryptedRequest) -> tuple[bytes, int]:
-        """The result ciphertext of one row and its number of samples (what a pool process computes)."""
-        result = self._evaluate(row)
-        return result.to_bytes(), result.n_samples
 
     def _evaluate(self, row: EncryptedRequest) -> he.EncryptedBatch:
         context = self.contexts.get_or_load(row.key_id, row.context, self._public_context)

@@ -82,27 +82,15 @@ class ContextSpill:
         Raises:
             ServingConfigError: as the constructor.
         """
-        parent = multiprocessing.parent_process()
-        if not os.environ.get(SPILL_DIR_ENV) and (parent is None or parent.pid is None):
-            return None
-        return cls.for_server()
-
-    @classmethod
-    def for_server(cls) -> ContextSpill:
-        """The spill tier of this server: as :meth:`from_env`, and for a process of its own
-        ``<temp dir>/lightning-privacy-contexts-<uid>-<pid>`` (its evaluation pool shares it).
-
-        Raises:
-            ServingConfigError: as the constructor.
-        """
         directory = os.environ.get(SPILL_DIR_ENV)
         if directory:
             return cls(directory)
         parent = multiprocessing.parent_process()
-        server = os.getpid() if parent is None or parent.pid is None else parent.pid
+        if parent is None or parent.pid is None:
+            return None
         root = Path(tempfile.gettempdir())
         _remove_stale_directories(root)
-        return cls(root / f"{DEFAULT_DIR_PREFIX}{os.getuid()}-{server}")
+        return cls(root / f"{DEFAULT_DIR_PREFIX}{os.getuid()}-{parent.pid}")
 
     def read(self, key_id: str) -> bytes | None:
         """The context stored under ``key_id`` if there is one whose SHA-256 is ``key_id``.

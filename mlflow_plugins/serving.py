@@ -127,11 +127,10 @@ class ScoringServer:
         process.wait()
 
     def worker_pids(self) -> list[int]:
-        """Process ids of the processes that evaluate requests (Linux: read from ``/proc``).
+        """Process ids of the uvicorn workers that evaluate requests (Linux: read from ``/proc``).
 
-        The uvicorn worker (with ``workers=1``, uvicorn itself; else the processes it spawned) and the
-        evaluation-pool processes started so far. Empty when the server is not running or ``/proc``
-        is missing.
+        With one worker that is the uvicorn process itself; with several, the processes it spawned.
+        Empty when the server is not running or ``/proc`` is missing.
         """
         if self._process is None or not os.path.isdir("/proc"):
             return []
@@ -146,11 +145,8 @@ class ScoringServer:
                         group[int(entry.name)] = cmdline.read().replace(b"\0", b" ")
             except (OSError, ValueError, IndexError):  # not a process, or gone meanwhile
                 continue
-        # Workers and pool processes are started by multiprocessing's spawn; uvicorn itself serves
-        # when it runs one worker, and only supervises when it runs more.
         spawned = [pid for pid, cmd in group.items() if b"spawn_main" in cmd]
-        single = [pid for pid, cmd in group.items() if b"uvicorn" in cmd] if self.workers == 1 else []
-        return sorted(spawned + single)
+        return sorted(spawned or [pid for pid, cmd in group.items() if b"uvicorn" in cmd])
 
     def restart(self) -> None:
         """Stop and start again on the same port: the new process has an empty context cache."""
