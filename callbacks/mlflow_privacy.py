@@ -8,6 +8,7 @@ the logger's run wins, so nothing is written twice.
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any
 
 import pytorch_lightning as pl
@@ -22,8 +23,11 @@ def _logger_runs(trainer: pl.Trainer) -> list[tuple[Any, str]]:
 
 
 def _active_run_id() -> str | None:
-    import mlflow
-
+    # A run is active only in a process that imported mlflow (to start it); importing mlflow just
+    # to ask cost a private fit 3.9 s and 60 MB (the breast-cancer MLP's whole plain fit: 0.2 s).
+    mlflow = sys.modules.get("mlflow")
+    if mlflow is None:
+        return None
     run = mlflow.active_run()
     return None if run is None else run.info.run_id
 
