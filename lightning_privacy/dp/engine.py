@@ -28,6 +28,7 @@ from lightning_privacy.dp.data import PhysicalBatchLoader, expected_batch_size_a
 from lightning_privacy.dp.expanded import ExpandedWeightsHooks
 from lightning_privacy.dp.fast import FastGradSampleHooks, fast_rule_coverage
 from lightning_privacy.dp.optimizers import private_optimizer
+from lightning_privacy.dp.providers import PerSampleProvider, attach_providers
 from lightning_privacy.errors import (
     DeltaTooLargeError,
     PrivacyBudgetExhaustedError,
@@ -120,6 +121,7 @@ class DPSGDEngine:
         self.plan: SamplingPlan | None = None
         self._generator = _secure_generator(config.secure_mode)
         self._hooks: Any | None = None
+        self._providers: list[PerSampleProvider] = []
         self._optimizers: list[DPOptimizer] = []
         self._param_names: dict[int, str] = {}
         self._step_guard: RemovableHandle | None = None
@@ -295,6 +297,8 @@ class DPSGDEngine:
                 force_functorch=mode == "functorch",
             )
         self.grad_sample_mode = mode
+        # Per-sample gradients of weights the hooks above cannot see (a face's: Keras layers).
+        self._providers = attach_providers(model, self.config.loss_reduction)
         self._step_guard = register_optimizer_step_pre_hook(self._refuse_step_outside_dp)
         log.info("Per-sample clipping mode: %s.", mode)
 
@@ -310,6 +314,9 @@ class DPSGDEngine:
             self._step_guard.remove()
             self._step_guard = None
         self._authorized_steps.clear()
+        for provider in self._providers:
+            provider.cleanup()
+        self._providers = []
         if self._hooks is None:
             return
         self._hooks.cleanup()

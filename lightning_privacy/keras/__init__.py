@@ -21,12 +21,8 @@ Example::
 from lightning_privacy.dp.providers import register_per_sample_provider
 from lightning_privacy.keras._backend import require_torch_backend  # first: before Keras is imported
 from lightning_privacy.keras.fit import PrivacyLog, PrivateModel, make_private
-from lightning_privacy.keras.per_sample import (
-    StatelessPerSampleHooks,
-    outermost_keras_units,
-    per_example_loss_grads,
-    per_example_vjp,
-)
+from lightning_privacy.keras.hooks import StatelessPerSampleHooks
+from lightning_privacy.keras.per_sample import outermost_keras_units, per_example_loss_grads, per_example_vjp
 
 
 def _keras_provider(model, loss_reduction: str) -> StatelessPerSampleHooks | None:

@@ -84,7 +84,7 @@ def clipped_sum_dense(
     for layer in layers:
         a, out, g_out = records[id(layer)]
         a = a.detach().reshape(a.shape[0], -1, a.shape[-1]).to(torch.float32)
-        g = _pre_activation_grad(layer, a, g_out.reshape(a.shape[0], -1, g_out.shape[-1]))
+        g = pre_activation_grad(layer, a, g_out.reshape(a.shape[0], -1, g_out.shape[-1]))
         parts.append((layer, a, g))
     sq = torch.zeros(x.shape[0], dtype=torch.float64)
     for _, a, g in parts:
@@ -104,7 +104,7 @@ def clipped_sum_dense(
     return grads, losses.detach(), pred.detach()
 
 
-def _pre_activation_grad(layer: keras.Layer, a: Tensor, g_out: Tensor) -> Tensor:
+def pre_activation_grad(layer: keras.Layer, a: Tensor, g_out: Tensor) -> Tensor:
     """The gradient at ``a @ kernel + bias`` from the one at the layer's output."""
     g_out = g_out.detach().to(torch.float32)
     if layer.activation is keras.activations.linear:

@@ -7,9 +7,8 @@ Keras layers keep their weights as ``nn.Parameter``s in ParameterDicts and read 
 ``torch.func.vmap`` over ``torch.func.grad`` of it gives each example's gradient exactly, for any
 Keras layer, custom ones included. Both faces use it:
 
-- :class:`StatelessPerSampleHooks` (the Lightning path): records a Keras model's input in its
-  forward and, in backward, turns the output gradient into ``p.grad_sample`` for the engine's
-  per-sample clipping (registered with the engine by :mod:`lightning_privacy.keras`).
+- :func:`per_example_vjp` (the Lightning path, :mod:`lightning_privacy.keras.hooks`): each
+  example's gradient from the gradient at a Keras model's output.
 - :func:`per_example_loss_grads` (``model.fit``): each example's loss gradient in one vmapped pass.
 
 Layers that draw randomness in training (Dropout) or mix the examples of a batch
@@ -175,102 +174,6 @@ def per_example_loss_grads(
     losses = torch.cat([loss for _, (loss, _) in parts])
     preds = torch.cat([pred for _, (_, pred) in parts])
     return grads, losses, preds
-
-
-class StatelessPerSampleHooks:
-    """Fill ``p.grad_sample`` for the Keras models inside a torch module (a LightningModule).
-
-    Every outermost Keras layer or model among ``root``'s modules (``root`` itself included) with
-    trainable weights is a unit: its forward records its inputs and the values of its
-    non-trainable variables; the backward of its output computes its per-example gradients with
-    :func:`per_example_vjp` and stores them where Opacus' optimizers read them (``p.grad_sample``,
-    a list over backward passes between two optimizer steps, as Opacus does). The engine's
-    per-sample clipping then checks them against autograd's gradients, so a use of a weight
-    outside its Keras layer still raises :class:`~lightning_privacy.errors.UncoveredParameterError`.
-
-    Args:
-        root: the module the engine attaches to.
-        loss_reduction: ``"mean"`` or ``"sum"``, as the loss reduces over the batch.
-
-    Raises:
-        KerasPerSampleError: a unit contains BatchNormalization.
-
-    Example::
-
-        hooks = StatelessPerSampleHooks(lightning_module)   # the engine does this when attaching
-        loss.backward()                                     # p.grad_sample of the Keras weights
-        hooks.cleanup()
-    """
-
-    def __init__(self, root: nn.Module, loss_reduction: str = "mean") -> None:
-        self.loss_reduction = loss_reduction
-        self.units = outermost_keras_units(root)
-        self._handles: list[Any] = []
-        self._busy = False
-        self._pass = 0
-        self._backward_seen = False
-        self._written: dict[int, int] = {}
-        for unit in self.units:
-            check_per_example(unit)
-            self._handles.append(unit.register_forward_hook(self._forward_hook, with_kwargs=True))
-
-    @property
-    def params(self) -> list[nn.Parameter]:
-        """The trainable tensors this object computes per-sample gradients for."""
-        return [p for unit in self.units for p in trainable_tensors(unit)]
-
-    def _forward_hook(self, unit: keras.Layer, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-        if self._busy or not torch.is_grad_enabled() or not isinstance(output, Tensor) or not output.requires_grad:
-            if not self._busy and torch.is_grad_enabled() and not isinstance(output, Tensor):
-                raise KerasPerSampleError(
-                    f"{unit.name} returns {type(output).__name__}; the exact per-sample path of a Keras model "
-                    "inside a LightningModule needs a model with one output tensor."
-                )
-            return
-        if self._backward_seen:
-            self._pass += 1
-            self._backward_seen = False
-        pass_id = self._pass
-        trainable = trainable_tensors(unit)
-        # The state the forward ran with (a later forward may update it in place).
-        non_trainable = [v.value.detach().clone() for v in unit.non_trainable_variables]
-
-        def on_grad(g: Tensor) -> None:
-            self._backward_seen = True
-            self._busy = True
-            try:
-                with torch.enable_grad():
-                    grads = per_example_vjp(unit, trainable, non_trainable, args, kwargs, g)
-            finally:
-                self._busy = False
-            if self.loss_reduction == "mean":
-                grads = [gs * g.shape[0] for gs in grads]  # as Opacus: the mean's 1/B undone per example
-            for p, gs in zip(trainable, grads, strict=True):
-                self._store(p, gs.to(p.dtype), pass_id)
-
-        output.register_hook(on_grad)
-
-    def _store(self, p: Tensor, gs: Tensor, pass_id: int) -> None:
-        current = getattr(p, "grad_sample", None)
-        if current is None or self._written.get(id(p)) is None:
-            p.grad_sample = gs
-        elif self._written[id(p)] == pass_id:  # the unit ran twice in one pass: one example, one sum
-            if isinstance(current, list):
-                current[-1] = current[-1] + gs
-            else:
-                p.grad_sample = current + gs
-        else:  # another backward pass before the step (physical batches): Opacus' list form
-            p.grad_sample = [*current, gs] if isinstance(current, list) else [current, gs]
-        self._written[id(p)] = pass_id
-
-    def cleanup(self) -> None:
-        """Remove the hooks and the per-sample gradients."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-        for p in self.params:
-            p.__dict__.pop("grad_sample", None)
-        self._written.clear()
 
 
 def outermost_keras_units(root: nn.Module) -> list[keras.Layer]:

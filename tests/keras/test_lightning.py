@@ -1,0 +1,135 @@
+"""A Keras model inside a LightningModule, with the unchanged ``DifferentialPrivacy`` callback:
+one step equals an explicit per-sample loop, in ``auto`` (and ``fast``) mode; a Keras weight used
+outside its layer is refused, never trained; without the Keras face the guard still holds."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["KERAS_BACKEND"] = "torch"
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import pytorch_lightning as pl  # noqa: E402
+import torch  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+
+import lightning_privacy.keras  # noqa: E402, F401  (registers the Keras per-sample provider)
+from lightning_privacy.callbacks import DifferentialPrivacy  # noqa: E402
+from lightning_privacy.dp import providers  # noqa: E402
+from lightning_privacy.errors import UncoveredParameterError  # noqa: E402
+from tests.dp.models import trainer_kwargs  # noqa: E402
+from tests.keras.models import KINDS, build, reference_clipped_mean  # noqa: E402
+
+LR = 0.5
+
+
+class KerasClassifier(pl.LightningModule):
+    """A plain LightningModule whose network is a Keras model."""
+
+    def __init__(self, net: keras.Model, x: np.ndarray, y: np.ndarray, penalty: bool = False) -> None:
+        super().__init__()
+        self.net = net
+        self.penalty = penalty
+        self.data = TensorDataset(torch.as_tensor(np.concatenate([x] * 4)), torch.as_tensor(np.concatenate([y] * 4)))
+        self.batch_size = len(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = torch.nn.functional.cross_entropy(self.net(x, training=True), y)
+        if self.penalty:  # a use of a Keras weight outside its layer's forward
+            loss = loss + 0.1 * self.net.layers[-1].kernel.value.square().sum()
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=LR)
+
+    def train_dataloader(self):
+        return DataLoader(self.data, batch_size=self.batch_size, shuffle=True)
+
+
+class _Recorder(pl.Callback):
+    """σ = 0 on the private optimizer (DPConfig refuses it), and the first batch and weights."""
+
+    def __init__(self) -> None:
+        self.batch = None
+        self.before = None
+
+    def on_train_start(self, trainer, pl_module):
+        for opt in trainer.optimizers:
+            opt.noise_multiplier = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.batch is None:
+            self.batch = [t.clone() for t in batch]
+            self.before = [v.value.detach().clone() for v in pl_module.net.trainable_variables]
+
+
+def _fit(tmp_path, module, clip, mode="auto"):
+    pl.seed_everything(0, verbose=False)
+    rec = _Recorder()
+    dp = DifferentialPrivacy(noise_multiplier=1.0, max_grad_norm=clip, accountant="rdp", grad_sample_mode=mode)
+    trainer = pl.Trainer(callbacks=[dp, rec], **trainer_kwargs(tmp_path, max_steps=1, max_epochs=1))
+    trainer.fit(module)
+    return dp, rec
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_one_lightning_step_equals_the_per_sample_loop(tmp_path, kind):
+    net, x, y = build(kind)
+    _, norms = reference_clipped_mean(net, x, y, 1e9, 1.0)
+    clip = float(norms.median())
+    module = KerasClassifier(net, x, y)
+    dp, rec = _fit(tmp_path, module, clip)
+    assert dp.engine.grad_sample_mode == "hooks"  # auto: the Keras weights are not fast layers
+    assert dp.engine.steps == 1
+    bx, by = rec.batch
+    reference, _, _ = build(kind)  # the same architecture, with the weights before the step
+    for v, b in zip(reference.trainable_variables, rec.before, strict=True):
+        v.assign(b)
+    expected, _ = reference_clipped_mean(reference, bx.numpy(), by.numpy(), clip, dp.engine.plan.expected_batch_size)
+    after = [v.value.detach() for v in net.trainable_variables]
+    diffs = [
+        float((b.double() - LR * e - a.double()).abs().max())
+        for b, e, a in zip(rec.before, expected, after, strict=True)
+    ]
+    assert max(float(e.abs().max()) for e in expected) > 1e-4  # the check compares something
+    assert max(diffs) < 1e-5, (kind, diffs)
+
+
+def test_fast_mode_takes_the_keras_weights_through_its_fallback(tmp_path):
+    net, x, y = build("dense")
+    dp, rec = _fit(tmp_path, KerasClassifier(net, x, y), clip=0.05, mode="fast")
+    bx, by = rec.batch
+    reference, _, _ = build("dense")
+    for v, b in zip(reference.trainable_variables, rec.before, strict=True):
+        v.assign(b)
+    expected, _ = reference_clipped_mean(reference, bx.numpy(), by.numpy(), 0.05, dp.engine.plan.expected_batch_size)
+    after = [v.value.detach() for v in net.trainable_variables]
+    diff = max(
+        float((b.double() - LR * e - a.double()).abs().max())
+        for b, e, a in zip(rec.before, expected, after, strict=True)
+    )
+    assert diff < 1e-5
+
+
+@pytest.mark.parametrize("mode", ["auto", "fast"])
+def test_a_keras_weight_used_outside_its_layer_is_refused(tmp_path, mode):
+    net, x, y = build("dense")
+    before = [v.value.detach().clone() for v in net.trainable_variables]
+    with pytest.raises(UncoveredParameterError, match="kernel"):
+        _fit(tmp_path, KerasClassifier(net, x, y, penalty=True), clip=1.0, mode=mode)
+    assert all(torch.equal(b, v.value) for b, v in zip(before, net.trainable_variables, strict=True))
+
+
+@pytest.mark.parametrize("mode", ["auto", "fast"])
+def test_without_the_keras_provider_keras_weights_are_refused_not_trained(tmp_path, mode, monkeypatch):
+    """The engine's own guard: Keras weights escape Opacus' hooks and the fast rules; with no
+    provider registered they are refused by name before any step, never trained on noise."""
+    monkeypatch.setattr(providers, "PROVIDERS", [])
+    net, x, y = build("dense")
+    before = [v.value.detach().clone() for v in net.trainable_variables]
+    with pytest.raises(UncoveredParameterError, match="kernel"):
+        _fit(tmp_path, KerasClassifier(net, x, y), clip=1.0, mode=mode)
+    assert all(torch.equal(b, v.value) for b, v in zip(before, net.trainable_variables, strict=True))
