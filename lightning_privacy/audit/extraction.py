@@ -198,13 +198,18 @@ def _linear_features(x: np.ndarray) -> np.ndarray:
 SINGULAR_CUTOFFS = (1e-8, 1e-6, 1e-4, 1e-3, 1e-2, 3e-2)
 
 
-def _truncated_solve(f: np.ndarray, y: np.ndarray, cutoff: float) -> np.ndarray:
-    # Through the Gram matrix's eigenvectors: the unknowns (2145 for 64 inputs) are far fewer than
-    # the queries, and a 2145² eigendecomposition is much cheaper than an SVD of 10,000 rows.
+def _truncated_solvers(f: np.ndarray, y: np.ndarray) -> Callable[[float], np.ndarray]:
+    """Coefficients for any cutoff from one eigendecomposition of the Gram matrix: the unknowns
+    (2145 for 64 inputs) are far fewer than the queries, and a 2145² eigendecomposition is much
+    cheaper than an SVD of 10,000 rows."""
     eigenvalues, vectors = linalg.eigh(f.T @ f)
-    keep = eigenvalues > cutoff**2 * eigenvalues.max()
-    v = vectors[:, keep]
-    return v @ ((v.T @ (f.T @ y)) / eigenvalues[keep, None])
+    projected = vectors.T @ (f.T @ y)
+
+    def solve(cutoff: float) -> np.ndarray:
+        keep = eigenvalues > cutoff**2 * eigenvalues.max()
+        return vectors[:, keep] @ (projected[keep] / eigenvalues[keep, None])
+
+    return solve
 
 
 def _fit_least_squares(features: Callable[[np.ndarray], np.ndarray], x: np.ndarray, logits: np.ndarray, seed: int = 0):
@@ -215,12 +220,10 @@ def _fit_least_squares(features: Callable[[np.ndarray], np.ndarray], x: np.ndarr
     if len(f) >= 20:
         order = np.random.default_rng(seed).permutation(len(f))
         held, fit = order[: len(f) // 10], order[len(f) // 10 :]
-        errors = [
-            float(np.mean((f[held] @ _truncated_solve(f[fit], logits[fit], c) - logits[held]) ** 2))
-            for c in SINGULAR_CUTOFFS
-        ]
+        solve = _truncated_solvers(f[fit], logits[fit])
+        errors = [float(np.mean((f[held] @ solve(c) - logits[held]) ** 2)) for c in SINGULAR_CUTOFFS]
         cutoff = SINGULAR_CUTOFFS[int(np.argmin(errors))]
-    coef = _truncated_solve(f, logits, cutoff)
+    coef = _truncated_solvers(f, logits)(cutoff)
     return lambda z: features(z) @ coef
 
 
