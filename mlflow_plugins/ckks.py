@@ -56,6 +56,7 @@ from lightning_privacy.mlflow_plugins.context_spill import ContextSpill
 from lightning_privacy.mlflow_plugins.privacy_tags import copy_privacy_tags
 from lightning_privacy.mlflow_plugins.protocol import EncryptedRequest, ErrorCode
 from lightning_privacy.mlflow_plugins.request_limits import RequestLimits
+from lightning_privacy.mlflow_plugins.sealed_model import SealedModelWrapper
 
 FLAVOR_NAME = "ckks"
 _logger = logging.getLogger(__name__)
@@ -109,8 +110,10 @@ def save_model(
     """Save a CKKS model to a local directory in MLflow format.
 
     Args:
-        ckks_model: a ``he.CompiledModel``, or a ``torch.nn.Module`` / ONNX model (``ModelProto``,
-            path or bytes) that is exported and compiled here.
+        ckks_model: a ``he.CompiledModel``, a ``he.SealedModel`` (weights encrypted under its
+            owner's key: the artifacts hold no plaintext weight; served with the owner's public keys),
+            or a ``torch.nn.Module`` / ONNX model (``ModelProto``, path or bytes) that is exported and
+            compiled here.
         path: directory to create.
         calibration_data: inputs (n, *input_shape) that set activation ranges; needed to compile.
         example_input: input for ``torch.onnx.export``; default ``calibration_data[:1]``.
@@ -133,7 +136,8 @@ def save_model(
         raise MlflowException.invalid_parameter_value(
             "Give at most one of conda_env, pip_requirements and extra_pip_requirements (as in MLflow)."
         )
-    compiled = _compile(ckks_model, calibration_data, example_input, compile_options)
+    sealed = isinstance(ckks_model, he.SealedModel)  # weights encrypted: no plaintext weight is written
+    compiled = ckks_model if sealed else _compile(ckks_model, calibration_data, example_input, compile_options)
     path = os.path.abspath(path)
     if conda_env is None:
         # Always given, so MLflow does not infer them (it loads the model in a subprocess, ~10 s).
@@ -150,6 +154,7 @@ def save_model(
         poly_modulus_degree=int(compiled.params.poly_modulus_degree),
         input_shape=[int(d) for d in compiled.input_shape],
         output_dim=int(compiled.output_dim),
+        sealed=sealed,
     ).flavors[FLAVOR_NAME]
     with tempfile.TemporaryDirectory() as staging:
         compiled.save(os.path.join(staging, _MODEL_DATA_SUBPATH))
@@ -252,8 +257,8 @@ def log_model(
     return model_info
 
 
-def load_model(model_uri: str, dst_path: str | None = None) -> he.CompiledModel:
-    """Load the ``he.CompiledModel`` of a CKKS model from a local path or an MLflow URI.
+def load_model(model_uri: str, dst_path: str | None = None) -> he.CompiledModel | he.SealedModel:
+    """Load the ``he.CompiledModel`` (or ``he.SealedModel``) of a CKKS model from a local path or an MLflow URI.
 
     Args:
         model_uri: e.g. ``models:/NAME@ALIAS``, ``runs:/RUN_ID/model`` or a local directory.
@@ -269,10 +274,11 @@ def load_model(model_uri: str, dst_path: str | None = None) -> he.CompiledModel:
             f"{model_uri} has no {FLAVOR_NAME!r} flavor (it has {sorted(flavors)}); log CKKS models with "
             "lightning_privacy.mlflow_plugins.ckks.log_model."
         )
-    return he.CompiledModel.load(os.path.join(local_path, flavors[FLAVOR_NAME]["data"]))
+    data = os.path.join(local_path, flavors[FLAVOR_NAME]["data"])
+    return he.SealedModel.load(data) if he.SealedModel.is_saved_in(data) else he.CompiledModel.load(data)
 
 
-def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> _CKKSModelWrapper:
+def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> _CKKSModelWrapper | SealedModelWrapper:
     """Load the pyfunc implementation; called by ``mlflow.pyfunc.load_model``.
 
     In the scoring server this also makes MLflow refuse request bodies beyond the
@@ -283,6 +289,8 @@ def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> _CKKS
         UnsupportedMlflowVersionError: this MLflow has no place to check bodies before parsing.
     """
     _mlflow_fence.install_invocations_guard(RequestLimits.from_env().http_refusal)
+    if he.SealedModel.is_saved_in(path):  # evaluated in-process with the owner's public keys
+        return SealedModelWrapper(he.SealedModel.load(path))
     return _CKKSModelWrapper(he.CompiledModel.load(path))
 
 

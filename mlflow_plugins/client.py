@@ -15,6 +15,7 @@ from requests.adapters import HTTPAdapter
 
 from lightning_privacy import he
 from lightning_privacy.errors import EncryptedRequestError, ServingConfigError
+from lightning_privacy.he.sealed import pack_plain_inputs
 from lightning_privacy.mlflow_plugins import ckks, protocol
 from lightning_privacy.mlflow_plugins.protocol import EncryptedRequest, ErrorCode
 
@@ -43,6 +44,10 @@ class EncryptedClient:
         chunk_size: most samples per request; default the model's ``max_batch_size`` for the batch
             layout and 16 for the single layout.
         timeout: seconds to wait for one HTTP answer.
+        keyring: for a sealed model (``he.SealedModel``), the ``he.OwnerKeyring`` it was sealed with:
+            the owner's client checks inputs, sends them and decrypts the answers with it.
+        mode: for a sealed model, ``"encrypted"`` (inputs encrypted under the owner's key) or
+            ``"plain"`` (plaintext inputs from the owner's front end; the answer is encrypted all the same).
 
     Attributes:
         bytes_sent, bytes_received, requests_sent: HTTP body bytes and requests so far (they stay
@@ -70,6 +75,8 @@ class EncryptedClient:
         layout: str | None = None,
         chunk_size: int | None = None,
         timeout: float = 600.0,
+        keyring: he.OwnerKeyring | None = None,
+        mode: str = "encrypted",
     ) -> None:
         if layout not in (None, *protocol.LAYOUTS):
             raise ServingConfigError(f"layout must be one of {list(protocol.LAYOUTS)} or None, got {layout!r}.")
@@ -86,6 +93,14 @@ class EncryptedClient:
             self._session = requests.Session()
             # Enough pooled connections for the benchmark's concurrency without pool warnings.
             self._session.mount("http://", HTTPAdapter(pool_connections=4, pool_maxsize=64))
+        sealed = isinstance(self.compiled, he.SealedModel)
+        if sealed != (keyring is not None) or mode not in protocol.MODES:
+            raise ServingConfigError(
+                "A sealed model answers in ciphertexts under its owner's key: pass keyring=the OwnerKeyring it was "
+                f"sealed with, and mode one of {list(protocol.MODES)}; keyring= is for sealed models only."
+            )
+        self.keyring = keyring
+        self.mode = mode
         self.url = None if url is None else url.rstrip("/") + "/invocations"
         self.layout = layout
         self.chunk_size = chunk_size
@@ -111,6 +126,8 @@ class EncryptedClient:
     def predict_logits(self, x: np.ndarray | pd.DataFrame) -> np.ndarray:
         """Raw logits ``(n, output_dim)`` of the encrypted graph (a final softmax is not in it)."""
         x = self._as_array(x)
+        if self.keyring is not None:
+            return self._predict_sealed(x)
         layout = self.layout or self.compiled.choose_layout(len(x))
         chunk = self.chunk_size or (self.compiled.max_batch_size if layout == "batch" else _SINGLE_LAYOUT_CHUNK)
         keyring, context, key_id = self._keyring(layout)
@@ -119,6 +136,18 @@ class EncryptedClient:
             batch = keyring.encrypt(x[start : start + chunk])
             (result,) = self._invoke(key_id, layout, context, batch.to_bytes())
             outputs.append(keyring.decrypt(he.EncryptedBatch.from_bytes(result, keyring.public_context)))
+        return np.concatenate(outputs, axis=0)
+
+    def _predict_sealed(self, x: np.ndarray) -> np.ndarray:
+        """A sealed model: the owner's inputs, plain or encrypted, under its key id; answers decrypted here."""
+        chunk = self.chunk_size or _SINGLE_LAYOUT_CHUNK
+        outputs = []
+        for start in range(0, len(x), chunk):
+            part = self.keyring.check(x[start : start + chunk])
+            payload = pack_plain_inputs(part) if self.mode == "plain" else self.keyring.encrypt(part).to_bytes()
+            row = EncryptedRequest(self.keyring.key_id, protocol.SEALED_LAYOUT, None, payload, self.mode)
+            (result,) = self._post(row)
+            outputs.append(self.keyring.decrypt(he.EncryptedBatch.from_bytes(result, self.keyring.public_context)))
         return np.concatenate(outputs, axis=0)
 
     def predict_proba(self, x: np.ndarray | pd.DataFrame) -> np.ndarray:

@@ -39,6 +39,11 @@ from lightning_privacy.errors import EncryptedRequestError
 
 COLUMNS = ("key_id", "layout", "context", "ciphertext")
 LAYOUTS = ("batch", "single")
+#: Layout of the rows of a sealed model (``he.SealedModel``: weights encrypted under its owner's key).
+SEALED_LAYOUT = "sealed"
+#: ``mode`` of a sealed-layout row: the owner's inputs in plaintext (``he.sealed.pack_plain_inputs``)
+#: or encrypted under its key (``OwnerKeyring.encrypt``); the answer is encrypted under its key.
+MODES = ("encrypted", "plain")
 #: Name of the field of a 400 body that holds the :class:`ErrorCode`.
 ERROR_CODE_FIELD = "lightning_privacy_code"
 
@@ -79,6 +84,7 @@ class EncryptedRequest:
     layout: str
     context: bytes | None
     ciphertext: bytes
+    mode: str = "encrypted"
 
 
 def key_id_of(public_context: bytes) -> str:
@@ -87,12 +93,14 @@ def key_id_of(public_context: bytes) -> str:
 
 
 def encode_request(rows: Sequence[EncryptedRequest]) -> dict[str, Any]:
-    """The JSON body of ``POST /invocations`` for ``rows``."""
+    """The JSON body of ``POST /invocations`` for ``rows`` (a ``mode`` column for sealed-model rows)."""
+    sealed = any(r.layout == SEALED_LAYOUT for r in rows)
     return {
         "dataframe_split": {
-            "columns": list(COLUMNS),
+            "columns": [*COLUMNS, *(["mode"] if sealed else [])],
             "data": [
                 [r.key_id, r.layout, None if r.context is None else _b64(r.context), _b64(r.ciphertext)]
+                + ([r.mode] if sealed else [])
                 for r in rows
             ],
         }
@@ -205,9 +213,16 @@ def _decode_row(index: int, row: Mapping[str, Any]) -> EncryptedRequest:
     key_id, layout = _scalar(row.get("key_id")), _scalar(row.get("layout"))
     if not isinstance(key_id, str) or not key_id:
         raise EncryptedRequestError(ErrorCode.MALFORMED_REQUEST, f"Row {index}: key_id must be a non-empty string.")
-    if layout not in LAYOUTS:
+    if layout not in (*LAYOUTS, SEALED_LAYOUT):
         raise EncryptedRequestError(
-            ErrorCode.MALFORMED_REQUEST, f"Row {index}: layout must be one of {list(LAYOUTS)}, got {layout!r}."
+            ErrorCode.MALFORMED_REQUEST,
+            f"Row {index}: layout must be one of {[*LAYOUTS, SEALED_LAYOUT]}, got {layout!r}.",
+        )
+    mode = _scalar(row.get("mode")) or "encrypted"
+    if mode not in MODES or (mode == "plain" and layout != SEALED_LAYOUT):
+        raise EncryptedRequestError(
+            ErrorCode.MALFORMED_REQUEST,
+            f"Row {index}: mode must be one of {list(MODES)} ('plain' for sealed models only), got {mode!r}.",
         )
     context = _optional_bytes(index, "context", _scalar(row.get("context")))
     if context is not None and key_id_of(context) != key_id:
@@ -219,7 +234,7 @@ def _decode_row(index: int, row: Mapping[str, Any]) -> EncryptedRequest:
     ciphertext = _optional_bytes(index, "ciphertext", _scalar(row.get("ciphertext")))
     if ciphertext is None:
         raise EncryptedRequestError(ErrorCode.MALFORMED_REQUEST, f"Row {index}: ciphertext is empty.")
-    return EncryptedRequest(key_id, layout, context, ciphertext)
+    return EncryptedRequest(key_id, layout, context, ciphertext, mode)
 
 
 def _scalar(value: Any) -> Any:
