@@ -2,8 +2,8 @@
 
 For the digits MLP 64-32-10 (square activation) compiled to CKKS, and for both packing layouts
 (``single``: one sample per request; ``batch``: ``--batch-size`` samples per request), it measures
-over loopback, for each server worker count in ``--workers`` (default: 1, then one per core, the
-``ScoringServer`` default):
+over loopback, for each server setup in ``--workers`` (default: 1 worker, then one per core, the
+``ScoringServer`` default; ``W/K`` sets uvicorn's keep-alive timeout to K seconds):
 
 - server throughput (samples/s), mean and p95 latency at concurrency 1, 2, 4, 8 and 16: each client
   thread has its own connection and posts a request encrypted beforehand, so that the clients'
@@ -21,7 +21,7 @@ One thread per process (``torch.set_num_threads(1)``). Everything lives in a tem
 
 Run::
 
-    python benchmarks/serving.py --distinct-keys 200
+    python benchmarks/serving.py --workers 1,2,2/0 --distinct-keys 200
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ from lightning_privacy.mlflow_plugins.protocol import EncryptedRequest, ErrorCod
 
 CONCURRENCY = (1, 2, 4, 8, 16)
 TIMEOUT_ENV = "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"
+KEEP_ALIVE_ENV = "UVICORN_TIMEOUT_KEEP_ALIVE"
 MIB = 2**20
 
 
@@ -94,7 +95,10 @@ class PreparedRequest:
         """The answer's ciphertext and how many ``UNKNOWN_KEY_ID`` answers came before it (0 or 1)."""
         unknown = 0
         for body in (self.without_context, self.with_context):
-            response = session.post(url, data=body, headers={"Content-Type": "application/json"}, timeout=600)
+            try:
+                response = session.post(url, data=body, headers={"Content-Type": "application/json"}, timeout=600)
+            except requests.ConnectionError:  # a connection the server closed as it was reused: once more
+                response = session.post(url, data=body, headers={"Content-Type": "application/json"}, timeout=600)
             if response.status_code == 200:
                 (result,) = protocol.decode_response(response.json())
                 return result, unknown
@@ -184,14 +188,15 @@ def main() -> None:
     parser.add_argument(
         "--workers",
         default=f"1,{available_workers()}",
-        help="comma-separated uvicorn worker counts to compare (1: the server before this benchmark's change)",
+        help="comma-separated server setups to compare: W uvicorn workers, or W/K with uvicorn's keep-alive timeout "
+        "K seconds (UVICORN_TIMEOUT_KEEP_ALIVE; default 5); 1 is the server before this benchmark's change",
     )
     parser.add_argument("--rounds", type=int, default=2, help="requests per client thread (bounded loop)")
     parser.add_argument("--min-requests", type=int, default=8, help="fewest requests per point (for p95)")
     parser.add_argument("--distinct-keys", type=int, default=0, help="clients with their own key (last server)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    worker_counts = [int(w) for w in args.workers.split(",")]
+    setups = args.workers.split(",")
 
     x, y = load_digits(return_X_y=True)
     x = (x / 16.0).astype(np.float32)
@@ -210,12 +215,15 @@ def main() -> None:
             info = ckks.log_model(compiled, name="model", registered_model_name="bench-ckks")
         uri = f"models:/bench-ckks/{info.registered_model_version}"
 
-        for w, workers in enumerate(worker_counts):
-            setup = str(workers)
-            spill_dir = Path(tmp) / f"spill-{setup}"
+        for w, setup in enumerate(setups):
+            workers, _, keep_alive = setup.partition("/")
+            workers = int(workers)
+            spill_dir = Path(tmp) / f"spill-{w}"
             # MLflow answers 504 after 60 s, counted from arrival: c16 batch requests queue longer on a busy machine.
             env = {SPILL_DIR_ENV: str(spill_dir), TIMEOUT_ENV: "600"}
-            log = Path(tmp) / f"server-{setup}.log"
+            if keep_alive:
+                env[KEEP_ALIVE_ENV] = keep_alive
+            log = Path(tmp) / f"server-{w}.log"
             with ScoringServer(uri, workers=workers, env=env, log_path=log) as server:
                 url = f"{server.url}/invocations"
                 for layout, per_request in (("single", 1), ("batch", args.batch_size)):
@@ -232,14 +240,14 @@ def main() -> None:
                         end_to_end.append(
                             (layout, per_request, *_end_to_end(compiled, server.url, layout, x[:per_request]))
                         )
-                if args.distinct_keys and w == len(worker_counts) - 1:
+                if args.distinct_keys and w == len(setups) - 1:
                     memory = distinct_keys(server, compiled, x[:1], args.distinct_keys, spill_dir)
     load_after = os.getloadavg()
 
     _print_throughput(rows, compiled, load_before, load_after)
-    _print_end_to_end(end_to_end, worker_counts[0])
+    _print_end_to_end(end_to_end, setups[0])
     if memory:
-        _print_memory(memory, worker_counts[-1])
+        _print_memory(memory, setups[-1])
 
 
 def _end_to_end(compiled: he.CompiledModel, url: str, layout: str, x: np.ndarray) -> tuple[float, float, float, float]:
@@ -282,12 +290,12 @@ def _print_throughput(rows: list, compiled: he.CompiledModel, load_before: tuple
     )
 
 
-def _print_end_to_end(rows: list, workers: int) -> None:
+def _print_end_to_end(rows: list, setup: str) -> None:
     header = (
         f"{'layout':<6} {'n/req':>5} {'served ms':>9} {'in-proc ms':>10} {'x':>5} {'KB up/sample':>12} "
         f"{'KB down/sample':>14}"
     )
-    print(f"\nEnd to end with EncryptedClient, concurrency 1, {workers} worker(s)\n{header}\n{'-' * len(header)}")
+    print(f"\nEnd to end with EncryptedClient, concurrency 1, server {setup}\n{header}\n{'-' * len(header)}")
     for layout, per_request, served, local, up, down in rows:
         print(
             f"{layout:<6} {per_request:>5d} {1e3 * served:>9.1f} {1e3 * local:>10.1f} {served / local:>5.2f} "
@@ -295,8 +303,8 @@ def _print_end_to_end(rows: list, workers: int) -> None:
         )
 
 
-def _print_memory(points: list, workers: int) -> None:
-    print(f"\nResident memory (MiB) of each of {workers} worker(s) while clients with distinct keys send a request")
+def _print_memory(points: list, setup: str) -> None:
+    print(f"\nResident memory (MiB) of each worker of server {setup} while clients with distinct keys send a request")
     for keys, rss, spill in points:
         print(
             f"{keys:>5d} keys: " + " ".join(f"{r / MIB:>8.0f}" for r in rss) + f"   spill dir {spill / MIB:>6.0f} MiB"
