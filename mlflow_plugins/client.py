@@ -36,7 +36,7 @@ class EncryptedClient:
 
     Args:
         model: model URI (``models:/NAME@ALIAS``, ``runs:/...``, a local path) or a
-            ``he.CompiledModel``; the client reads the CKKS parameters and layouts from it.
+            ``he.CompiledModel`` (or ``he.SealedModel``); the client reads the CKKS parameters and layouts from it.
         url: base URL of the scoring server, e.g. ``http://127.0.0.1:5001``. ``None`` loads
             ``model`` (then a URI) in this process with ``mlflow.pyfunc.load_model`` and runs the
             same protocol without HTTP.
@@ -69,7 +69,7 @@ class EncryptedClient:
 
     def __init__(
         self,
-        model: str | he.CompiledModel,
+        model: str | he.CompiledModel | he.SealedModel,
         url: str | None = None,
         *,
         layout: str | None = None,
