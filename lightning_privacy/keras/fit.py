@@ -205,8 +205,8 @@ class PrivateModel(keras.Model):
                 f"max_epsilon={self.dp_config.max_epsilon} allows no further private step at "
                 f"noise_multiplier={engine.plan.noise_multiplier:.4g}, sample_rate={engine.plan.sample_rate:.4g}."
             )
-        log = PrivacyLog(self.log_every_n_steps)
-        return super().fit(loader, epochs=epochs, shuffle=False, callbacks=[*(callbacks or []), log], **kwargs)
+        log = PrivacyLog(self.log_every_n_steps)  # first: the user's callbacks see epsilon in the logs
+        return super().fit(loader, epochs=epochs, shuffle=False, callbacks=[log, *(callbacks or [])], **kwargs)
 
     # ------------------------------------------------------------------ the private step
 

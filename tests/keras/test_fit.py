@@ -208,3 +208,22 @@ def test_without_a_chosen_backend_the_face_selects_torch(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "torch"
+
+
+def test_epsilon_in_the_step_logs_the_progress_bar_shows():
+    x, y = _data()
+    seen = []
+
+    class Watch(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            seen.append(logs.get("epsilon"))
+
+    private = make_private(_mlp(), noise_multiplier=1.0, accountant="rdp", delta=1e-3, log_every_n_steps=2)
+    private.compile(optimizer=keras.optimizers.SGD(0.1), loss=LOSS)
+    private.fit(x, y, batch_size=12, epochs=1, verbose=0, callbacks=[Watch()])
+    accountant = RDPAccountant()
+    expected = []
+    for step in range(1, len(seen) + 1):
+        accountant.step(noise_multiplier=1.0, sample_rate=0.2)
+        expected.append(accountant.get_epsilon(1e-3) if step % 2 == 0 else None)
+    assert seen == [pytest.approx(e, rel=1e-9) if e is not None else None for e in expected]
