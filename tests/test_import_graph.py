@@ -18,7 +18,12 @@ PACKAGE_DIRS = {
     "lightning_privacy.callbacks": ROOT / "callbacks",
     "lightning_privacy.mlflow_plugins": ROOT / "mlflow_plugins",
 }
-FACES = ("lightning_privacy.callbacks", "lightning_privacy.mlflow_plugins", "lightning_privacy.cli")
+FACES = (
+    "lightning_privacy.callbacks",
+    "lightning_privacy.mlflow_plugins",
+    "lightning_privacy.cli",
+    "lightning_privacy.keras",
+)
 CORES = ("lightning_privacy.dp", "lightning_privacy.he")
 
 
