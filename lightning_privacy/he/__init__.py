@@ -58,8 +58,9 @@ is what a server needs and imports neither:
   ``EncryptionInputError``. ``.key_id`` equals the client's ``Keyring.key_id``.
 - ``CKKSParams``, ``SECURITY_LIMITS`` (N -> max total coefficient-modulus bits at 128-bit security).
 - Sealed models (the weights encrypted under the model owner's key, ``y = f(Enc(θ), x)``):
-  ``OwnerKeyring(compiled)`` (owner side, holds the secret key; ``.encrypt(x)``, ``.decrypt(out)``,
-  ``.public_context_bytes()``, ``.key_id``), ``compiled.seal(owner) -> SealedModel`` (``.save(dir)``,
+  ``OwnerKeyring(compiled, key_file=None)`` (owner side, holds the secret key; ``.encrypt(x)``,
+  ``.decrypt(out)``, ``.check(x)``, ``.public_context_bytes()``, ``.key_id``, ``.save(path)`` for
+  ``key_file``), ``compiled.seal(owner) -> SealedModel`` (``.save(dir)``,
   ``SealedModel.load(dir)``, ``.evaluate(x_or_encrypted_batch) -> EncryptedBatch`` on the host with
   public keys only: plaintext inputs or ``owner.encrypt(x)``; the output only the owner decrypts).
 - ``nn.Square``, ``nn.PolyActivation``: HE-friendly blocks that import exactly (no approximation).
