@@ -1,0 +1,220 @@
+"""Cost of DP-SGD for Keras 3 models (torch backend), per training step, in one run.
+
+Two comparisons, σ = 1.0, C = 1.0, on scikit-learn's digits (batch 64; Poisson batches in the
+private rows, of expected size 64):
+
+  keras-fit          ``model.fit``, not private
+  keras-fit+dp       ``make_private(model).fit`` (exact per-example gradients, stateless_call under vmap)
+  lightning+dp/torch Trainer + ``DifferentialPrivacy`` (auto mode), the model in torch layers
+  lightning+dp/keras the same, the model as a Keras model inside the LightningModule
+
+Models: ``mlp`` 64 -> 128 relu -> 10; ``cnn`` 8x8x1 -> conv 16 (3x3, relu) -> avg-pool 2 -> 10.
+
+Every (model, mode) runs in a fresh subprocess with 1 thread. Time is the median wall time between
+consecutive batch starts after warm-up steps (loader, forward, backward, clip, noise, update).
+Memory is the peak resident set during training (VmHWM, reset through ``/proc/self/clear_refs``
+at the first batch) minus the resident set then: the extra memory training needs (Linux only).
+Ratios: ``keras-fit+dp`` to ``keras-fit``; ``lightning+dp/keras`` to ``lightning+dp/torch``.
+
+Run: ``python benchmarks/keras_dp.py [--models mlp cnn]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+
+os.environ.setdefault("KERAS_BACKEND", "torch")
+
+MODES = ["keras-fit", "keras-fit+dp", "lightning+dp/torch", "lightning+dp/keras"]
+BATCH, WARM, TIMED = 64, 5, 40
+SIGMA, CLIP, LR = 1.0, 1.0, 0.05
+
+
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
+
+
+def _baseline_mb() -> float:
+    """The resident set now, after resetting the peak (VmHWM) to it (Linux ``clear_refs`` 5)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_mb("VmRSS")
+
+
+def _data(model: str):
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = (digits.images / 16.0).astype("float32")
+    x = x.reshape(len(x), 64) if model == "mlp" else x[..., None]
+    # exactly WARM + TIMED (+1) steps in one epoch of expected batches
+    n = BATCH * (WARM + TIMED + 1)
+    reps = -(-n // len(x))
+    return np.concatenate([x] * reps)[:n], np.concatenate([digits.target] * reps)[:n].astype("int64")
+
+
+def _keras_model(model: str):
+    import keras
+
+    keras.utils.set_random_seed(0)
+    if model == "mlp":
+        layers = [keras.Input((64,)), keras.layers.Dense(128, activation="relu"), keras.layers.Dense(10)]
+    else:
+        layers = [
+            keras.Input((8, 8, 1)),
+            keras.layers.Conv2D(16, 3, padding="same", activation="relu"),
+            keras.layers.AveragePooling2D(2),
+            keras.layers.Flatten(),
+            keras.layers.Dense(10),
+        ]
+    return keras.Sequential(layers)
+
+
+def _torch_model(model: str):
+    from torch import nn
+
+    torch_net = (
+        nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+        if model == "mlp"
+        else nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(16 * 16, 10)
+        )
+    )
+    return torch_net
+
+
+def _keras_fit(model: str, private: bool) -> tuple[list[float], float]:
+    import keras
+
+    from lightning_privacy.keras import make_private
+
+    x, y = _data(model)
+    net = _keras_model(model)
+    if private:
+        net = make_private(net, noise_multiplier=SIGMA, max_grad_norm=CLIP, accountant="rdp", delta=1e-5)
+    net.compile(optimizer=keras.optimizers.SGD(LR), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    clock = _KerasClock()
+    net.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, callbacks=[clock])
+    return clock.times, clock.base
+
+
+class _KerasClock:
+    """Batch-start timestamps (a Keras callback built lazily, after the backend is chosen)."""
+
+    def __new__(cls):
+        import keras
+
+        class Clock(keras.callbacks.Callback):
+            def __init__(self) -> None:
+                super().__init__()
+                self.times: list[float] = []
+                self.base = 0.0
+
+            def on_train_batch_begin(self, batch, logs=None) -> None:
+                if not self.times:
+                    self.base = _baseline_mb()
+                self.times.append(time.perf_counter())
+
+        return Clock()
+
+
+def _lightning(model: str, keras_net: bool) -> tuple[list[float], float]:
+    import pytorch_lightning as pl
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import lightning_privacy.keras  # noqa: F401  (registers the Keras per-sample provider)
+    from lightning_privacy.callbacks import DifferentialPrivacy
+
+    x, y = _data(model)
+    if not keras_net and model == "cnn":
+        x = x.transpose(0, 3, 1, 2).copy()
+    net = _keras_model(model) if keras_net else _torch_model(model)
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def training_step(self, b, _):
+            return nn.functional.cross_entropy(self.net(b[0]), b[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=LR)
+
+    class Clock(pl.Callback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def on_train_batch_start(self, *args) -> None:
+            if not self.times:
+                self.base = _baseline_mb()
+            self.times.append(time.perf_counter())
+
+    clock = Clock()
+    dp = DifferentialPrivacy(noise_multiplier=SIGMA, max_grad_norm=CLIP, accountant="rdp")
+    trainer = pl.Trainer(
+        max_epochs=1, callbacks=[dp, clock], logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
+    )  # fmt: skip
+    data = TensorDataset(torch.as_tensor(x), torch.as_tensor(y))
+    trainer.fit(Module(), DataLoader(data, batch_size=BATCH, shuffle=True))
+    return clock.times, clock.base
+
+
+def worker(model: str, mode: str) -> dict:
+    import torch
+
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+    if mode.startswith("keras-fit"):
+        times, base = _keras_fit(model, mode.endswith("+dp"))
+    else:
+        times, base = _lightning(model, mode.endswith("keras"))
+    steps = [b - a for a, b in zip(times[WARM:], times[WARM + 1 :], strict=False)]
+    return {"ms": 1000 * statistics.median(steps), "extra_mb": _status_mb("VmHWM") - base, "steps": len(steps)}
+
+
+def _run(model: str, mode: str) -> dict | None:
+    done = subprocess.run([sys.executable, __file__, "--worker", model, mode], capture_output=True, text=True)
+    if done.returncode != 0:
+        print(f"  {model}/{mode}: failed: {done.stderr.strip().splitlines()[-1]}", file=sys.stderr)
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["mlp", "cnn"])
+    parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(*args.worker)))
+        return
+    reference = {"keras-fit+dp": "keras-fit", "lightning+dp/keras": "lightning+dp/torch"}
+    print(f"{'model':<6}{'mode':<20}{'ms/step':>9}{'× time':>8}{'extra MB':>10}{'× mem':>7}  (1 thread)")
+    for model in args.models:
+        results = {mode: _run(model, mode) for mode in MODES}
+        for mode, r in results.items():
+            if r is None:
+                continue
+            ref = results.get(reference.get(mode, ""))
+            ratio_t = f"{r['ms'] / ref['ms']:.2f}×" if ref else ""
+            ratio_m = f"{r['extra_mb'] / ref['extra_mb']:.2f}×" if ref and ref["extra_mb"] > 0 else ""
+            print(f"{model:<6}{mode:<20}{r['ms']:>9.2f}{ratio_t:>8}{r['extra_mb']:>10.1f}{ratio_m:>7}")
+
+
+if __name__ == "__main__":
+    main()
