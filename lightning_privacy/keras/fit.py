@@ -54,8 +54,9 @@ def make_private(
     with the same meaning: ``epochs`` / ``steps`` plan the run for ``target_epsilon`` (``fit``'s
     ``epochs`` otherwise); ``max_physical_batch_size`` bounds how many examples' gradients are
     computed at once (memory), not the Poisson batch; ``log_every_n_steps`` also puts ε in the
-    progress bar every that many steps (each epoch's end always). ``seed`` seeds the noise (for tests; leave it
-    ``None`` for training that is released); Poisson sampling draws from torch's generator.
+    progress bar every that many steps (each epoch's end always). ``seed`` seeds the noise with a generator of its own
+    (for tests); by default noise and Poisson sampling draw from torch's global generator, as the
+    Lightning face does (``keras.utils.set_random_seed`` seeds it).
 
     ``fit(x, y, batch_size=..., epochs=...)`` takes numpy arrays (or tensors), a
     ``keras.utils.PyDataset`` (read once into memory) or a torch ``DataLoader``; each epoch draws
@@ -107,7 +108,7 @@ class PrivateModel(keras.Model):
     Args:
         model: the user's Keras model (torch backend).
         config: the DP configuration.
-        seed: seeds the noise; ``None`` draws the seed from the OS.
+        seed: seeds the noise with a generator of its own; ``None``: torch's global generator.
         log_every_n_steps: ε in the progress bar every that many steps (else at each epoch's end).
 
     Raises:
@@ -132,10 +133,10 @@ class PrivateModel(keras.Model):
         self.dp_config = config
         # Physical batches here bound the vmapped chunk; the engine sees whole Poisson batches.
         self.privacy_engine = DPSGDEngine(dataclasses.replace(config, max_physical_batch_size=None))
-        self._generator = torch.Generator()
-        if seed is None:
-            self._generator.seed()
-        else:
+        # As the engine's optimizers (Opacus, secure_mode off): torch's global generator unless seeded.
+        self._generator: torch.Generator | None = None
+        if seed is not None:
+            self._generator = torch.Generator()
             self._generator.manual_seed(seed)
         self.log_every_n_steps = log_every_n_steps
         #: Book-keeping clipping when every trainable layer is a plain Dense (None: the exact general path).
