@@ -25,7 +25,7 @@ from lightning_privacy.errors import KerasBackendError
 HOW = (
     "Set the environment variable KERAS_BACKEND=torch before Python imports keras (in the shell: "
     "`export KERAS_BACKEND=torch`; in a script: `os.environ['KERAS_BACKEND'] = 'torch'` as the first "
-    "lines, before any `import keras`), or set \"backend\": \"torch\" in ~/.keras/keras.json."
+    'lines, before any `import keras`), or set "backend": "torch" in ~/.keras/keras.json.'
 )
 
 
