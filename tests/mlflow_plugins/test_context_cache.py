@@ -212,15 +212,21 @@ def test_spill_writes_are_atomic_and_leftovers_are_never_read(tmp_path, caplog):
     key = _key(data)
     (tmp_path / f".{key[:16]}-killed.partial").write_bytes(data[: len(data) // 2])
     seen: list[bytes | None] = []
+    readers_done = threading.Event()
 
     def write() -> None:
-        for _ in range(20):
+        for _ in range(5000):  # until the readers are done, at most this many times
+            if readers_done.is_set():
+                return
             spill.write(key, data)
             spill.discard(key)
 
     def read() -> None:
-        for _ in range(200):
+        for _ in range(5000):  # until 20 whole contexts were read, at most this many reads
             seen.append(spill.read(key))
+            if sum(s is not None for s in seen) >= 20:
+                break
+        readers_done.set()
 
     threads = [threading.Thread(target=f) for f in (write, write, read, read)]
     for t in threads:
