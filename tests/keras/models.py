@@ -66,6 +66,14 @@ def build(kind: str, seed: int = 0) -> tuple[keras.Model, np.ndarray, np.ndarray
             keras.layers.Dense(3),
         ]
         x = rng.normal(size=(n, 6)).astype("float32")
+    elif kind == "groupnorm":
+        layers = [
+            keras.Input((6,)),
+            keras.layers.Dense(8),
+            keras.layers.GroupNormalization(groups=2),
+            keras.layers.Dense(3),
+        ]
+        x = rng.normal(size=(n, 6)).astype("float32")
     elif kind == "custom":
         layers = [keras.Input((6,)), Scale(), keras.layers.Dense(3)]
         x = rng.normal(size=(n, 6)).astype("float32")
@@ -75,7 +83,7 @@ def build(kind: str, seed: int = 0) -> tuple[keras.Model, np.ndarray, np.ndarray
     return keras.Sequential(layers), x, y
 
 
-KINDS = ("dense", "dense_rows", "conv", "conv1d", "embedding", "layernorm", "custom")
+KINDS = ("dense", "dense_rows", "conv", "conv1d", "embedding", "layernorm", "groupnorm", "custom")
 
 
 def reference_clipped_mean(
