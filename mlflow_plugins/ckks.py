@@ -53,6 +53,7 @@ from lightning_privacy.errors import (
 from lightning_privacy.mlflow_plugins import _mlflow_fence, bundled_wheel, protocol
 from lightning_privacy.mlflow_plugins.context_cache import ContextCache
 from lightning_privacy.mlflow_plugins.context_spill import ContextSpill
+from lightning_privacy.mlflow_plugins.defences import QueryLedger, ServingDefences
 from lightning_privacy.mlflow_plugins.privacy_tags import copy_privacy_tags
 from lightning_privacy.mlflow_plugins.protocol import EncryptedRequest, ErrorCode
 from lightning_privacy.mlflow_plugins.request_limits import RequestLimits
@@ -106,6 +107,7 @@ def save_model(
     extra_pip_requirements: Any = None,
     metadata: dict[str, Any] | None = None,
     extra_files: Any = None,
+    defences: ServingDefences | None = None,
 ) -> None:
     """Save a CKKS model to a local directory in MLflow format.
 
@@ -125,6 +127,9 @@ def save_model(
         ``signature`` or ``input_example``: MLflow would enforce a schema before the model sees a
         request (its errors quote the request, ciphertexts included), and an example would be
         plaintext.
+        defences: opt-in model-extraction defences of the served model
+            (:class:`~lightning_privacy.mlflow_plugins.defences.ServingDefences`), carried as the
+            pyfunc ``model_config``.
 
     Raises:
         CompilationError: a model that needs compiling came without ``calibration_data``, or
@@ -167,6 +172,7 @@ def save_model(
             mlflow_model=mlflow_model,
             pip_requirements=pip_requirements,
             metadata=metadata,
+            model_config=defences.model_config() if defences is not None and defences.active else None,
             # The environment is requirements.txt: never a uv.lock that MLflow would pick up from
             # the working directory (it would install the training stack when served with uv).
             uv_project_path=staging,
@@ -215,6 +221,7 @@ def log_model(
     step: int = 0,
     model_id: str | None = None,
     artifact_path: str | None = None,
+    defences: ServingDefences | None = None,
     **kwargs: Any,
 ) -> ModelInfo:
     """Log a CKKS model to the active run (or as a logged model), optionally registering it.
@@ -223,8 +230,8 @@ def log_model(
     (``artifact_path`` is MLflow's deprecated spelling of ``name``). With
     ``registered_model_name``, the new model version gets every ``privacy.*`` tag of the run the
     model is logged to (ε, δ, noise multiplier, clip norm, accountant from DP training), so the
-    registry shows what each version was trained at. With ``MLFlowLogger``, log inside
-    ``mlflow.start_run(run_id=logger.run_id)``.
+    registry shows what each version was trained at, and the ``privacy.defence.*`` tags of
+    ``defences``. With ``MLFlowLogger``, log inside ``mlflow.start_run(run_id=logger.run_id)``.
 
     Returns:
         The ``ModelInfo`` of the logged model.
@@ -250,10 +257,15 @@ def log_model(
         model_type=model_type,
         step=step,
         model_id=model_id,
+        defences=defences,
         **kwargs,
     )
     if registered_model_name is not None and model_info.registered_model_version is not None:
         copy_privacy_tags(model_info.run_id, registered_model_name, model_info.registered_model_version)
+        for key, value in (defences.tags() if defences is not None else {}).items():  # privacy.defence.*
+            mlflow.MlflowClient().set_model_version_tag(
+                registered_model_name, model_info.registered_model_version, key, value
+            )
     return model_info
 
 
@@ -291,15 +303,16 @@ def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> _CKKS
     _mlflow_fence.install_invocations_guard(RequestLimits.from_env().http_refusal)
     if he.SealedModel.is_saved_in(path):  # evaluated in-process with the owner's public keys
         return SealedModelWrapper(he.SealedModel.load(path))
-    return _CKKSModelWrapper(he.CompiledModel.load(path))
+    return _CKKSModelWrapper(he.CompiledModel.load(path), ServingDefences.from_model_config(model_config))
 
 
 class _CKKSModelWrapper:
     """Evaluates encrypted requests with public contexts only; one context cache per process, and a
     spill directory shared by the processes of one server (``context_spill``)."""
 
-    def __init__(self, compiled: he.CompiledModel) -> None:
+    def __init__(self, compiled: he.CompiledModel, defences: ServingDefences | None = None) -> None:
         self.compiled = compiled
+        self.queries = QueryLedger(defences or ServingDefences())  # per client key, in this process
         # Shared with the other uvicorn workers of the server, so each key is uploaded once per server.
         self.contexts: ContextCache[he.PublicContext] = ContextCache(
             cost=lambda context: context.memory_bytes, spill=ContextSpill.from_env()
@@ -343,6 +356,7 @@ class _CKKSModelWrapper:
             batch = he.EncryptedBatch.from_bytes(row.ciphertext, context)
         except EncryptionInputError as e:
             raise EncryptedRequestError(ErrorCode.INVALID_CIPHERTEXT, f"The ciphertext cannot be read: {e}") from None
+        self.queries.charge(row.key_id, batch.n_samples)  # opt-in query budget (defences.py)
         try:
             return self.compiled.evaluate(batch, context)
         except EncryptionInputError as e:

@@ -25,12 +25,13 @@ from typing import Any
 import numpy as np
 
 from lightning_privacy.errors import EncryptedRequestError, QueryBudgetExhaustedError, ServingConfigError
+from lightning_privacy.mlflow_plugins.protocol import ErrorCode
 
 #: The ``model_config`` key, the flavor key and the tag prefix of the settings.
 CONFIG_KEY = "lightning_privacy_defences"
 TAG_PREFIX = "privacy.defence."
 #: The ``lightning_privacy_code`` of a request refused for its client's budget.
-QUERY_BUDGET_EXHAUSTED = "QUERY_BUDGET_EXHAUSTED"
+QUERY_BUDGET_EXHAUSTED = ErrorCode.QUERY_BUDGET_EXHAUSTED.value
 
 
 @dataclass(frozen=True)

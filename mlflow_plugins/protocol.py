@@ -70,6 +70,7 @@ class ErrorCode(str, Enum):
     REQUEST_TOO_LARGE = "REQUEST_TOO_LARGE"
     REQUEST_TOO_DEEP = "REQUEST_TOO_DEEP"
     INTERNAL_ERROR = "INTERNAL_ERROR"
+    QUERY_BUDGET_EXHAUSTED = "QUERY_BUDGET_EXHAUSTED"
 
 
 #: HTTP status of a rejection, where it is not 400.
