@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
+from lightning_privacy import cli_audit
 from lightning_privacy.dp import ACCOUNTANTS, DPConfig, calibrate_noise_multiplier, dp_sgd_event, epsilon_for
 from lightning_privacy.errors import LightningPrivacyError, PrivacyConfigError, UnreachableEpsilonError
 
@@ -60,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     sigma.add_argument("--target-epsilon", type=float, help="solve for sigma instead")
     eps.add_argument("--accountant", choices=ACCOUNTANTS, default="prv")
     eps.set_defaults(run=_epsilon)
+    cli_audit.add_parser(commands)
     return parser
 
 

@@ -12,7 +12,16 @@ Example::
 from lightning_privacy.mlflow_plugins import ckks, protocol
 from lightning_privacy.mlflow_plugins.client import EncryptedClient
 from lightning_privacy.mlflow_plugins.context_cache import ContextCache
+from lightning_privacy.mlflow_plugins.defences import ServingDefences
 from lightning_privacy.mlflow_plugins.privacy_tags import copy_privacy_tags
 from lightning_privacy.mlflow_plugins.serving import ScoringServer
 
-__all__ = ["ContextCache", "EncryptedClient", "ScoringServer", "ckks", "copy_privacy_tags", "protocol"]
+__all__ = [
+    "ContextCache",
+    "EncryptedClient",
+    "ScoringServer",
+    "ServingDefences",
+    "ckks",
+    "copy_privacy_tags",
+    "protocol",
+]

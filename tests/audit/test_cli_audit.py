@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
-import argparse
-
 import mlflow
 import pandas as pd
 import pytest
 import torch
 
-from lightning_privacy import cli_audit
 from lightning_privacy.audit import attack_metrics
+from lightning_privacy.cli import build_parser, main
 from lightning_privacy.errors import AuditConfigError
 from tests.audit.dpsgd import digits
 from tests.audit.test_evaluator import TorchLogits
 
 
 def _command(argv: list[str]) -> str:
-    parser = argparse.ArgumentParser()
-    cli_audit.add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["audit", *argv])
+    args = build_parser().parse_args(["audit", *argv])
     return args.run(args)
 
 
@@ -76,3 +72,10 @@ def test_bad_input_is_one_clear_error(tmp_path):
     with pytest.raises(AuditConfigError, match="could not evaluate"):
         _command(["--model-uri", "runs:/0123456789abcdef/model", "--members", rows, "--non-members", rows,
                   "--target", "label"])  # fmt: skip
+
+
+def test_main_reports_refusals_on_one_line(tmp_path, capsys):
+    code = main(["audit", "--model-uri", "runs:/x/model", "--members", str(tmp_path / "nope.csv"),
+                 "--non-members", str(tmp_path / "nope.csv"), "--target", "label"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("lightning-privacy audit: error:") and err.count("\n") == 1
