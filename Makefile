@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 
 .PHONY: demo lint test
 
+# `make test` runs the linter and formatter check first, then the suite.
+
 $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
@@ -16,7 +18,7 @@ $(VENV)/.installed: pyproject.toml setup.py
 demo: $(VENV)/.installed
 	$(PY) examples/encrypted_serving.py
 
-test: $(VENV)/.installed
+test: lint
 	$(PY) -m pytest
 
 lint: $(VENV)/.installed

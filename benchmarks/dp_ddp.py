@@ -142,7 +142,10 @@ def main() -> None:
     base = {r: res["samples_per_s"] for r, _, res in rows if not r.startswith("dp")}
     print(f"\ndigits x{REPEAT} CNN, per-process batch {BATCH}, {args.epochs} timed epochs, 1 thread per process, "
           f"{os.cpu_count()} cores\n")  # fmt: skip
-    print(f"{'run':<14} {'mode':<6} {'procs':>5} {'samples/s':>10} {'vs non-private':>15} {'2 procs vs 1':>13} {'epsilon':>8}")
+    print(
+        f"{'run':<14} {'mode':<6} {'procs':>5} {'samples/s':>10} "
+        f"{'vs non-private':>15} {'2 procs vs 1':>13} {'epsilon':>8}"
+    )
     single = {}
     for run, mode, res in rows:
         procs = 2 if "ddp" in run else 1

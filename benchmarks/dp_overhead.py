@@ -86,7 +86,9 @@ class Encoder(nn.Module):
         self.ln, self.head = nn.LayerNorm(d), nn.Linear(d, classes)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(idx.shape[1], device=idx.device).expand_as(idx).contiguous()  # per sample; Opacus ghost fails on expanded indices
+        positions = (
+            torch.arange(idx.shape[1], device=idx.device).expand_as(idx).contiguous()
+        )  # per sample; Opacus ghost fails on expanded indices
         h = self.blocks(self.tok(idx) + self.pos(positions))
         return self.head(self.ln(h).mean(1))
 
@@ -176,8 +178,9 @@ def _plain_steps(model: str, mode: str, net: nn.Module, data, batch: int):
 
 def _lightning_run(net: nn.Module, data, batch: int, private: bool, warm: int, timed: int) -> list[float]:
     import pytorch_lightning as pl
-    from lightning_privacy.callbacks import DifferentialPrivacy
     from torch.utils.data import DataLoader
+
+    from lightning_privacy.callbacks import DifferentialPrivacy
 
     class Module(pl.LightningModule):
         def __init__(self) -> None:
@@ -212,7 +215,7 @@ def _lightning_run(net: nn.Module, data, batch: int, private: bool, warm: int, t
     trainer.fit(Module(), DataLoader(data, batch_size=batch, shuffle=True))
     if private:
         assert dp[0].engine.grad_sample_mode == "fast", dp[0].engine.grad_sample_mode
-    return [b - a for a, b in zip(clock.times[warm:], clock.times[warm + 1 :])], clock.base
+    return [b - a for a, b in zip(clock.times[warm:], clock.times[warm + 1 :], strict=False)], clock.base
 
 
 def worker(model: str, mode: str, threads: int) -> dict:
@@ -220,8 +223,9 @@ def worker(model: str, mode: str, threads: int) -> dict:
     warnings.filterwarnings("ignore")
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    import lightning_privacy.callbacks  # noqa: F401
     import pytorch_lightning  # noqa: F401  (imports before the baseline, whatever the mode)
+
+    import lightning_privacy.callbacks  # noqa: F401
 
     net, data, batch = build(model)
     warm, timed = STEPS[model]

@@ -144,7 +144,10 @@ def main() -> None:
     }
     print(f"digits, {len(data)} samples, batch {BATCH}, sigma {SIGMA}, C {CLIP}, {args.epochs} timed epochs, "
           f"{args.threads} thread(s)")  # fmt: skip
-    header = f"{'model':<5} {'run':<13} {'s/epoch':>8} {'epsilon':>8} {'vs opacus+eps':>14} {'vs lightning':>13} {'vs torch':>9}"
+    header = (
+        f"{'model':<5} {'run':<13} {'s/epoch':>8} {'epsilon':>8} "
+        f"{'vs opacus+eps':>14} {'vs lightning':>13} {'vs torch':>9}"
+    )
     print(header + "\n" + "-" * len(header))
     for kind in ("mlp", "cnn"):
         torch.manual_seed(0)

@@ -104,9 +104,7 @@ def train(
 def register_with_privacy_tags(model: nn.Module, example: np.ndarray, run_id: str, name: str) -> str:
     """Log ``model`` to the run, register it as ``name`` and copy the run's privacy tags to the version."""
     with mlflow.start_run(run_id=run_id):
-        info = mlflow.pytorch.log_model(
-            model, name="model", registered_model_name=name, input_example=example
-        )
+        info = mlflow.pytorch.log_model(model, name="model", registered_model_name=name, input_example=example)
     copy_privacy_tags(run_id, name, info.registered_model_version)
     return str(info.registered_model_version)
 
@@ -130,8 +128,10 @@ def main() -> None:
     print(f"MLflow store : {mlflow.get_tracking_uri()}  (run {logger.run_id})")
     print(f"Registered   : models:/{args.model_name}/{version}")
     print(f"Test accuracy: {accuracy(model, test_data):.4f}")
-    print(f"Privacy      : epsilon = {dp.epsilon:.4f} at delta = {args.delta:g} "
-          f"(sigma = {dp.engine.plan.noise_multiplier:.4f}, C = 1.0, {dp.engine.steps} steps, accountant prv)")
+    print(
+        f"Privacy      : epsilon = {dp.epsilon:.4f} at delta = {args.delta:g} "
+        f"(sigma = {dp.engine.plan.noise_multiplier:.4f}, C = 1.0, {dp.engine.steps} steps, accountant prv)"
+    )
 
 
 if __name__ == "__main__":

@@ -6,9 +6,9 @@ import json
 import threading
 from typing import Any
 
+import mlflow.pyfunc
 import numpy as np
 import pandas as pd
-import mlflow.pyfunc
 import requests
 from mlflow.exceptions import MlflowException
 from requests.adapters import HTTPAdapter

@@ -184,7 +184,7 @@ def _records(data: Any) -> list[Mapping[str, Any]]:
             raise EncryptedRequestError(
                 ErrorCode.MALFORMED_REQUEST, f"Columns have different lengths: {sorted(lengths)}."
             )
-        return [dict(zip(columns, values)) for values in zip(*columns.values())]
+        return [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
     if isinstance(data, list) and data and all(isinstance(r, Mapping) for r in data):
         for r in data:
             _check_columns(list(r.keys()))

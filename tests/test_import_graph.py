@@ -103,9 +103,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def _without_parents(graph: dict[str, set[str]]) -> dict[str, set[str]]:
     """Drop the edge a module has to its own parent packages: importing ``a.b`` runs ``a`` first
     anyway, and a package ``__init__`` that re-exports its children is not a cycle of design."""
-    return {
-        name: {t for t in targets if not name.startswith(t + ".")} for name, targets in graph.items()
-    }
+    return {name: {t for t in targets if not name.startswith(t + ".")} for name, targets in graph.items()}
 
 
 def test_the_graph_sees_the_package() -> None:

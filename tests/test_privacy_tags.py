@@ -11,7 +11,12 @@ from lightning_privacy.privacy_tags import TAG_PREFIX, TRAINING_TAGS, privacy_on
 def test_tags_are_prefixed_strings_and_selected_back():
     values = {"epsilon": 2.97, "delta": 1e-05, "steps": 450, "accountant": "rdp"}
     tags = privacy_tags(values)
-    expected = {"privacy.epsilon": "2.97", "privacy.delta": "1e-05", "privacy.steps": "450", "privacy.accountant": "rdp"}
+    expected = {
+        "privacy.epsilon": "2.97",
+        "privacy.delta": "1e-05",
+        "privacy.steps": "450",
+        "privacy.accountant": "rdp",
+    }
     assert tags == expected
     assert privacy_only({**tags, "team": "fraud", "mlflow.user": "x", "privacyish": "no"}) == tags
     assert set(TRAINING_TAGS) >= set(values)

@@ -37,7 +37,7 @@ def test_round_trip_through_the_scoring_server_parser():
 
 def test_inputs_dict_of_columns_is_accepted_too():
     split = protocol.encode_request([ROW])["dataframe_split"]
-    body = {"inputs": {c: [v] for c, v in zip(split["columns"], split["data"][0])}}
+    body = {"inputs": {c: [v] for c, v in zip(split["columns"], split["data"][0], strict=True)}}
     assert protocol.decode_request(parse_tf_serving_input(json.loads(json.dumps(body)))) == [ROW]
 
 

@@ -36,7 +36,7 @@ def _random_json(rng: random.Random, depth: int) -> object:
     if kind < 0.65:
         return children
     keys = ["".join(rng.choice(NASTY_CHARS) for _ in range(rng.randrange(5))) + str(i) for i in range(len(children))]
-    return dict(zip(keys, children))
+    return dict(zip(keys, children, strict=True))
 
 
 @pytest.mark.parametrize("seed", range(40))

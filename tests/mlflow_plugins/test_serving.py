@@ -87,7 +87,7 @@ def test_inputs_format_is_served_like_dataframe_split(server, compiled, digits, 
     context, x = keyring.public_context_bytes(), digits.x_test[:2]
     row = EncryptedRequest(protocol.key_id_of(context), "single", context, keyring.encrypt(x).to_bytes())
     split = protocol.encode_request([row])["dataframe_split"]
-    response = _post(server, {"inputs": {c: [v] for c, v in zip(split["columns"], split["data"][0])}})
+    response = _post(server, {"inputs": {c: [v] for c, v in zip(split["columns"], split["data"][0], strict=True)}})
     assert response.status_code == 200, response.text[:500]
     (result,) = protocol.decode_response(response.json())
     logits = keyring.decrypt(he.EncryptedBatch.from_bytes(result, keyring.public_context))
@@ -125,17 +125,23 @@ def _bad_requests(compiled, digits) -> dict[str, tuple[dict, str, str]]:
     return {
         "malformed base64": (_body(row, ciphertext="@@ not base64 @@"), "INVALID_BASE64", "base64"),
         "truncated ciphertext": (
-            _body(row, ciphertext=b64(row.ciphertext[: len(row.ciphertext) // 2])), "INVALID_CIPHERTEXT", "ciphertext"
+            _body(row, ciphertext=b64(row.ciphertext[: len(row.ciphertext) // 2])),
+            "INVALID_CIPHERTEXT",
+            "ciphertext",
         ),
         "garbage ciphertext": (
-            _body(row, ciphertext=b64(np.random.default_rng(0).bytes(4096))), "INVALID_CIPHERTEXT", "ciphertext"
+            _body(row, ciphertext=b64(np.random.default_rng(0).bytes(4096))),
+            "INVALID_CIPHERTEXT",
+            "ciphertext",
         ),
         "wrong shape": (_wrong_shape_body(compiled, digits), "MODEL_MISMATCH", "expected 64 ciphertexts"),
         "missing context": (_body(_valid_row(compiled, digits.x_test[:1]), context=None), "UNKNOWN_KEY_ID", "context"),
         "key id of another context": (_body(row, key_id="0" * 64), "KEY_ID_MISMATCH", "key_id"),
         "private context": (_private_context_body(row), "PRIVATE_CONTEXT", "secret key"),
         "garbage context": (
-            _body(row, context=b64(b"x" * 100), key_id=protocol.key_id_of(b"x" * 100)), "INVALID_CONTEXT", "context"
+            _body(row, context=b64(b"x" * 100), key_id=protocol.key_id_of(b"x" * 100)),
+            "INVALID_CONTEXT",
+            "context",
         ),
         "plaintext dataframe": (
             {"dataframe_split": {"columns": [str(i) for i in range(64)], "data": digits.x_test[:2].tolist()}},
@@ -144,10 +150,14 @@ def _bad_requests(compiled, digits) -> dict[str, tuple[dict, str, str]]:
         ),
         "plaintext inputs": ({"inputs": digits.x_test[:2].tolist()}, "PLAINTEXT_INPUT", "EncryptedClient"),
         "context for other moduli": (
-            _body(forgeries.other_moduli(compiled, digits.x_test[:2])), "MODEL_MISMATCH", "moduli"
+            _body(forgeries.other_moduli(compiled, digits.x_test[:2])),
+            "MODEL_MISMATCH",
+            "moduli",
         ),
         "context without its Galois keys": (
-            _body(forgeries.missing_galois_keys(compiled, digits.x_test[:1])), "MODEL_MISMATCH", "Galois keys"
+            _body(forgeries.missing_galois_keys(compiled, digits.x_test[:1])),
+            "MODEL_MISMATCH",
+            "Galois keys",
         ),
         "NaN scale": (_body(forgeries.nan_scale(compiled, digits.x_test[:1])), "INVALID_CIPHERTEXT", "scale"),
     }
