@@ -24,7 +24,7 @@ import functools
 import numpy as np
 from numpy.polynomial import chebyshev
 
-from lightning_privacy.errors import InputRangeError
+from lightning_privacy.errors import EncryptionInputError, InputRangeError
 from lightning_privacy.he.depth import levels
 from lightning_privacy.he.graph import Add, Affine, LayerGraph, Multiply, Polynomial
 from lightning_privacy.he.packing import batch, single
@@ -36,6 +36,23 @@ from lightning_privacy.he.report import ApproximationReport
 HEADROOM_FRACTION = 0.98
 _BISECTION_STEPS = 60
 _FFT_ROWS = 64
+
+
+def checked_input(x: np.ndarray, input_shape: tuple[int, ...]) -> np.ndarray:
+    """``x`` as float64 of shape ``(n, *input_shape)`` with ``n >= 1`` and finite values.
+
+    Raises:
+        EncryptionInputError: ``x`` is not numeric, has another shape, no sample, or NaN/inf values.
+    """
+    try:
+        x = np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise EncryptionInputError(f"input is not numeric: {exc}") from exc
+    if x.ndim != len(input_shape) + 1 or x.shape[1:] != input_shape or x.shape[0] == 0:
+        raise EncryptionInputError(f"expected input of shape (n, {', '.join(map(str, input_shape))}), got {x.shape}")
+    if not np.all(np.isfinite(x)):
+        raise EncryptionInputError(f"input contains {int(np.sum(~np.isfinite(x)))} NaN/inf values")
+    return x
 
 
 def headroom(params: CKKSParams, level: int) -> float:

@@ -22,6 +22,7 @@ from lightning_privacy.he.context import (
     seal_context,
     seal_parameters,
 )
+from lightning_privacy.he.input_range import checked_input
 from lightning_privacy.he.packing import LAYOUTS, batch, single
 from lightning_privacy.he.packing.single import InputExpansion
 from lightning_privacy.he.params import CKKSParams
@@ -147,16 +148,7 @@ class Keyring:
         return EncryptedBatch(self.layout, len(x), cts, self.public_context)
 
     def _validate(self, x: np.ndarray) -> np.ndarray:
-        try:
-            x = np.asarray(x, dtype=np.float64)
-        except (TypeError, ValueError) as exc:
-            raise EncryptionInputError(f"input is not numeric: {exc}") from exc
-        if x.ndim != len(self.input_shape) + 1 or x.shape[1:] != self.input_shape or x.shape[0] == 0:
-            raise EncryptionInputError(
-                f"expected input of shape (n, {', '.join(map(str, self.input_shape))}), got {x.shape}"
-            )
-        if not np.all(np.isfinite(x)):
-            raise EncryptionInputError(f"input contains {int(np.sum(~np.isfinite(x)))} NaN/inf values")
+        x = checked_input(x, self.input_shape)
         if self.layout == "batch" and len(x) > self.max_batch_size:
             raise EncryptionInputError(f"{len(x)} samples exceed max_batch_size={self.max_batch_size}; split the input")
         if self._compiled is not None:

@@ -26,6 +26,7 @@ from lightning_privacy.he.context import (
     seal_parameters,
 )
 from lightning_privacy.he.graph import LayerGraph
+from lightning_privacy.he.input_range import checked_input
 from lightning_privacy.he.packing import SEALED, single
 from lightning_privacy.he.packing.sealed import SealedLayer, sealed_layers
 from lightning_privacy.he.params import CKKSParams
@@ -166,16 +167,7 @@ class OwnerKeyring:
 
     def check(self, x: np.ndarray) -> np.ndarray:
         """``x`` as float64 after the checks of :meth:`encrypt` (a front end runs them on plaintext inputs too)."""
-        try:
-            x = np.asarray(x, dtype=np.float64)
-        except (TypeError, ValueError) as exc:
-            raise EncryptionInputError(f"input is not numeric: {exc}") from exc
-        if x.ndim != len(self.input_shape) + 1 or x.shape[1:] != self.input_shape or x.shape[0] == 0:
-            raise EncryptionInputError(
-                f"expected input of shape (n, {', '.join(map(str, self.input_shape))}), got {x.shape}"
-            )
-        if not np.all(np.isfinite(x)):
-            raise EncryptionInputError(f"input contains {int(np.sum(~np.isfinite(x)))} NaN/inf values")
+        x = checked_input(x, self.input_shape)
         self._compiled.check_input(x, "batch")
         return x
 

@@ -29,6 +29,7 @@ from lightning_privacy.he.arithmetic import Arithmetic
 from lightning_privacy.he.ciphertexts import EncryptedBatch
 from lightning_privacy.he.context import PublicContext
 from lightning_privacy.he.graph import OUTPUT_ACTIVATIONS, LayerGraph
+from lightning_privacy.he.input_range import checked_input
 from lightning_privacy.he.kernels.sealed import SealedKernel, WeightSource
 from lightning_privacy.he.owner import OwnerKeyring, sealed_rotation_steps
 from lightning_privacy.he.packing import SEALED
@@ -148,16 +149,7 @@ class SealedModel:
         return EncryptedBatch(SEALED, len(samples), outputs, self.context)
 
     def _plain_inputs(self, x: np.ndarray) -> list[list[seal.Plaintext | seal.Ciphertext | None]]:
-        try:
-            x = np.asarray(x, dtype=np.float64)
-        except (TypeError, ValueError) as exc:
-            raise EncryptionInputError(f"input is not numeric: {exc}") from exc
-        if x.ndim != len(self.input_shape) + 1 or x.shape[1:] != self.input_shape or x.shape[0] == 0:
-            raise EncryptionInputError(
-                f"expected input of shape (n, {', '.join(map(str, self.input_shape))}), got {x.shape}"
-            )
-        if not np.all(np.isfinite(x)):
-            raise EncryptionInputError(f"input contains {int(np.sum(~np.isfinite(x)))} NaN/inf values")
+        x = checked_input(x, self.input_shape)
         arith, top = self.context.arithmetic, self.context.context.first_parms_id()
         samples = []
         for chunks in self.layers[0].columns(self.params.slots).inputs(x.reshape(len(x), -1)):
