@@ -24,12 +24,10 @@ Example::
 from __future__ import annotations
 
 import importlib.metadata
-import logging
 import os
 import platform
 import sys
 import tempfile
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +58,6 @@ from lightning_privacy.mlflow_plugins.request_limits import RequestLimits
 from lightning_privacy.mlflow_plugins.sealed_model import SealedModelWrapper
 
 FLAVOR_NAME = "ckks"
-_logger = logging.getLogger(__name__)
 #: Run tags copied onto the registered model version (written by the DifferentialPrivacy callback).
 
 _MODEL_DATA_SUBPATH = "compiled"
@@ -330,20 +327,11 @@ class _CKKSModelWrapper:
                 ``INTERNAL_ERROR`` for any unexpected failure, whose stack trace goes to the server
                 log under an incident id and never to the client (MLflow would put it in the body).
         """
-        try:
-            results = [self._evaluate(row) for row in protocol.decode_request(data)]
-            return protocol.encode_response([r.to_bytes() for r in results], [r.n_samples for r in results])
-        except EncryptedRequestError as error:
-            raise protocol.to_mlflow_exception(error) from None
-        except Exception:
-            incident = uuid.uuid4().hex[:12]
-            _logger.exception("Encrypted request failed unexpectedly (incident %s)", incident)
-            error = EncryptedRequestError(
-                ErrorCode.INTERNAL_ERROR,
-                f"The server could not evaluate this request (incident {incident}; details in the server log). "
-                "Send requests made by EncryptedClient for this model; if this one was, report the incident id.",
-            )
-            raise protocol.to_mlflow_exception(error) from None
+        return protocol.answer(
+            data,
+            self._evaluate,
+            "Send requests made by EncryptedClient for this model; if this one was, report the incident id.",
+        )
 
     def _evaluate(self, row: EncryptedRequest) -> he.EncryptedBatch:
         context = self.contexts.get_or_load(row.key_id, row.context, self._public_context)

@@ -25,7 +25,9 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-from collections.abc import Mapping, Sequence
+import logging
+import uuid
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -36,6 +38,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import BAD_REQUEST
 
 from lightning_privacy.errors import EncryptedRequestError
+
+_logger = logging.getLogger(__name__)
 
 COLUMNS = ("key_id", "layout", "context", "ciphertext")
 LAYOUTS = ("batch", "single")
@@ -148,6 +152,29 @@ class _RejectedRequest(MlflowException):
     def message(self, value: str) -> None:
         if not hasattr(self, "_message"):
             self._message = value
+
+
+def answer(data: Any, evaluate: Callable[[EncryptedRequest], Any], hint: str) -> pd.DataFrame:
+    """A pyfunc model's ``predict``: decode the rows, ``evaluate`` each, encode the answers.
+
+    ``evaluate`` returns an encrypted batch (``to_bytes()``, ``n_samples``) or raises
+    :class:`EncryptedRequestError`, which becomes MLflow's 400 with its code. Any other exception is
+    ``INTERNAL_ERROR`` with an incident id: its stack trace goes to the server log under that id and
+    never to the client (MLflow would put it in the body). ``hint`` ends that message.
+    """
+    try:
+        results = [evaluate(row) for row in decode_request(data)]
+        return encode_response([r.to_bytes() for r in results], [r.n_samples for r in results])
+    except EncryptedRequestError as error:
+        raise to_mlflow_exception(error) from None
+    except Exception:
+        incident = uuid.uuid4().hex[:12]
+        _logger.exception("Encrypted request failed unexpectedly (incident %s)", incident)
+        error = EncryptedRequestError(
+            ErrorCode.INTERNAL_ERROR,
+            f"The server could not evaluate this request (incident {incident}; details in the server log). {hint}",
+        )
+        raise to_mlflow_exception(error) from None
 
 
 def to_mlflow_exception(error: EncryptedRequestError) -> MlflowException:

@@ -10,8 +10,6 @@ owner's key: whoever lacks the owner's keyring gets ciphertexts it cannot read.
 
 from __future__ import annotations
 
-import logging
-import uuid
 from typing import Any
 
 import pandas as pd
@@ -21,8 +19,6 @@ from lightning_privacy.errors import EncryptedRequestError, EncryptionInputError
 from lightning_privacy.he.sealed import unpack_plain_inputs
 from lightning_privacy.mlflow_plugins import protocol
 from lightning_privacy.mlflow_plugins.protocol import EncryptedRequest, ErrorCode
-
-_logger = logging.getLogger(__name__)
 
 
 class SealedModelWrapper:
@@ -49,20 +45,11 @@ class SealedModelWrapper:
 
         Unexpected failures are ``INTERNAL_ERROR`` with an incident id; the trace goes to the server log.
         """
-        try:
-            results = [self.answer(row) for row in protocol.decode_request(data)]
-            return protocol.encode_response([r.to_bytes() for r in results], [r.n_samples for r in results])
-        except EncryptedRequestError as error:
-            raise protocol.to_mlflow_exception(error) from None
-        except Exception:
-            incident = uuid.uuid4().hex[:12]
-            _logger.exception("Sealed-model request failed unexpectedly (incident %s)", incident)
-            error = EncryptedRequestError(
-                ErrorCode.INTERNAL_ERROR,
-                f"The server could not evaluate this request (incident {incident}; details in the server log). "
-                "Send requests made by EncryptedClient with the owner's keyring; if this one was, report the id.",
-            )
-            raise protocol.to_mlflow_exception(error) from None
+        return protocol.answer(
+            data,
+            self.answer,
+            "Send requests made by EncryptedClient with the owner's keyring; if this one was, report the id.",
+        )
 
     def answer(self, row: EncryptedRequest) -> he.EncryptedBatch:
         """The encrypted result of one row.
