@@ -47,7 +47,9 @@ from lightning_privacy.errors import (
     EncryptionInputError,
     ModelMismatchError,
     SecretKeyExposureError,
+    ServingConfigError,
 )
+from lightning_privacy.he.perturbation import perturb
 from lightning_privacy.mlflow_plugins import _mlflow_fence, bundled_wheel, protocol
 from lightning_privacy.mlflow_plugins.context_cache import ContextCache
 from lightning_privacy.mlflow_plugins.context_spill import ContextSpill
@@ -125,12 +127,15 @@ def save_model(
         request (its errors quote the request, ciphertexts included), and an example would be
         plaintext.
         defences: opt-in model-extraction defences of the served model
-            (:class:`~lightning_privacy.mlflow_plugins.defences.ServingDefences`), carried as the
-            pyfunc ``model_config``.
+            (:class:`~lightning_privacy.mlflow_plugins.defences.ServingDefences`: a per-client
+            query budget, Gaussian noise on the encrypted outputs), carried as the pyfunc
+            ``model_config`` in ``MLmodel``, which the pyfunc loader reads back in every server.
+            Not for sealed models: their one client is the owner, who holds the weights.
 
     Raises:
         CompilationError: a model that needs compiling came without ``calibration_data``, or
             does not compile.
+        ServingConfigError: ``defences`` for a sealed model.
         MlflowException: more than one of ``conda_env``, ``pip_requirements`` and
             ``extra_pip_requirements``, or ``path`` exists and is not empty.
     """
@@ -139,6 +144,13 @@ def save_model(
             "Give at most one of conda_env, pip_requirements and extra_pip_requirements (as in MLflow)."
         )
     sealed = isinstance(ckks_model, he.SealedModel)  # weights encrypted: no plaintext weight is written
+    if sealed and defences is not None and defences.active:
+        # The owner is a sealed model's only client and holds the weights: there is nothing to
+        # extract, and a defence that would not run must not be recorded as in force.
+        raise ServingConfigError(
+            f"Extraction defences ({defences}) apply to request-encrypted models, not sealed ones: a sealed "
+            "model answers its owner only, who holds the weights. Save it without defences."
+        )
     compiled = ckks_model if sealed else _compile(ckks_model, calibration_data, example_input, compile_options)
     path = os.path.abspath(path)
     if conda_env is None:
@@ -309,7 +321,8 @@ class _CKKSModelWrapper:
 
     def __init__(self, compiled: he.CompiledModel, defences: ServingDefences | None = None) -> None:
         self.compiled = compiled
-        self.queries = QueryLedger(defences or ServingDefences())  # per client key, in this process
+        self.defences = defences or ServingDefences()
+        self.queries = QueryLedger(self.defences)  # per client key, in this process
         # Shared with the other uvicorn workers of the server, so each key is uploaded once per server.
         self.contexts: ContextCache[he.PublicContext] = ContextCache(
             cost=lambda context: context.memory_bytes, spill=ContextSpill.from_env()
@@ -346,12 +359,16 @@ class _CKKSModelWrapper:
             raise EncryptedRequestError(ErrorCode.INVALID_CIPHERTEXT, f"The ciphertext cannot be read: {e}") from None
         self.queries.charge(row.key_id, batch.n_samples)  # opt-in query budget (defences.py)
         try:
-            return self.compiled.evaluate(batch, context)
+            result = self.compiled.evaluate(batch, context)
         except EncryptionInputError as e:
             raise EncryptedRequestError(
                 ErrorCode.MODEL_MISMATCH,
                 f"The encrypted batch does not fit this model (input shape {tuple(self.compiled.input_shape)}): {e}",
             ) from None
+        if self.defences.output_noise_std is None:
+            return result
+        # Opt-in output noise (defences.py): fresh CSPRNG-seeded draws for every request.
+        return perturb(result, self.compiled.output_dim, self.defences.output_noise_std)
 
     def _public_context(self, data: bytes) -> he.PublicContext:
         try:

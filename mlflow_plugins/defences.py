@@ -5,14 +5,25 @@
   others. A client that makes new keys starts a new budget, so this bounds what one key pair
   extracts, not what a determined attacker with many keys extracts: pair it with authentication in
   front of the server. Each uvicorn worker counts on its own.
+- ``output_noise_std``: Gaussian noise of this standard deviation, in the units of the model's raw
+  outputs (logits, before the output activation), added by the server to the encrypted outputs of
+  every request (``lightning_privacy.he.perturbation``): fresh draws per request from a
+  CSPRNG-seeded generator, one per output value (in the single layout the same draw for every
+  replica of a value, so the client cannot average it away). It blurs what an extracting client
+  learns per query, and drowns the CKKS decryption error that IND-CPA-D key recovery works from.
+  Pick it from the defender's own logits: ``audit.OutputPerturbation.calibrate(logits,
+  max_flips=0.01)`` is the largest s.d. that changes at most 1 % of the predicted classes.
+
+Neither applies to sealed models (``he.SealedModel``): their only client is the owner, who holds
+the weights; ``ckks.save_model`` refuses the combination.
 
 The settings travel as the pyfunc ``model_config`` (MLflow hands it to the loader in every server)
 and as ``privacy.defence.*`` tags on the registered model version.
 
 Example::
 
-    ckks.log_model(compiled, name="model", defences=ServingDefences(query_budget=10_000),
-                   registered_model_name="digits-ckks")
+    ckks.log_model(compiled, name="model", registered_model_name="digits-ckks",
+                   defences=ServingDefences(query_budget=10_000, output_noise_std=0.5))
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from lightning_privacy.errors import EncryptedRequestError, QueryBudgetExhaustedError, ServingConfigError
+from lightning_privacy.he.perturbation import check_noise_std
 from lightning_privacy.mlflow_plugins.protocol import ErrorCode
 
 #: The ``model_config`` key, the flavor key and the tag prefix of the settings.
@@ -40,21 +52,28 @@ class ServingDefences:
 
     Args:
         query_budget: samples answered per client key per server process; ``None`` for no limit.
+        output_noise_std: s.d. of the Gaussian noise added to every encrypted output value, in logit
+            units; ``None`` for exact outputs.
 
     Raises:
-        ServingConfigError: a budget that is not a positive integer.
+        ServingConfigError: a budget that is not a positive integer, or a noise s.d. that is not a
+            finite number > 0.
     """
 
     query_budget: int | None = None
+    output_noise_std: float | None = None
 
     def __post_init__(self) -> None:
         budget = self.query_budget
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
             raise ServingConfigError(f"query_budget must be a positive integer or None, got {budget!r}.")
+        if self.output_noise_std is not None:  # frozen: set the validated float through object's setattr
+            object.__setattr__(self, "output_noise_std", check_noise_std(self.output_noise_std))
 
     @property
     def active(self) -> bool:
-        return self.query_budget is not None
+        """Whether any defence is in force."""
+        return self.query_budget is not None or self.output_noise_std is not None
 
     def model_config(self) -> dict[str, Any]:
         """The pyfunc ``model_config`` that carries these settings to every server."""
@@ -62,8 +81,20 @@ class ServingDefences:
 
     @classmethod
     def from_model_config(cls, config: Mapping[str, Any] | None) -> ServingDefences:
-        """The settings in a pyfunc ``model_config`` (none: no defence)."""
-        return cls(**dict((config or {}).get(CONFIG_KEY) or {}))
+        """The settings in a pyfunc ``model_config`` (none: no defence).
+
+        Raises:
+            ServingConfigError: an unknown setting (a model saved by a newer lightning-privacy), or
+                an invalid value.
+        """
+        settings = dict((config or {}).get(CONFIG_KEY) or {})
+        unknown = sorted(set(settings) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ServingConfigError(
+                f"The model's defences name settings this lightning-privacy does not know: {unknown}. A defence "
+                "must never be dropped silently: serve the model with the lightning-privacy it was saved with."
+            )
+        return cls(**settings)
 
     def tags(self) -> dict[str, str]:
         """``privacy.defence.*`` tags for the registered model version (only the settings in force)."""

@@ -35,6 +35,7 @@ LAYERS: dict[str, int] = {
     "ciphertexts": 9, "kernels.batch": 9, "kernels.single": 9, "kernels.sealed": 9,
     "kernels": 10,
     "keys": 11, "evaluation": 11, "owner": 11,
+    "perturbation": 11,
     "sealed": 12,
     "model": 13,
     "onnx.base": 14,
