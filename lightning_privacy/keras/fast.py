@@ -1,46 +1,97 @@
-"""Book-keeping clipping for Keras models made of Dense layers, in ``model.fit``.
+"""Which layer of a Keras model gets which per-sample computation, and the clipped sum of ``model.fit``.
 
-For a model whose every trainable layer is a plain Keras ``Dense``, one ordinary forward and
-backward of the summed per-example loss gives each Dense layer's input ``a`` and the gradient of
-its pre-activation output ``g`` (recomputed through the layer's activation from the recorded
-output gradient); each example's gradient is then ``a_iᵀ g_i`` (summed over the positions of a
-sequence input), its norm ``‖a_i‖·‖g_i‖`` for flat inputs, and the clipped sum one contraction
-``aᵀ (f ⊙ g)`` (Bu et al. 2023, "book-keeping"; the same identities as :mod:`lightning_privacy.dp.fast`).
-No per-example forward is run, and no per-example gradient materialised for flat inputs. Any other
-model takes the exact general path (:func:`~lightning_privacy.keras.per_sample.per_example_loss_grads`).
+:func:`plan` splits a model into parts: each Keras layer a book-keeping rule covers
+(:mod:`lightning_privacy.keras.rules`: Dense, Conv1D/2D, Embedding, Layer/GroupNormalization) is a
+part of its own; any other layer with weights of its own (a custom layer) is an exact part, whose
+per-example gradients :func:`~lightning_privacy.keras.per_sample.per_example_vjp` computes from the
+gradient at its output (``stateless_call`` under vmap, that layer only). Both faces use the plan:
+
+- ``model.fit`` (:func:`clipped_sum`): one ordinary forward records each part's input and output,
+  one ``autograd.grad`` of the summed per-example losses gives the gradients at those outputs (no
+  weight gradient is computed), and the clipped sum is one contraction per rule layer
+  (Bu et al. 2023, "book-keeping"; the identities of :mod:`lightning_privacy.dp.fast`).
+- the Lightning path (:class:`~lightning_privacy.keras.hooks.StatelessPerSampleHooks`): the same
+  parts, per-sample gradients into ``p.grad_sample`` for Opacus' optimizers.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import keras
 import torch
 from torch import Tensor
 
-from lightning_privacy.keras.per_sample import keras_layers
+from lightning_privacy.dp.fast.records import Workspace
+from lightning_privacy.keras.per_sample import per_example_vjp
+from lightning_privacy.keras.rules import KerasRule, LayerGrads, Materialised, rule_for
 
 
-def _leaves(model: keras.Layer) -> list[keras.Layer]:
-    return [layer for layer in keras_layers(model) if not list(layer._flatten_layers(include_self=False))]
+@dataclass(frozen=True)
+class Part:
+    """A layer whose per-sample gradients are computed as one: by ``rule``, or exactly (``None``)."""
+
+    layer: keras.Layer
+    rule: KerasRule | None
 
 
-def dense_only(model: keras.Layer) -> list[keras.Layer] | None:
-    """The model's Dense layers if every trainable variable belongs to a plain ``Dense`` (no LoRA, not
-    quantized) whose weights are exactly its kernel and bias; else ``None``."""
-    trainable = [layer for layer in _leaves(model) if layer.trainable_variables]
-    if not trainable:
+def plan(model: keras.Layer) -> list[Part] | None:
+    """The parts of ``model``: rule layers, and exact parts for the layers with weights of their own.
+
+    ``None`` when the parts do not own the model's trainable variables exactly once each (a
+    variable shared between layers): the caller takes the model as one exact unit."""
+    parts: list[Part] = []
+    seen: set[int] = set()
+
+    def walk(layer: keras.Layer) -> None:
+        if id(layer) in seen or not layer.trainable_variables:
+            return
+        seen.add(id(layer))
+        rule = rule_for(layer)
+        if rule is not None:
+            parts.append(Part(layer, rule))
+            return
+        children = list(layer._flatten_layers(include_self=False, recursive=False))
+        below = {id(v) for child in children for v in child.trainable_variables}
+        if not children or any(id(v) not in below for v in layer.trainable_variables):
+            parts.append(Part(layer, None))
+            return
+        for child in children:
+            walk(child)
+
+    walk(model)
+    owned = [id(v) for part in parts for v in part.layer.trainable_variables]
+    if len(owned) != len(set(owned)) or set(owned) != {id(v) for v in model.trainable_variables}:
         return None
-    for layer in trainable:
-        if type(layer) is not keras.layers.Dense or layer.lora_enabled or layer.quantization_mode is not None:
-            return None
-        if [id(v) for v in layer.trainable_variables] != [id(v) for v in (layer.kernel, layer.bias) if v is not None]:
-            return None
-    owned = {id(v) for layer in trainable for v in layer.trainable_variables}
-    if owned != {id(v) for v in model.trainable_variables}:
-        return None
-    return trainable
+    return parts
+
+
+@dataclass
+class Call:
+    """One forward call of a part: its inputs, output, and the state its non-trainable variables had."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    output: Tensor
+    non_trainable: list[Tensor] = field(default_factory=list)
+
+
+def record_call(part: Part, args: tuple[Any, ...], kwargs: dict[str, Any], output: Tensor) -> Call:
+    """What a forward hook keeps of one call of ``part`` (the exact path recomputes from it)."""
+    state = [] if part.rule else [v.value.detach().clone() for v in part.layer.non_trainable_variables]
+    return Call(args, kwargs, output, state)
+
+
+def layer_grads(part: Part, call: Call, grad_output: Tensor, ws: Workspace) -> LayerGrads:
+    """The per-sample gradients of ``part``'s trainable variables in one call, from the gradient at
+    its output (each example's own: a sum-reduced loss)."""
+    if part.rule is not None:
+        x = call.args[0].detach()
+        return part.rule.prepare(part.layer, x, call.output.detach(), grad_output.detach(), ws)
+    trainable = [v.value for v in part.layer.trainable_variables]
+    return Materialised(per_example_vjp(part.layer, trainable, call.non_trainable, call.args, call.kwargs, grad_output))
 
 
 def per_example_losses(loss: Any) -> Callable[[Tensor, Tensor], Tensor]:
@@ -49,70 +100,57 @@ def per_example_losses(loss: Any) -> Callable[[Tensor, Tensor], Tensor]:
     return fn.call if isinstance(fn, keras.losses.Loss) else fn
 
 
-def clipped_sum_dense(
-    model: keras.Layer, layers: list[keras.Layer], loss: Any, x: Tensor, y: Tensor, max_grad_norm: float
+def clipped_sum(
+    model: keras.Layer, parts: list[Part], loss: Any, x: Tensor, y: Tensor, max_grad_norm: float
 ) -> tuple[list[Tensor], Tensor, Tensor] | None:
     """``Σ_i min(1, C/‖g_i‖) g_i`` over the trainable variables of ``model`` (Keras' order), with the
-    per-example losses and the predictions, by book-keeping on ``layers`` (see :func:`dense_only`).
+    per-example losses and the predictions, from one forward and one backward (see :func:`plan`).
 
-    Returns ``None`` when a layer ran more than once in the forward (shared weights): the caller
+    Returns ``None`` when a part's output is not one tensor that depends on its weights: the caller
     takes the exact general path instead."""
-    records: dict[int, list[Tensor]] = {}
-    shared = False
+    calls: list[tuple[Part, Call]] = []
 
-    def hook(layer: keras.Layer, args: tuple[Any, ...], output: Tensor) -> None:
-        nonlocal shared
-        shared = shared or id(layer) in records
-        entry = records.setdefault(id(layer), [args[0], output])
-        output.register_hook(lambda g: entry.append(g))
+    def hook_for(part: Part) -> Callable[..., None]:
+        def hook(layer: keras.Layer, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+            calls.append((part, record_call(part, args, kwargs, output)))
 
-    handles = [layer.register_forward_hook(hook) for layer in layers]
-    params = [v.value for v in model.trainable_variables]
+        return hook
+
+    handles = [part.layer.register_forward_hook(hook_for(part), with_kwargs=True) for part in parts]
     try:
         with torch.enable_grad():
             pred = model(x, training=True)
             losses = per_example_losses(loss)(y, pred)
-            losses.sum().backward()
     finally:
         for handle in handles:
             handle.remove()
-    for p in params:
-        p.grad = None  # autograd's unclipped sums: not used
-    if shared or len(records) != len(layers):
+    outputs = [call.output for _, call in calls]
+    if not all(isinstance(out, Tensor) and out.requires_grad for out in outputs):
         return None
-    parts = []
-    for layer in layers:
-        a, out, g_out = records[id(layer)]
-        a = a.detach().reshape(a.shape[0], -1, a.shape[-1]).to(torch.float32)
-        g = pre_activation_grad(layer, a, g_out.reshape(a.shape[0], -1, g_out.shape[-1]))
-        parts.append((layer, a, g))
+    grads_out = torch.autograd.grad(losses.sum(), outputs, allow_unused=True) if outputs else ()
+    ws = Workspace()
+    by_part: dict[int, list[LayerGrads]] = {}
+    for (part, call), g in zip(calls, grads_out, strict=True):
+        if g is not None:
+            by_part.setdefault(id(part.layer), []).append(layer_grads(part, call, g, ws))
+    merged = {key: grads[0] if len(grads) == 1 else _summed(grads) for key, grads in by_part.items()}
     sq = torch.zeros(x.shape[0], dtype=torch.float64)
-    for _, a, g in parts:
-        if a.shape[1] == 1:
-            sq += (a.square().sum((1, 2)) * g.square().sum((1, 2))).double()
-        else:
-            sq += torch.einsum("bti,bto->bio", a, g).square().sum((1, 2)).double()
-        sq += g.sum(1).square().sum(1).double()
+    for grads in merged.values():
+        sq += grads.sq_norms().double()
     factor = (max_grad_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0).to(torch.float32)
     sums: dict[int, Tensor] = {}
-    for layer, a, g in parts:
-        scaled = g * factor.view(-1, 1, 1)
-        sums[id(layer.kernel)] = torch.einsum("bti,bto->io", a, scaled)
-        if layer.bias is not None:
-            sums[id(layer.bias)] = scaled.sum((0, 1))
-    grads = [sums[id(v)].to(v.value.dtype) for v in model.trainable_variables]
+    for part in parts:
+        if id(part.layer) in merged:
+            values = merged[id(part.layer)].weighted_sums(factor)
+            sums.update({id(v): s for v, s in zip(part.layer.trainable_variables, values, strict=True)})
+    grads = [
+        sums[id(v)].to(v.value.dtype) if id(v) in sums else torch.zeros_like(v.value)  # a part that never ran
+        for v in model.trainable_variables
+    ]
     return grads, losses.detach(), pred.detach()
 
 
-def pre_activation_grad(layer: keras.Layer, a: Tensor, g_out: Tensor) -> Tensor:
-    """The gradient at ``a @ kernel + bias`` from the one at the layer's output."""
-    g_out = g_out.detach().to(torch.float32)
-    if layer.activation is keras.activations.linear:
-        return g_out
-    with torch.enable_grad():
-        pre = a @ layer.kernel.value.detach()
-        if layer.bias is not None:
-            pre = pre + layer.bias.value.detach()
-        pre.requires_grad_(True)
-        (g,) = torch.autograd.grad(layer.activation(pre), pre, g_out)
-    return g
+def _summed(grads: list[LayerGrads]) -> Materialised:
+    """One example's gradient over several calls of a layer (shared weights): the per-call sum."""
+    per_call = [g.per_sample() for g in grads]
+    return Materialised([sum(parts) for parts in zip(*per_call, strict=True)])

@@ -2,8 +2,10 @@
 
 The private model wraps the user's model (composition: the same layers and variables, nothing
 patched) and replaces one training step with DP-SGD, in the order of Opacus' ``DPOptimizer``:
-each example's gradient (book-keeping for models of Dense layers, :mod:`lightning_privacy.keras.fast`;
-exact per-example gradients for any other, :func:`~lightning_privacy.keras.per_sample.per_example_loss_grads`),
+each example's gradient (book-keeping rules for Keras' Dense, Conv, Embedding and normalization
+layers, exact ``stateless_call`` under vmap for any other layer with weights, :mod:`lightning_privacy.keras.fast`;
+the whole model under vmap where the layers share weights or physical batches are set,
+:func:`~lightning_privacy.keras.per_sample.per_example_loss_grads`),
 clipped to C over all trainable variables, summed, plus N(0, σ²C²), divided by the expected batch
 size; then the compiled Keras optimizer applies it. Sampling, σ calibration, the budget and the
 ledger are the engine's (:class:`~lightning_privacy.dp.DPSGDEngine`), with the arguments of the
@@ -25,7 +27,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_privacy.dp import DPConfig, DPSGDEngine
 from lightning_privacy.errors import PrivacyBudgetExhaustedError, PrivacyConfigError
-from lightning_privacy.keras.fast import clipped_sum_dense, dense_only
+from lightning_privacy.keras.fast import Part, clipped_sum, plan
 from lightning_privacy.keras.per_sample import check_per_example, per_example_loss_grads, trainable_tensors
 from lightning_privacy.privacy_tags import TAG_PREFIX
 
@@ -139,8 +141,8 @@ class PrivateModel(keras.Model):
             self._generator = torch.Generator()
             self._generator.manual_seed(seed)
         self.log_every_n_steps = log_every_n_steps
-        #: Book-keeping clipping when every trainable layer is a plain Dense (None: the exact general path).
-        self._dense_layers = dense_only(model)
+        #: The parts of the book-keeping step (rule layers and exact ones; None: the whole model exactly).
+        self.parts: list[Part] | None = plan(model)
 
     def call(self, inputs: Any, training: bool | None = None) -> Any:
         return self.inner(inputs, training=training)
@@ -198,7 +200,7 @@ class PrivateModel(keras.Model):
         kwargs.pop("shuffle", None)  # Poisson sampling draws each batch afresh
         if self.loss is None or isinstance(self.loss, list | dict):
             raise PrivacyConfigError("Compile the private model with one loss (model.compile(loss=...)) before fit.")
-        self._dense_layers = dense_only(self.inner)
+        self.parts = plan(self.inner)
         engine = self.privacy_engine
         loader = engine.private_loader(self._loader(x, y, batch_size), planned_epochs=epochs)
         if engine.remaining_steps <= 0:
@@ -230,8 +232,8 @@ class PrivateModel(keras.Model):
         n = x.shape[0]
         preds = None
         fast = None
-        if n and self._dense_layers is not None and config.max_physical_batch_size is None:
-            fast = clipped_sum_dense(self.inner, self._dense_layers, self.loss, x, y, config.max_grad_norm)
+        if n and self.parts is not None and config.max_physical_batch_size is None:
+            fast = clipped_sum(self.inner, self.parts, self.loss, x, y, config.max_grad_norm)
         if fast is not None:
             summed, losses, preds = fast
         elif n:

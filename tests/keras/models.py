@@ -74,6 +74,78 @@ def build(kind: str, seed: int = 0) -> tuple[keras.Model, np.ndarray, np.ndarray
             keras.layers.Dense(3),
         ]
         x = rng.normal(size=(n, 6)).astype("float32")
+    elif kind == "conv_same_stride":  # asymmetric "same" padding, stride 2, an activation recomputed
+        layers = [
+            keras.Input((7, 6, 2)),
+            keras.layers.Conv2D(4, 3, strides=2, padding="same", activation="elu"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(3),
+        ]
+        x = rng.normal(size=(n, 7, 6, 2)).astype("float32")
+    elif kind == "conv_dilated_groups":
+        layers = [
+            keras.Input((7, 7, 4)),
+            keras.layers.Conv2D(6, (3, 2), dilation_rate=2, groups=2, use_bias=False, activation="sigmoid"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(3),
+        ]
+        x = rng.normal(size=(n, 7, 7, 4)).astype("float32")
+    elif kind == "conv_channels_first":
+        layers = [
+            keras.Input((2, 6, 5)),
+            keras.layers.Conv2D(3, 3, strides=2, padding="same", data_format="channels_first", activation="relu"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(3),
+        ]
+        x = rng.normal(size=(n, 2, 6, 5)).astype("float32")
+    elif kind == "conv1d_causal":
+        layers = [
+            keras.Input((7, 2)),
+            keras.layers.Conv1D(4, 3, padding="causal", dilation_rate=2, activation="relu"),
+            keras.layers.Conv1D(3, 4, padding="same", strides=2, activation="tanh"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(3),
+        ]
+        x = rng.normal(size=(n, 7, 2)).astype("float32")
+    elif kind == "embedding_mask_zero":  # index 0 is masked downstream, its row still learns
+        layers = [
+            keras.Input((5,), dtype="int32"),
+            keras.layers.Embedding(11, 4, mask_zero=True),
+            keras.layers.GlobalAveragePooling1D(),
+            keras.layers.Dense(3),
+        ]
+        x = rng.integers(0, 11, size=(n, 5)).astype("int32")
+        x[:, -1] = 0
+    elif kind == "layernorm_axes":
+        layers = [
+            keras.Input((3, 4)),
+            keras.layers.Dense(4),
+            keras.layers.LayerNormalization(axis=[1, 2], center=False),
+            keras.layers.LayerNormalization(scale=False),
+            keras.layers.Flatten(),
+            keras.layers.Dense(3),
+        ]
+        x = rng.normal(size=(n, 3, 4)).astype("float32")
+    elif kind == "groupnorm_conv":
+        layers = [
+            keras.Input((5, 5, 2)),
+            keras.layers.Conv2D(4, 3, padding="same"),
+            keras.layers.GroupNormalization(groups=2),
+            keras.layers.Flatten(),
+            keras.layers.Dense(3),
+        ]
+        x = rng.normal(size=(n, 5, 5, 2)).astype("float32")
+    elif kind == "mixed":  # rule layers around a custom layer with weights of its own
+        layers = [
+            keras.Input((5,), dtype="int32"),
+            keras.layers.Embedding(11, 4),
+            keras.layers.Conv1D(4, 2, activation="relu"),
+            keras.layers.LayerNormalization(),
+            Scale(),
+            keras.layers.Flatten(),
+            keras.layers.Dense(3),
+        ]
+        x = rng.integers(0, 11, size=(n, 5)).astype("int32")
     elif kind == "custom":
         layers = [keras.Input((6,)), Scale(), keras.layers.Dense(3)]
         x = rng.normal(size=(n, 6)).astype("float32")
@@ -83,7 +155,27 @@ def build(kind: str, seed: int = 0) -> tuple[keras.Model, np.ndarray, np.ndarray
     return keras.Sequential(layers), x, y
 
 
-KINDS = ("dense", "dense_rows", "conv", "conv1d", "embedding", "layernorm", "groupnorm", "custom")
+KINDS = (
+    "dense",
+    "dense_rows",
+    "conv",
+    "conv1d",
+    "conv_same_stride",
+    "conv_dilated_groups",
+    "conv_channels_first",
+    "conv1d_causal",
+    "embedding",
+    "embedding_mask_zero",
+    "layernorm",
+    "layernorm_axes",
+    "groupnorm",
+    "groupnorm_conv",
+    "mixed",
+    "custom",
+)
+
+#: The layers of each kind that no book-keeping rule covers (computed by the exact vmap path).
+EXACT_LAYERS = {"mixed": {"Scale"}, "custom": {"Scale"}}
 
 
 def reference_clipped_mean(

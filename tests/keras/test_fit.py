@@ -18,10 +18,20 @@ from opacus.accountants import RDPAccountant  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from lightning_privacy.errors import KerasPerSampleError  # noqa: E402
-from lightning_privacy.keras import make_private  # noqa: E402
-from tests.keras.models import KINDS, build, reference_clipped_mean  # noqa: E402
+from lightning_privacy.keras import fast, fit, make_private  # noqa: E402
+from tests.keras.models import EXACT_LAYERS, KINDS, build, reference_clipped_mean  # noqa: E402
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def _recording(fn, seen):
+    """``fn``, noting the layer of each call (the exact path's per-layer vmap)."""
+
+    def wrapped(layer, *args, **kwargs):
+        seen.append(layer)
+        return fn(layer, *args, **kwargs)
+
+    return wrapped
 
 
 def _planned(model, x, y, dataset_factor=4, **dp):
@@ -47,14 +57,19 @@ def _update(private, x, y, seed):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_one_fit_step_equals_the_per_sample_loop(kind):
+def test_one_fit_step_equals_the_per_sample_loop(kind, monkeypatch):
+    """Book-keeping rules for Keras' layers, the exact vmap path for a custom layer's weights only;
+    the whole-model vmap path is never taken (it would raise here)."""
     model, x, y = build(kind)
     _, norms = reference_clipped_mean(model, x, y, 1e9, 1.0)
     clip = float(norms.median())  # about half the examples are clipped
     expected, _ = reference_clipped_mean(model, x, y, clip, len(x))
     private = _planned(model, x, y, noise_multiplier=0.7, max_grad_norm=clip, accountant="rdp")
-    # models of plain Dense layers take book-keeping clipping, the others the exact vmap path
-    assert (private._dense_layers is not None) == kind.startswith("dense")
+    exact = {type(part.layer).__name__ for part in private.parts if part.rule is None}
+    assert exact == EXACT_LAYERS.get(kind, set())
+    vmapped = []
+    monkeypatch.setattr(fit, "per_example_loss_grads", lambda *a, **k: pytest.fail("whole-model vmap path taken"))
+    monkeypatch.setattr(fast, "per_example_vjp", _recording(fast.per_example_vjp, vmapped))
     with_batch = _update(private, x, y, seed=11)
     noise_only = _update(private, x[:0], y[:0], seed=11)  # the same noise, no example
     diffs = [
@@ -63,6 +78,7 @@ def test_one_fit_step_equals_the_per_sample_loop(kind):
     scale = max(float(e.abs().max()) for e in expected)
     assert scale > 1e-3  # the check compares something
     assert max(diffs) < 1e-5, (kind, diffs)
+    assert {type(layer).__name__ for layer in vmapped} == EXACT_LAYERS.get(kind, set())
     noise = torch.cat([n.reshape(-1) for n in noise_only])
     assert float(noise.abs().max()) > 0  # the step did add noise
 

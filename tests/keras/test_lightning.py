@@ -19,8 +19,10 @@ import lightning_privacy.keras  # noqa: E402, F401  (registers the Keras per-sam
 from lightning_privacy.callbacks import DifferentialPrivacy  # noqa: E402
 from lightning_privacy.dp import providers  # noqa: E402
 from lightning_privacy.errors import UncoveredParameterError  # noqa: E402
+from lightning_privacy.keras import fast  # noqa: E402
+from lightning_privacy.keras.per_sample import per_example_vjp  # noqa: E402
 from tests.dp.models import trainer_kwargs  # noqa: E402
-from tests.keras.models import KINDS, build, reference_clipped_mean  # noqa: E402
+from tests.keras.models import EXACT_LAYERS, KINDS, build, reference_clipped_mean  # noqa: E402
 
 LR = 0.5
 
@@ -76,7 +78,15 @@ def _fit(tmp_path, module, clip, mode="auto"):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_one_lightning_step_equals_the_per_sample_loop(tmp_path, kind):
+def test_one_lightning_step_equals_the_per_sample_loop(tmp_path, kind, monkeypatch):
+    """Book-keeping rules for Keras' layers; the exact vmap path only for a custom layer's weights."""
+    vmapped = []
+
+    def recording(layer, *args, **kwargs):
+        vmapped.append(layer)
+        return per_example_vjp(layer, *args, **kwargs)
+
+    monkeypatch.setattr(fast, "per_example_vjp", recording)
     net, x, y = build(kind)
     _, norms = reference_clipped_mean(net, x, y, 1e9, 1.0)
     clip = float(norms.median())
@@ -96,6 +106,7 @@ def test_one_lightning_step_equals_the_per_sample_loop(tmp_path, kind):
     ]
     assert max(float(e.abs().max()) for e in expected) > 1e-4  # the check compares something
     assert max(diffs) < 1e-5, (kind, diffs)
+    assert {type(layer).__name__ for layer in vmapped} == EXACT_LAYERS.get(kind, set())
 
 
 def test_fast_mode_takes_the_keras_weights_through_its_fallback(tmp_path):

@@ -1,0 +1,308 @@
+"""Book-keeping rules of Keras' own layers: per-sample gradients from a layer's recorded input and
+the gradient at its output, without a per-example forward.
+
+One rule per layer family, found through the table :data:`KERAS_RULES` (exact types: a subclass may
+change ``call``, so it takes the exact general path). A rule turns one call's records into a
+:class:`LayerGrads`: the per-sample squared norms, the clipped (weighted) sum, or, where a caller
+needs them (Opacus' optimizers on the Lightning path), the per-sample gradients themselves.
+
+- ``Dense``, ``Conv1D``, ``Conv2D``: the grouped core of the torch rules
+  (:class:`~lightning_privacy.dp.fast.grouped.GroupedPrepared`: ``‖a‖·‖g‖``, the Gram identity or
+  materialised ``G_iᵀ A_i``, whichever moves less memory), on input patches gathered in Keras'
+  kernel order ``(*kernel, C_in/groups)``; the gradient at the pre-activation output comes from the
+  recorded output and its gradient.
+- ``Embedding``: the rows of one example summed by unique (example, index) keys.
+- ``LayerNormalization``, ``GroupNormalization``: the normalised input (the layer's own call with
+  γ = 1, β = 0) times the output gradient, summed to one value per channel and example.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import keras
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lightning_privacy.dp.fast.grouped import GroupedPrepared, per_sample_grads
+from lightning_privacy.dp.fast.records import Workspace, compute_dtype, sq_norms_of
+
+
+class LayerGrads:
+    """One layer's per-sample gradients for one call, over its trainable variables (Keras' order)."""
+
+    def sq_norms(self) -> Tensor:
+        """``[B]`` squared norms of the per-sample gradients, summed over the layer's variables."""
+        raise NotImplementedError
+
+    def weighted_sums(self, weights: Tensor) -> list[Tensor]:
+        """``Σ_i weights[i] · grad_i`` per variable, shaped like it."""
+        raise NotImplementedError
+
+    def per_sample(self) -> list[Tensor]:
+        """``[B, *shape]`` per-sample gradients per variable."""
+        raise NotImplementedError
+
+
+class Materialised(LayerGrads):
+    """Per-sample gradients held as ``[B, *shape]`` tensors (norm affines, the exact path, sums of calls)."""
+
+    def __init__(self, grads: list[Tensor]) -> None:
+        self.grads = grads
+
+    def sq_norms(self) -> Tensor:
+        return sum(sq_norms_of(g) for g in self.grads)
+
+    def weighted_sums(self, weights: Tensor) -> list[Tensor]:
+        return [torch.einsum("b,b...->...", weights.to(g.dtype), g) for g in self.grads]
+
+    def per_sample(self) -> list[Tensor]:
+        return self.grads
+
+
+class _BiasOf:
+    """What :class:`GroupedPrepared` reads of a module: which parameter is the bias."""
+
+    def __init__(self, bias: Tensor | None) -> None:
+        self.bias = bias
+
+
+class _Grouped(LayerGrads):
+    """A Dense or convolution layer on the grouped core: ``A: [B, g, T, i]``, ``G: [B, g, T, o]``,
+    the kernel in torch's ``[g·o, i]`` order inside, Keras' layout outside."""
+
+    def __init__(self, layer: keras.Layer, a: Tensor, g: Tensor, bias_grad: Tensor, ws: Workspace) -> None:
+        groups, i, o = a.shape[1], a.shape[3], g.shape[3]
+        self.layer, self.a, self.g, self.ws = layer, a, g, ws
+        self.weight = torch.empty((groups * o, i), device="meta")  # shape only
+        self.bias = torch.empty(groups * o, device="meta") if layer.bias is not None else None
+        self.core = GroupedPrepared(_BiasOf(self.bias), a, g, bias_grad, ws)
+
+    def _params(self) -> list[Tensor]:
+        return [self.weight] + ([self.bias] if self.bias is not None else [])
+
+    def sq_norms(self) -> Tensor:
+        return sum(self.core.sq_norms(p) for p in self._params())
+
+    def _kernel(self, torch_order: Tensor) -> Tensor:
+        """``[..., g·o, (*kernel, c)]`` -> Keras' ``[..., *kernel, c, g·o]``."""
+        kernel = tuple(self.layer.kernel.shape)
+        lead = torch_order.shape[:-2]
+        out = torch_order.reshape(*lead, kernel[-1], *kernel[:-1])
+        return out.movedim(len(lead), -1)
+
+    def weighted_sums(self, weights: Tensor) -> list[Tensor]:
+        weights = weights.to(self.core.dtype)
+        sums = [self._kernel(self.core.weighted_sum(self.weight, weights))]
+        if self.bias is not None:
+            sums.append(self.core.weighted_sum(self.bias, weights))
+        return sums
+
+    def per_sample(self) -> list[Tensor]:
+        b = self.a.shape[0]
+        grads = [self._kernel(per_sample_grads(self.ws, self, self.g, self.a).reshape(b, *self.weight.shape))]
+        if self.bias is not None:
+            grads.append(self.core.bias_grad)
+        return grads
+
+
+def _plain(layer: keras.Layer, *variables: object) -> bool:
+    """Whether the layer computes what its class says: no LoRA, not quantized, and its trainable
+    variables are exactly ``variables`` (``None`` ones left out)."""
+    if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None) is not None:
+        return False
+    expected = [id(v) for v in variables if v is not None]
+    return [id(v) for v in layer.trainable_variables] == expected
+
+
+def pre_activation_grad(layer: keras.Layer, out: Tensor, g_out: Tensor, pre: Callable[[], Tensor]) -> Tensor:
+    """The gradient at the layer's pre-activation output from the one at its output ``out``.
+
+    ReLU, tanh and sigmoid take it from the output itself; any other activation recomputes the
+    pre-activation with ``pre()`` and differentiates the activation there."""
+    act = layer.activation
+    if act is None or act is keras.activations.linear:
+        return g_out
+    if act is keras.activations.relu:
+        return g_out * (out > 0)
+    if act is keras.activations.tanh:
+        return g_out * (1 - out.square())
+    if act is keras.activations.sigmoid:
+        return g_out * out * (1 - out)
+    with torch.enable_grad():
+        z = pre().detach().to(g_out.dtype).requires_grad_(True)
+        (g,) = torch.autograd.grad(act(z), z, g_out)
+    return g
+
+
+class KerasRule:
+    """The book-keeping rule of one Keras layer family."""
+
+    def covers(self, layer: keras.Layer) -> bool:
+        """Whether this layer (configuration included) is one the rule computes exactly."""
+        raise NotImplementedError
+
+    def prepare(self, layer: keras.Layer, x: Tensor, out: Tensor, g_out: Tensor, ws: Workspace) -> LayerGrads:
+        """The per-sample gradients of one call: input ``x``, output ``out``, its gradient ``g_out``."""
+        raise NotImplementedError
+
+
+class DenseRule(KerasRule):
+    """``Dense`` on ``[B, ..., i]``: ``W_b = Σ_t a_btᵀ g_bt``."""
+
+    def covers(self, layer):
+        return _plain(layer, layer.kernel, layer.bias)
+
+    def prepare(self, layer, x, out, g_out, ws):
+        dtype = compute_dtype(layer.kernel.value, g_out)
+        b = x.shape[0]
+        a = x.reshape(b, -1, x.shape[-1]).to(dtype)
+
+        def pre() -> Tensor:
+            z = a @ layer.kernel.value.detach().to(dtype)
+            return z + layer.bias.value.detach().to(dtype) if layer.bias is not None else z
+
+        shape = (*a.shape[:2], layer.units)
+        g = pre_activation_grad(layer, out.reshape(shape).to(dtype), g_out.reshape(shape).to(dtype), pre)
+        return _Grouped(layer, a.unsqueeze(1), g.unsqueeze(1), g.sum(1), ws)
+
+
+def _same_padding(size: int, k: int, stride: int, dilation: int) -> tuple[int, int]:
+    """Keras' ``"same"`` padding on torch (``keras.src.backend.torch.nn._compute_padding_length``)."""
+    effective = (k - 1) * dilation + 1
+    total = effective - 1 if stride == 1 else max(0, ((size + stride - 1) // stride - 1) * stride + effective - size)
+    return total // 2, total - total // 2
+
+
+class ConvRule(KerasRule):
+    """``Conv1D`` / ``Conv2D``: input patches ``(*kernel, C_in/groups)`` per output position and group,
+    for any padding (``valid``, ``same``, ``causal``), strides, dilation, groups and data format."""
+
+    def covers(self, layer):
+        return _plain(layer, layer.kernel, layer.bias) and layer.rank in (1, 2)
+
+    def prepare(self, layer, x, out, g_out, ws):
+        dtype = compute_dtype(layer.kernel.value, g_out)
+        n, b = layer.rank, x.shape[0]
+        if layer.data_format == "channels_first":
+            x, out, g_out = x.movedim(1, -1), out.movedim(1, -1), g_out.movedim(1, -1)
+        x = x.to(dtype)
+        kernel, strides, dilation = layer.kernel_size, layer.strides, layer.dilation_rate
+        if layer.padding == "causal":
+            pads = [(dilation[0] * (kernel[0] - 1), 0)]
+        elif layer.padding == "same":
+            pads = [_same_padding(x.shape[1 + d], kernel[d], strides[d], dilation[d]) for d in range(n)]
+        else:
+            pads = [(0, 0)] * n
+        flat_pads = [0, 0] + [p for pair in reversed(pads) for p in pair]  # F.pad: last dim (channels) first
+        patches = F.pad(x, flat_pads)
+        for d in range(n):
+            patches = patches.unfold(1 + d, dilation[d] * (kernel[d] - 1) + 1, strides[d])
+        # [B, *out, C, *window] -> every dilation-th window entry -> [B, *out, *kernel, C]
+        patches = patches[(Ellipsis, *[slice(None, None, dilation[d]) for d in range(n)])]
+        patches = patches.permute(0, *range(1, n + 1), *range(n + 2, 2 * n + 2), n + 1)
+        c = x.shape[-1]
+        groups = c // layer.kernel.shape[-2]
+        positions = math.prod(patches.shape[1 : n + 1])
+        a = patches.reshape(b, positions, math.prod(kernel), groups, c // groups)
+        a = a.permute(0, 3, 1, 2, 4).reshape(b, groups, positions, -1)
+
+        groups_out = layer.filters // groups
+
+        def pre() -> Tensor:  # the convolution again, from the patches: [B, L, filters]
+            w = layer.kernel.value.detach().to(dtype).reshape(a.shape[-1], groups, groups_out).transpose(0, 1)
+            z = (a @ w).transpose(1, 2).reshape(b, positions, layer.filters)
+            return z + layer.bias.value.detach().to(dtype) if layer.bias is not None else z
+
+        shape = (b, positions, layer.filters)
+        g = pre_activation_grad(layer, out.reshape(shape).to(dtype), g_out.reshape(shape).to(dtype), pre)
+        bias_grad = g.sum(1)
+        g = g.reshape(b, positions, groups, groups_out).transpose(1, 2)
+        return _Grouped(layer, a, g, bias_grad, ws)
+
+
+class _EmbeddingRows(LayerGrads):
+    """Per-sample rows summed by unique ``(example, index)`` key: O(B·T·d), no ``[B, V, d]`` tensor
+    except where the per-sample gradients themselves are asked for."""
+
+    def __init__(self, idx: Tensor, g: Tensor, vocabulary: int) -> None:
+        self.batch_size, self.vocabulary, d = idx.shape[0], vocabulary, g.shape[-1]
+        sample = torch.arange(self.batch_size, device=idx.device).unsqueeze(1)
+        key = sample * vocabulary + idx.reshape(self.batch_size, -1)
+        unique, inverse = torch.unique(key.flatten(), return_inverse=True)
+        self.rows = torch.zeros(unique.numel(), d, dtype=g.dtype, device=g.device)
+        self.rows.index_add_(0, inverse, g.reshape(-1, d))
+        self.sample = torch.div(unique, vocabulary, rounding_mode="floor")
+        self.index = unique - self.sample * vocabulary
+
+    def sq_norms(self) -> Tensor:
+        out = torch.zeros(self.batch_size, dtype=self.rows.dtype, device=self.rows.device)
+        return out.index_add_(0, self.sample, self.rows.square().sum(1))
+
+    def weighted_sums(self, weights: Tensor) -> list[Tensor]:
+        out = self.rows.new_zeros(self.vocabulary, self.rows.shape[1])
+        return [out.index_add_(0, self.index, self.rows * weights.to(self.rows.dtype)[self.sample].unsqueeze(1))]
+
+    def per_sample(self) -> list[Tensor]:
+        out = self.rows.new_zeros(self.batch_size * self.vocabulary, self.rows.shape[1])
+        out.index_add_(0, self.sample * self.vocabulary + self.index, self.rows)
+        return [out.view(self.batch_size, self.vocabulary, -1)]
+
+
+class EmbeddingRule(KerasRule):
+    """``Embedding`` (``mask_zero`` only masks what follows: index 0's row still learns)."""
+
+    def covers(self, layer):
+        return _plain(layer, layer.embeddings)
+
+    def prepare(self, layer, x, out, g_out, ws):
+        dtype = compute_dtype(layer.embeddings.value, g_out)
+        return _EmbeddingRows(x.long(), g_out.to(dtype), layer.input_dim)
+
+
+class NormRule(KerasRule):
+    """``LayerNormalization`` (any ``axis``, ``center``, ``scale``, ``rms_scaling``) and
+    ``GroupNormalization`` (any ``groups``, ``axis``): ``γ_b = Σ g_b ⊙ y_b``, ``β_b = Σ g_b`` over the
+    positions outside the normalised axes, with ``y`` the layer's own output at ``γ = 1, β = 0``."""
+
+    def covers(self, layer):
+        return _plain(layer, layer.gamma, layer.beta)
+
+    def prepare(self, layer, x, out, g_out, ws):
+        dtype = compute_dtype(*(v.value for v in layer.trainable_variables), g_out)
+        axes = layer.axis if isinstance(layer.axis, list | tuple) else [layer.axis]
+        axes = sorted(a % x.dim() for a in axes)
+        others = [d for d in range(1, x.dim()) if d not in axes]
+        g = g_out.to(dtype)
+        grads = []
+        for v in layer.trainable_variables:
+            if v is layer.gamma:
+                identity = [torch.ones_like(w.value) if w is layer.gamma else torch.zeros_like(w.value)
+                            for w in layer.trainable_variables]  # fmt: skip
+                with torch.no_grad():
+                    y, _ = layer.stateless_call(identity, [], x)
+                t = g * y.to(dtype)
+            else:
+                t = g
+            t = t.sum(others) if others else t
+            grads.append(t.reshape(x.shape[0], *v.shape))
+        return Materialised(grads)
+
+
+#: The book-keeping rules, by exact Keras layer type.
+KERAS_RULES: dict[type, KerasRule] = {
+    keras.layers.Dense: DenseRule(),
+    keras.layers.Conv1D: ConvRule(),
+    keras.layers.Conv2D: ConvRule(),
+    keras.layers.Embedding: EmbeddingRule(),
+    keras.layers.LayerNormalization: NormRule(),
+    keras.layers.GroupNormalization: NormRule(),
+}
+
+
+def rule_for(layer: keras.Layer) -> KerasRule | None:
+    """The rule that computes ``layer``'s per-sample gradients exactly, or ``None``."""
+    rule = KERAS_RULES.get(type(layer))
+    return rule if rule is not None and layer.built and rule.covers(layer) else None
