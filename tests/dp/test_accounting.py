@@ -336,6 +336,43 @@ def test_cached_rdp_curve_gives_opacus_domain_size_and_epsilon_to_the_last_bit()
         assert prv_domain_half_width(history, 0.01, 1e-9) == compute_safe_domain_size(prvs, counts, 0.01, 1e-9)
 
 
+@pytest.mark.parametrize("sigma", [0.4, 1.0, 1.37, 4.0])
+@pytest.mark.parametrize("q", [0.001, 32 / 2048, 64 / 455, 0.3, 0.9])
+def test_rdp_curve_equals_opacus_compute_rdp_to_the_last_bit(sigma, q):
+    # Our series takes its special functions on arrays of terms; the curve must still be Opacus' floats.
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis import rdp as opacus_rdp
+
+    from lightning_privacy.dp.accountants import _rdp_of_one_step
+
+    reference = opacus_rdp.compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS)
+    assert _rdp_of_one_step(sigma, q).tolist() == reference.tolist()
+
+
+@pytest.mark.parametrize(
+    ("sigma", "q", "steps"), [(1.0, 64 / 455, 7), (0.6, 0.3, 40), (2.0, 0.001, 5000), (1.0, 0.5, 1)]
+)
+def test_prv_epsilon_and_truncated_mean_equal_opacus_to_the_last_bit(sigma, q, steps):
+    # Our truncated PRV answers quad's scalar calls without np.where; the mean quad integrates and ε
+    # must still be what Opacus' own PRVAccountant and TruncatedPrivacyRandomVariable give.
+    from opacus.accountants import PRVAccountant
+    from opacus.accountants.analysis.prv import Domain, PoissonSubsampledGaussianPRV, TruncatedPrivacyRandomVariable
+
+    from lightning_privacy.dp.accountants import _TruncatedPRV
+
+    reference = PRVAccountant()
+    reference.history = [(sigma, q, steps)]
+    assert _ledger(sigma, q, steps).epsilon(1e-5, "prv") == reference.get_epsilon(delta=1e-5)
+    domain = Domain.create_aligned(-9.3, 9.3, 1e-3)
+    prv = PoissonSubsampledGaussianPRV(q, sigma)
+    ours, theirs = (
+        _TruncatedPRV(prv, domain.t_min, domain.t_max),
+        TruncatedPrivacyRandomVariable(prv, domain.t_min, domain.t_max),
+    )
+    assert ours.mean() == theirs.mean()
+    assert ours.cdf(domain.ts).tolist() == theirs.cdf(domain.ts).tolist()
+
+
 def test_remembered_epsilon_follows_resume_and_sigma_change():
     # A resumed ledger (from its checkpoint state) gives the uninterrupted run's ε; a ledger whose σ
     # changed is another history, never answered with the remembered ε of the first.
