@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
+import torch
 from opacus.optimizers import DPOptimizer
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import MLFlowLogger
@@ -51,9 +53,15 @@ class PrivacyAudit(Callback):
         norm: for ``"gradient"`` without ``DifferentialPrivacy``, each canary gradient's norm.
         seed: seed of the canaries and coin flips.
 
+    The audit survives checkpoints, as ``EarlyStopping`` does: the inclusion draws, the gradient
+    canaries' per-step sampling state and the released values observed so far are saved in every
+    checkpoint and restored on ``trainer.fit(..., ckpt_path=...)``, so a resumed run ends with the
+    audit of an uninterrupted one.
+
     Raises:
-        AuditConfigError: an unknown kind, gradient canaries in several processes, or input
-            canaries without :meth:`dataset`.
+        AuditConfigError: an unknown kind, gradient canaries in several processes, input
+            canaries without :meth:`dataset`, or a checkpoint of another audit (kind, count, seed,
+            canaries).
 
     Example::
 
@@ -95,6 +103,7 @@ class PrivacyAudit(Callback):
         self._dp: DifferentialPrivacy | None = None
         self._hooked: list[tuple[DPOptimizer, Any]] = []
         self._input_scores: Any = None
+        self._resumed: dict[str, Any] | None = None  # gradient canaries' saved state, until they exist
 
     # ------------------------------------------------------------------ input canaries
 
@@ -142,9 +151,7 @@ class PrivacyAudit(Callback):
         (optimizer,) = optimizers
         plan = self._dp.engine.plan
         if self.gradient_canaries is None:
-            self.gradient_canaries = GradientCanaries(
-                optimizer.params, self.canaries, optimizer.max_grad_norm, plan.sample_rate, seed=self.seed
-            )
+            self._start_canaries(optimizer.params, optimizer.max_grad_norm, plan.sample_rate)
         previous = optimizer.step_hook
         canaries = self.gradient_canaries
 
@@ -179,11 +186,58 @@ class PrivacyAudit(Callback):
                 raise AuditConfigError("Gradient canaries without DifferentialPrivacy need a loader with a batch_size.")
             params = [p for group in optimizer.param_groups for p in group["params"]]
             self._batch_size = batch_size
-            self.gradient_canaries = GradientCanaries(
-                params, self.canaries, self.norm, min(1.0, batch_size / size), seed=self.seed
-            )
+            self._start_canaries(params, self.norm, min(1.0, batch_size / size))
         self.gradient_canaries.insert(1.0 / self._batch_size)
         self.gradient_canaries.observe(1.0 / self._batch_size)
+
+    def _start_canaries(self, params: Any, norm: float, sample_rate: float) -> None:
+        """Make the gradient canaries once the parameters are known, continuing a checkpointed audit."""
+        self.gradient_canaries = GradientCanaries(params, self.canaries, norm, sample_rate, seed=self.seed)
+        if self._resumed is not None:
+            self.gradient_canaries.load_state_dict(self._resumed)
+            self._resumed = None
+
+    # ------------------------------------------------------------------ checkpoints
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(kind=self.kind)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The audit so far: settings to check on resume, and the canaries' state."""
+        state: dict[str, Any] = {"kind": self.kind, "canaries": self.canaries, "seed": self.seed}
+        if self.kind == "gradient":
+            canaries = self.gradient_canaries
+            state["gradient_canaries"] = canaries.state_dict() if canaries is not None else self._resumed
+        elif self.input_canaries is not None:
+            state["included"] = torch.from_numpy(self.input_canaries.included.copy())
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue the audit of a checkpoint (called by Lightning on resume, after ``setup``).
+
+        Raises:
+            AuditConfigError: the checkpoint holds another audit (kind, canary count, seed, or
+                other input canaries in the training data).
+        """
+        saved = {k: state_dict.get(k) for k in ("kind", "canaries", "seed")}
+        mine = {"kind": self.kind, "canaries": self.canaries, "seed": self.seed}
+        if saved != mine:
+            raise AuditConfigError(
+                f"The checkpoint holds another privacy audit ({saved}) than this PrivacyAudit ({mine}); resume "
+                "with the settings of the checkpointed run, or start a new run."
+            )
+        if self.kind == "gradient":
+            self._resumed = state_dict.get("gradient_canaries")
+            if self.gradient_canaries is not None and self._resumed is not None:
+                self.gradient_canaries.load_state_dict(self._resumed)
+                self._resumed = None
+        elif self.input_canaries is not None and "included" in state_dict:
+            if not np.array_equal(np.asarray(state_dict["included"]), self.input_canaries.included):
+                raise AuditConfigError(
+                    "The checkpoint's input canaries were drawn differently (other inclusion flags): build the "
+                    "resumed run's training data with the same canaries (same seed, or the same InputCanaries)."
+                )
 
     # ------------------------------------------------------------------ the bound
 

@@ -162,6 +162,46 @@ class GradientCanaries:
     def __len__(self) -> int:
         return len(self.included)
 
+    @property
+    def released(self) -> np.ndarray:
+        """The released values observed so far along the canaries' coordinates, ``(steps, canaries)``."""
+        return np.stack(self._history) if self._history else np.zeros((0, len(self.included)), np.float32)
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs to continue this audit: the inclusion draws (to check), the
+        per-step sampling generator, and the released values observed so far (tensors and Python
+        numbers only, so checkpoints load with ``torch.load(weights_only=True)``)."""
+        return {
+            "included": torch.from_numpy(self.included.copy()),
+            "norm": self.norm,
+            "sample_rate": self.sample_rate,
+            "dim": int(sum(p.numel() for p in self.params)),
+            "steps": self.steps,
+            "rng": self._rng.bit_generator.state,
+            "history": torch.from_numpy(self.released),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue the audit saved by :meth:`state_dict`.
+
+        Raises:
+            AuditConfigError: the saved audit had other canaries (count, seed), another clipping
+                bound or sampling rate, or a model with another number of trainable parameters.
+        """
+        saved = {k: state[k] for k in ("norm", "sample_rate", "dim")}
+        mine = {"norm": self.norm, "sample_rate": self.sample_rate, "dim": int(sum(p.numel() for p in self.params))}
+        same_canaries = np.array_equal(np.asarray(state["included"]), self.included)
+        if saved != mine or not same_canaries:
+            raise AuditConfigError(
+                f"The checkpoint's gradient canaries do not fit this run (saved {saved}, "
+                f"{len(state['included'])} canaries; this run {mine}, {len(self.included)} canaries"
+                f"{'' if same_canaries else ', other inclusion draws: another count or seed'}). Resume with the "
+                "PrivacyAudit settings, model and DifferentialPrivacy settings of the checkpointed run."
+            )
+        self.steps = int(state["steps"])
+        self._rng.bit_generator.state = state["rng"]
+        self._history = list(np.asarray(state["history"], dtype=np.float32))
+
     def _groups(self) -> list[tuple[torch.Tensor, np.ndarray, np.ndarray]]:
         out = []
         for i, p in enumerate(self.params):
