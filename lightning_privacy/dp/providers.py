@@ -2,18 +2,31 @@
 
 Opacus' grad samplers, ExpandedWeights and the fast rules find layers by walking ``nn.Module``
 children and reading their own parameters. A framework that keeps its weights elsewhere (Keras 3 on
-torch: ParameterDicts read through ``variable.value``) is invisible to that walk; its face registers
-a provider here, and the engine attaches every registered provider next to its own hooks. A
+torch: ParameterDicts read through ``variable.value``) is invisible to that walk; its face supplies
+a provider, and the engine attaches every provider that covers the model next to its own hooks. A
 provider fills ``p.grad_sample`` for the parameters it covers, exactly as Opacus' hooks do, so the
 clipping step (and its check against autograd's gradient) treats them like any other.
+
+Providers come from two places:
+
+- the entry point group ``lightning_privacy.per_sample_providers``: an entry point's *name* is the
+  top-level package of the modules it covers (``keras = "pkg.module:factory"``). It is loaded only
+  when the model holds a module whose class (or a base class) comes from that package, so a model
+  without such modules never imports the face, nor the framework behind it;
+- :func:`register_per_sample_provider`, for a provider registered in code.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from importlib.metadata import EntryPoint, entry_points
 from typing import Protocol
 
 from torch import nn
+
+#: The entry point group of per-sample providers.
+ENTRY_POINT_GROUP = "lightning_privacy.per_sample_providers"
 
 
 class PerSampleProvider(Protocol):
@@ -23,11 +36,13 @@ class PerSampleProvider(Protocol):
         """Remove every hook and per-sample attribute from the model."""
 
 
+Factory = Callable[[nn.Module, str], PerSampleProvider | None]
+
 #: Factories ``(model, loss_reduction) -> provider or None`` (None: nothing in the model for it).
-PROVIDERS: list[Callable[[nn.Module, str], PerSampleProvider | None]] = []
+PROVIDERS: list[Factory] = []
 
 
-def register_per_sample_provider(factory: Callable[[nn.Module, str], PerSampleProvider | None]) -> None:
+def register_per_sample_provider(factory: Factory) -> None:
     """Have the engine attach ``factory(model, loss_reduction)`` to every model it makes private.
 
     Args:
@@ -41,6 +56,27 @@ def register_per_sample_provider(factory: Callable[[nn.Module, str], PerSamplePr
         PROVIDERS.append(factory)
 
 
+@functools.cache
+def declared_providers() -> tuple[EntryPoint, ...]:
+    """The entry points of :data:`ENTRY_POINT_GROUP` (not loaded)."""
+    # Reading the installed distributions' metadata costs milliseconds: once per process.
+    return tuple(entry_points(group=ENTRY_POINT_GROUP))
+
+
+def _packages_of(model: nn.Module) -> set[str]:
+    """The top-level packages of the classes (bases included) of ``model``'s modules."""
+    classes = {type(m) for m in model.modules()}
+    return {cls.__module__.partition(".")[0] for c in classes for cls in c.__mro__}
+
+
 def attach_providers(model: nn.Module, loss_reduction: str) -> list[PerSampleProvider]:
-    """The registered providers that cover ``model``, attached to it."""
-    return [p for p in (factory(model, loss_reduction) for factory in PROVIDERS) if p is not None]
+    """The providers that cover ``model`` (registered, and declared for a package among its
+    modules' classes), attached to it."""
+    factories = list(PROVIDERS)
+    packages = _packages_of(model)
+    for ep in declared_providers():
+        if ep.name in packages:
+            factory = ep.load()
+            if factory not in factories:
+                factories.append(factory)
+    return [p for p in (factory(model, loss_reduction) for factory in factories) if p is not None]

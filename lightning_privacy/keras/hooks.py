@@ -128,3 +128,11 @@ class StatelessPerSampleHooks:
         for p in self.params:
             p.__dict__.pop("grad_sample", None)
         self._written.clear()
+
+
+def keras_provider(model: nn.Module, loss_reduction: str) -> StatelessPerSampleHooks | None:
+    """The DP engine's provider for the Keras models inside ``model`` (``None`` when there are none);
+    declared as the entry point ``keras`` of ``lightning_privacy.per_sample_providers``."""
+    if not outermost_keras_units(model):
+        return None
+    return StatelessPerSampleHooks(model, loss_reduction)

@@ -15,7 +15,6 @@ import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
-import lightning_privacy.keras  # noqa: E402, F401  (registers the Keras per-sample provider)
 from lightning_privacy.callbacks import DifferentialPrivacy  # noqa: E402
 from lightning_privacy.dp import providers  # noqa: E402
 from lightning_privacy.errors import UncoveredParameterError  # noqa: E402
@@ -139,6 +138,7 @@ def test_without_the_keras_provider_keras_weights_are_refused_not_trained(tmp_pa
     """The engine's own guard: Keras weights escape Opacus' hooks and the fast rules; with no
     provider registered they are refused by name before any step, never trained on noise."""
     monkeypatch.setattr(providers, "PROVIDERS", [])
+    monkeypatch.setattr(providers, "declared_providers", lambda: ())
     net, x, y = build("dense")
     before = [v.value.detach().clone() for v in net.trainable_variables]
     with pytest.raises(UncoveredParameterError, match="kernel"):
