@@ -17,8 +17,9 @@ import torch  # noqa: E402
 from opacus.accountants import RDPAccountant  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
+from lightning_privacy.dp import DPConfig  # noqa: E402
 from lightning_privacy.errors import KerasPerSampleError  # noqa: E402
-from lightning_privacy.keras import fast, fit, make_private  # noqa: E402
+from lightning_privacy.keras import PrivateModel, fast, fit, make_private  # noqa: E402
 from tests.keras.models import EXACT_LAYERS, KINDS, build, reference_clipped_mean  # noqa: E402
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -243,3 +244,51 @@ def test_epsilon_in_the_step_logs_the_progress_bar_shows():
         accountant.step(noise_multiplier=1.0, sample_rate=0.2)
         expected.append(accountant.get_epsilon(1e-3) if step % 2 == 0 else None)
     assert seen == [pytest.approx(e, rel=1e-9) if e is not None else None for e in expected]
+
+
+class _CountingPrivateModel(PrivateModel):
+    """The private model, noting the size of each Poisson batch its train_step gets (for the test)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.batch_sizes = []
+
+    def train_step(self, data):
+        self.batch_sizes.append(int(np.asarray(data[0]).shape[0]))
+        return super().train_step(data)
+
+
+class _Weights(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.after_each = []
+
+    def on_train_begin(self, logs=None):
+        weights = [v.value.detach().reshape(-1).clone() for v in self.model.trainable_variables]
+        self.after_each.append(torch.cat(weights))
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.on_train_begin()
+
+
+def test_empty_poisson_batches_in_fit_are_steps_with_noise():
+    """q = 1/30: about a third of the Poisson batches are empty. Each is still a step of the
+    accountant (ε equals Opacus' RDP accountant stepped once per batch) and still adds noise."""
+    x, y = _data(n=30)
+    keras.utils.set_random_seed(3)
+    private = _CountingPrivateModel(_mlp(), DPConfig(noise_multiplier=1.0, max_grad_norm=1.0, accountant="rdp"))
+    private.compile(optimizer=keras.optimizers.SGD(0.1), loss=LOSS, metrics=["accuracy"])
+    weights = _Weights()
+    history = private.fit(x, y, batch_size=1, epochs=1, verbose=0, callbacks=[weights])
+    sizes = private.batch_sizes
+    assert len(sizes) == 30 and sizes.count(0) >= 3 and max(sizes) >= 1
+    assert private.privacy_engine.steps == len(sizes)
+    accountant = RDPAccountant()
+    for _ in sizes:
+        accountant.step(noise_multiplier=1.0, sample_rate=1 / 30)
+    assert history.history["epsilon"] == pytest.approx([accountant.get_epsilon(1e-5)], rel=1e-9)
+    steps = list(zip(weights.after_each, weights.after_each[1:], strict=False))
+    assert len(steps) == len(sizes)
+    for (before, after), n in zip(steps, sizes, strict=True):
+        assert not torch.equal(before, after), n  # an empty batch's update is the noise alone
+    assert np.isfinite(history.history["loss"]).all()
