@@ -158,7 +158,7 @@ class DenseRule(KerasRule):
     def prepare(self, layer, x, out, g_out, ws):
         dtype = compute_dtype(layer.kernel.value, g_out)
         b = x.shape[0]
-        a = x.reshape(b, -1, x.shape[-1]).to(dtype)
+        a = x.reshape(b, math.prod(x.shape[1:-1]), x.shape[-1]).to(dtype)  # explicit sizes: B may be 0
 
         def pre() -> Tensor:
             z = a @ layer.kernel.value.detach().to(dtype)
@@ -207,7 +207,7 @@ class ConvRule(KerasRule):
         groups = c // layer.kernel.shape[-2]
         positions = math.prod(patches.shape[1 : n + 1])
         a = patches.reshape(b, positions, math.prod(kernel), groups, c // groups)
-        a = a.permute(0, 3, 1, 2, 4).reshape(b, groups, positions, -1)
+        a = a.permute(0, 3, 1, 2, 4).reshape(b, groups, positions, math.prod(kernel) * (c // groups))
 
         groups_out = layer.filters // groups
 
@@ -230,7 +230,7 @@ class _EmbeddingRows(LayerGrads):
     def __init__(self, idx: Tensor, g: Tensor, vocabulary: int) -> None:
         self.batch_size, self.vocabulary, d = idx.shape[0], vocabulary, g.shape[-1]
         sample = torch.arange(self.batch_size, device=idx.device).unsqueeze(1)
-        key = sample * vocabulary + idx.reshape(self.batch_size, -1)
+        key = sample * vocabulary + idx.reshape(self.batch_size, math.prod(idx.shape[1:]))
         unique, inverse = torch.unique(key.flatten(), return_inverse=True)
         self.rows = torch.zeros(unique.numel(), d, dtype=g.dtype, device=g.device)
         self.rows.index_add_(0, inverse, g.reshape(-1, d))
@@ -248,7 +248,7 @@ class _EmbeddingRows(LayerGrads):
     def per_sample(self) -> list[Tensor]:
         out = self.rows.new_zeros(self.batch_size * self.vocabulary, self.rows.shape[1])
         out.index_add_(0, self.sample * self.vocabulary + self.index, self.rows)
-        return [out.view(self.batch_size, self.vocabulary, -1)]
+        return [out.view(self.batch_size, self.vocabulary, self.rows.shape[1])]
 
 
 class EmbeddingRule(KerasRule):

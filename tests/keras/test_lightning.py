@@ -29,16 +29,23 @@ LR = 0.5
 class KerasClassifier(pl.LightningModule):
     """A plain LightningModule whose network is a Keras model."""
 
-    def __init__(self, net: keras.Model, x: np.ndarray, y: np.ndarray, penalty: bool = False) -> None:
+    def __init__(
+        self, net: keras.Model, x: np.ndarray, y: np.ndarray, penalty: bool = False, empty: bool = False
+    ) -> None:
         super().__init__()
         self.net = net
         self.penalty = penalty
+        self.empty = empty
         self.data = TensorDataset(torch.as_tensor(np.concatenate([x] * 4)), torch.as_tensor(np.concatenate([y] * 4)))
         self.batch_size = len(x)
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        loss = torch.nn.functional.cross_entropy(self.net(x, training=True), y)
+        if self.empty:  # as an empty Poisson batch
+            x, y = x[:0], y[:0]
+        loss = torch.nn.functional.cross_entropy(self.net(x, training=True), y, reduction="sum")
+        if not self.empty:
+            loss = loss / len(x)
         if self.penalty:  # a use of a Keras weight outside its layer's forward
             loss = loss + 0.1 * self.net.layers[-1].kernel.value.square().sum()
         return loss
@@ -106,6 +113,25 @@ def test_one_lightning_step_equals_the_per_sample_loop(tmp_path, kind, monkeypat
     assert max(float(e.abs().max()) for e in expected) > 1e-4  # the check compares something
     assert max(diffs) < 1e-5, (kind, diffs)
     assert {type(layer).__name__ for layer in vmapped} == EXACT_LAYERS.get(kind, set())
+
+
+@pytest.mark.parametrize("sigma", [0.0, 1.0])
+def test_an_empty_batch_is_a_step_with_noise_only(tmp_path, sigma):
+    """Rule layers and a custom layer on an empty batch: the step is counted; its update is zero at
+    σ = 0 and the noise alone at σ = 1."""
+    net, x, y = build("mixed")
+    rec = _Recorder() if sigma == 0.0 else None
+    pl.seed_everything(0, verbose=False)
+    dp = DifferentialPrivacy(noise_multiplier=1.0, max_grad_norm=1.0, accountant="rdp")
+    before = [v.value.detach().clone() for v in net.trainable_variables]
+    callbacks = [dp] + ([rec] if rec else [])
+    trainer = pl.Trainer(callbacks=callbacks, **trainer_kwargs(tmp_path, max_steps=1, max_epochs=1))
+    trainer.fit(KerasClassifier(net, x, y, empty=True))
+    assert dp.engine.steps == 1
+    after = [v.value.detach() for v in net.trainable_variables]
+    assert all(torch.isfinite(a).all() for a in after)
+    moved = [not torch.equal(b, a) for b, a in zip(before, after, strict=True)]
+    assert all(moved) if sigma else not any(moved)
 
 
 def test_fast_mode_takes_the_keras_weights_through_its_fallback(tmp_path):
