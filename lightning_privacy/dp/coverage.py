@@ -40,6 +40,19 @@ def nonzero(grad: Tensor | None) -> bool:
     return bool(grad.ne(0).any())
 
 
+def nonzero_each(grads: list[Tensor | None]) -> list[bool]:
+    """:func:`nonzero` of each gradient, with one fused max-abs (∞-norm) over the dense ones of one
+    dtype and device (the per-step check of every parameter, 2 ops instead of 2 per parameter)."""
+    dense = [g for g in grads if g is not None and not g.is_sparse and g.numel()]
+    if len({(g.dtype, g.device) for g in dense}) != 1:
+        return [nonzero(g) for g in grads]
+    flags = iter(torch.stack(torch._foreach_norm(dense, float("inf"))).ne(0).tolist())
+    return [
+        nonzero(g) if g is not None and g.is_sparse else (next(flags) if g is not None and g.numel() else False)
+        for g in grads
+    ]
+
+
 def per_sample_total(per_sample: Iterable[tuple[Tensor, float]]) -> tuple[Tensor | None, float, float]:
     """The weighted sum of per-sample gradients, a bound on the size of its terms, and a tolerance.
 

@@ -48,13 +48,20 @@ class FastClipping:
     def clip_and_accumulate(self) -> None:
         params = self.params
         grads, self._fast_passes = self._fast_hooks.clipped_sum(params, self.max_grad_norm)
+        running = [(p.summed_grad, grad) for p, grad in zip(params, grads, strict=True) if p.summed_grad is not None]
+        if running:  # physical batches: one fused add into the running sums
+            torch._foreach_add_([s for s, _ in running], [g for _, g in running])
         for p, grad in zip(params, grads, strict=True):
-            if p.summed_grad is not None:
-                p.summed_grad += grad
-            else:
+            if p.summed_grad is None:
                 p.summed_grad = grad
             if getattr(p, "grad_sample", None) is not None:
                 p.grad_sample = None  # consumed, as Opacus marks it processed
+
+    def scale_grad(self) -> None:
+        # Opacus' division of every p.grad by the expected batch size, as one fused op.
+        if self.loss_reduction == "mean":
+            grads = [p.grad for p in self.params]
+            torch._foreach_div_(grads, self.expected_batch_size * self.accumulated_iterations)
 
     @property
     def accumulated_iterations(self) -> int:
