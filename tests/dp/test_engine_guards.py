@@ -63,3 +63,21 @@ def test_a_parameter_outside_the_per_sample_machinery_is_refused_in_a_plain_loop
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     assert engine.steps == 0
     engine.detach()
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_fused_nonzero_check_flags_exactly_the_gradients_with_a_nonzero_entry(mixed):
+    # The fast step checks all skipped gradients with one fused ∞-norm; it must flag what an
+    # element-wise test flags, tiny (subnormal) and NaN entries included.
+    from lightning_privacy.dp.coverage import nonzero_each
+
+    tiny = torch.zeros(7)
+    tiny[3] = 1e-44  # its square underflows: a 2-norm would call it zero
+    nan = torch.zeros(2, 2)
+    nan[1, 0] = float("nan")
+    grads = [None, torch.zeros(3, 4), tiny, nan, torch.empty(0), torch.randn(5), torch.zeros(4).to_sparse()]
+    if mixed:
+        grads.append(torch.ones(2, dtype=torch.float64))
+    expected = [g is not None and bool((g.to_dense() if g.is_sparse else g).ne(0).any()) for g in grads]
+    assert nonzero_each(grads) == expected
+    assert expected[:6] == [False, False, True, True, False, True]
