@@ -4,17 +4,20 @@ Two comparisons, σ = 1.0, C = 1.0, on scikit-learn's digits (batch 64; Poisson 
 private rows, of expected size 64):
 
   keras-fit          ``model.fit``, not private
-  keras-fit+dp       ``make_private(model).fit`` (exact per-example gradients, stateless_call under vmap)
+  keras-fit+dp       ``make_private(model).fit`` (the Keras layers' book-keeping rules)
   lightning+dp/torch Trainer + ``DifferentialPrivacy`` (auto mode), the model in torch layers
   lightning+dp/keras the same, the model as a Keras model inside the LightningModule
 
 Models: ``mlp`` 64 -> 128 relu -> 10; ``cnn`` 8x8x1 -> conv 16 (3x3, relu) -> avg-pool 2 -> 10.
 
 Every (model, mode) runs in a fresh subprocess with 1 thread. Time is the median wall time between
-consecutive batch starts after warm-up steps (loader, forward, backward, clip, noise, update).
+consecutive batch starts after warm-up steps (loader, forward, backward, clip, noise, update), and
+the median CPU time of the process over the same intervals (``time.process_time``: all its threads,
+Keras' callback thread included), which a loaded machine disturbs much less than wall time.
 Memory is the peak resident set during training (VmHWM, reset through ``/proc/self/clear_refs``
 at the first batch) minus the resident set then: the extra memory training needs (Linux only).
-Ratios: ``keras-fit+dp`` to ``keras-fit``; ``lightning+dp/keras`` to ``lightning+dp/torch``.
+Ratios: ``keras-fit+dp`` to ``keras-fit``; ``lightning+dp/keras`` to ``lightning+dp/torch``. The
+uptime load average is printed with the table.
 
 Run: ``python benchmarks/keras_dp.py [--models mlp cnn]``
 """
@@ -123,7 +126,7 @@ class _KerasClock:
             def on_train_batch_begin(self, batch, logs=None) -> None:
                 if not self.times:
                     self.base = _baseline_mb()
-                self.times.append(time.perf_counter())
+                self.times.append((time.perf_counter(), time.process_time()))
 
         return Clock()
 
@@ -134,7 +137,6 @@ def _lightning(model: str, keras_net: bool) -> tuple[list[float], float]:
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
 
-    import lightning_privacy.keras  # noqa: F401  (registers the Keras per-sample provider)
     from lightning_privacy.callbacks import DifferentialPrivacy
 
     x, y = _data(model)
@@ -160,7 +162,7 @@ def _lightning(model: str, keras_net: bool) -> tuple[list[float], float]:
         def on_train_batch_start(self, *args) -> None:
             if not self.times:
                 self.base = _baseline_mb()
-            self.times.append(time.perf_counter())
+            self.times.append((time.perf_counter(), time.process_time()))
 
     clock = Clock()
     dp = DifferentialPrivacy(noise_multiplier=SIGMA, max_grad_norm=CLIP, accountant="rdp")
@@ -183,8 +185,15 @@ def worker(model: str, mode: str) -> dict:
         times, base = _keras_fit(model, mode.endswith("+dp"))
     else:
         times, base = _lightning(model, mode.endswith("keras"))
-    steps = [b - a for a, b in zip(times[WARM:], times[WARM + 1 :], strict=False)]
-    return {"ms": 1000 * statistics.median(steps), "extra_mb": _status_mb("VmHWM") - base, "steps": len(steps)}
+    pairs = list(zip(times[WARM:], times[WARM + 1 :], strict=False))
+    wall = [b[0] - a[0] for a, b in pairs]
+    cpu = [b[1] - a[1] for a, b in pairs]
+    return {
+        "ms": 1000 * statistics.median(wall),
+        "cpu_ms": 1000 * statistics.median(cpu),
+        "extra_mb": _status_mb("VmHWM") - base,
+        "steps": len(pairs),
+    }
 
 
 def _run(model: str, mode: str) -> dict | None:
@@ -204,7 +213,9 @@ def main() -> None:
         print(json.dumps(worker(*args.worker)))
         return
     reference = {"keras-fit+dp": "keras-fit", "lightning+dp/keras": "lightning+dp/torch"}
-    print(f"{'model':<6}{'mode':<20}{'ms/step':>9}{'× time':>8}{'extra MB':>10}{'× mem':>7}  (1 thread)")
+    load = os.getloadavg()[0]
+    print(f"1 thread; load average {load:.1f} on {os.cpu_count()} CPUs at start")
+    print(f"{'model':<6}{'mode':<20}{'ms/step':>9}{'× time':>8}{'cpu ms':>8}{'× cpu':>7}{'extra MB':>10}{'× mem':>7}")
     for model in args.models:
         results = {mode: _run(model, mode) for mode in MODES}
         for mode, r in results.items():
@@ -212,8 +223,13 @@ def main() -> None:
                 continue
             ref = results.get(reference.get(mode, ""))
             ratio_t = f"{r['ms'] / ref['ms']:.2f}×" if ref else ""
+            ratio_c = f"{r['cpu_ms'] / ref['cpu_ms']:.2f}×" if ref else ""
             ratio_m = f"{r['extra_mb'] / ref['extra_mb']:.2f}×" if ref and ref["extra_mb"] > 0 else ""
-            print(f"{model:<6}{mode:<20}{r['ms']:>9.2f}{ratio_t:>8}{r['extra_mb']:>10.1f}{ratio_m:>7}")
+            print(
+                f"{model:<6}{mode:<20}{r['ms']:>9.2f}{ratio_t:>8}{r['cpu_ms']:>8.2f}{ratio_c:>7}"
+                f"{r['extra_mb']:>10.1f}{ratio_m:>7}"
+            )
+    print(f"load average {os.getloadavg()[0]:.1f} at the end")
 
 
 if __name__ == "__main__":

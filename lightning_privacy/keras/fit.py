@@ -171,8 +171,8 @@ class PrivateModel(keras.Model):
                 "DP-SGD in fit needs the examples one by one: give x and y as arrays, a keras.utils.PyDataset "
                 "of (x, y) batches, or a torch DataLoader."
             )
-        dataset = TensorDataset(torch.as_tensor(np.asarray(x)), torch.as_tensor(np.asarray(y)))
-        return DataLoader(dataset, batch_size=batch_size or 32)
+        dataset = _Rows(torch.as_tensor(np.asarray(x)), torch.as_tensor(np.asarray(y)))
+        return DataLoader(dataset, batch_size=batch_size or 32, collate_fn=_gathered)
 
     def fit(
         self,
@@ -259,6 +259,21 @@ class PrivateModel(keras.Model):
             self._loss_tracker.update_state(losses.mean(), sample_weight=n)
             return self.compute_metrics(x, y, preds, sample_weight=None)
         return self.get_metrics_result()
+
+
+class _Rows(TensorDataset):
+    """In-memory examples whose batch is gathered by one indexing per tensor (the DataLoader's
+    ``__getitems__``), not one ``__getitem__`` per example and a stack: per-example fetching cost
+    more than the digits MLP's whole plain ``fit`` step (1.9 of 1.6 ms)."""
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, ...]]:
+        rows = torch.as_tensor(indices, dtype=torch.long)
+        return [tuple(t[rows] for t in self.tensors)]
+
+
+def _gathered(batch: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+    """The collate function of :class:`_Rows`: its one gathered batch (empty ones included)."""
+    return batch[0]
 
 
 class PrivacyLog(keras.callbacks.Callback):

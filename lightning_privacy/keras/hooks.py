@@ -89,13 +89,14 @@ class StatelessPerSampleHooks:
                 self._backward_seen = True
                 self._busy = True
                 try:
+                    # As Opacus: the mean's 1/B undone per example (on g: the gradients are linear in it).
+                    g_example = g * g.shape[0] if self.loss_reduction == "mean" else g
                     with torch.enable_grad():
-                        grads = layer_grads(part, call, g, Workspace()).per_sample()
+                        grads = layer_grads(part, call, g_example, Workspace()).per_sample()
                 finally:
                     self._busy = False
-                scale = g.shape[0] if self.loss_reduction == "mean" else 1  # as Opacus: the mean's 1/B undone
                 for v, gs in zip(layer.trainable_variables, grads, strict=True):
-                    self._store(v.value, (gs * scale).to(v.value.dtype), pass_id)
+                    self._store(v.value, gs.to(v.value.dtype), pass_id)
 
             output.register_hook(on_grad)
 
