@@ -77,6 +77,11 @@ class CompilationError(LightningPrivacyError, ValueError):
     """A layer graph cannot be compiled to CKKS (depth, shapes, parameters)."""
 
 
+class ModelTooLargeError(CompilationError):
+    """Importing, compiling or serving the model would need more memory than the limit; the message
+    says which part (a dense weight, the encoded diagonals, the Galois keys) and what to change."""
+
+
 class EncryptionInputError(LightningPrivacyError, ValueError):
     """Input to encrypt or evaluate is malformed: wrong shape, NaN/inf, bad ciphertext bytes."""
 

@@ -7,21 +7,30 @@ analyse multiplicative depth, and select CKKS parameters.
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from dataclasses import replace
 
 import numpy as np
 import onnx
+import scipy.sparse as sparse
 
 from lightning_privacy.errors import ApproximationWarning, CompilationError
+from lightning_privacy.he import memory
 from lightning_privacy.he.depth import levels
-from lightning_privacy.he.graph import Activation, Affine, LayerGraph, Polynomial
+from lightning_privacy.he.graph import Activation, Affine, LayerGraph, Polynomial, nonzeros
 from lightning_privacy.he.input_range import certified_input_bound
 from lightning_privacy.he.model import CompiledModel
 from lightning_privacy.he.onnx import import_onnx
-from lightning_privacy.he.packing.single import period
-from lightning_privacy.he.params import select_params
+from lightning_privacy.he.packing.single import (
+    KEY_BASE,
+    MAX_ROTATION_KEYS,
+    assign_layouts,
+    diagonal_count,
+    layout_period,
+)
+from lightning_privacy.he.params import CKKSParams, select_params
 from lightning_privacy.he.polynomial import activation_function, fit_activation
 from lightning_privacy.he.report import ApproximationReport
 
@@ -35,6 +44,7 @@ def compile(
     *,
     poly_degree: int = 7,
     margin: float = 0.1,
+    memory_limit: int | None = None,
 ) -> CompiledModel:
     """Compile a layer graph (or ONNX model) for encrypted inference.
 
@@ -47,29 +57,35 @@ def compile(
         poly_degree: degree of the polynomials that replace Relu/Sigmoid/Tanh/Gelu/SiLU; depth per
             activation is ``ceil(log2 degree) + 1``.
         margin: relative widening of every calibrated interval.
+        memory_limit: bytes the import, the compiled weights and the single layout's encoded
+            diagonals and Galois keys may take (default: half the machine's physical memory).
 
     Returns:
         A :class:`CompiledModel`.
 
     Raises:
         CompilationError: bad calibration data, or a depth that does not fit N=32768.
+        ModelTooLargeError: a weight, or what a server holds to evaluate the model, would not fit
+            ``memory_limit``; estimated before it is allocated, the message says what to change.
         UnsupportedOperatorError: from the import of an unsupported ONNX model.
 
     Warns:
         ApproximationWarning: the approximated network's argmax agrees with the exact one on less
             than 99% of the calibration data.
     """
-    graph = model if isinstance(model, LayerGraph) else import_onnx(model)
+    graph = model if isinstance(model, LayerGraph) else import_onnx(model, memory_limit)
     if poly_degree < 1 or margin < 0:
         raise CompilationError(f"poly_degree must be >= 1 and margin >= 0, got {poly_degree} and {margin}")
     x = _calibration(graph, calibration_data)
     approximated, report = approximate(graph, x, poly_degree, margin)
-    compiled_graph = fuse_affine(approximated)
+    compiled_graph = fuse_affine(approximated, memory_limit)
     level = levels(compiled_graph)
     depth = max(max(level.values()), 1)
     values = compiled_graph.values(x)
     bounds = [(level[name], float(np.max(np.abs(v))) * (1 + margin)) for name, v in values.items()]
-    params = select_params(depth, bounds, min_slots=_max_period(compiled_graph))
+    layouts = assign_layouts(compiled_graph)
+    params = select_params(depth, bounds, min_slots=max(layout_period(s) for s in layouts.values()))
+    _check_memory(compiled_graph, params, layouts, level, memory_limit)
     flat = x.reshape(len(x), -1)
     spread = (flat.max(axis=0) - flat.min(axis=0)) * margin
     agreement = _agreement(graph.forward(x), values[compiled_graph.output_name])
@@ -149,11 +165,15 @@ def approximate(
     return replace(graph, layers=layers, shapes=shapes), report
 
 
-def fuse_affine(graph: LayerGraph) -> LayerGraph:
+def fuse_affine(graph: LayerGraph, memory_limit: int | None = None) -> LayerGraph:
     """Compose affine layers with the affine layer they read from, when only affine layers read it.
 
     A value read by several affine layers (e.g. one Linear feeding several activations) is
-    recomputed inside each reader: a few more plaintext multiplications, one level less.
+    recomputed inside each reader: a few more plaintext multiplications, one level less. A
+    convolution composed with an elementwise scaling (BatchNorm, a constant Mul) keeps its grid.
+
+    Raises:
+        ModelTooLargeError: a composition with a dense weight would not fit ``memory_limit``.
     """
     layers = list(graph.layers)
     changed = True
@@ -169,14 +189,7 @@ def fuse_affine(graph: LayerGraph) -> LayerGraph:
             ):
                 continue
             for i in readers:
-                after = layers[i]
-                layers[i] = Affine(
-                    after.name,
-                    before.input,
-                    after.output,
-                    after.weight @ before.weight,
-                    after.weight @ before.bias + after.bias,
-                )
+                layers[i] = _compose(layers[i], before, memory_limit)
             del layers[j]
             changed = True
             break
@@ -186,5 +199,55 @@ def fuse_affine(graph: LayerGraph) -> LayerGraph:
     return replace(graph, layers=layers)
 
 
-def _max_period(graph: LayerGraph) -> int:
-    return max(period(int(np.prod(shape))) for shape in graph.shapes.values() if shape is not None)
+def _compose(after: Affine, before: Affine, memory_limit: int | None) -> Affine:
+    """``after`` applied to the output of ``before``, as one affine layer."""
+    if not (sparse.issparse(after.weight) and sparse.issparse(before.weight)):
+        memory.check(
+            8 * after.weight.shape[0] * before.weight.shape[1],
+            f"the dense weight of {after.name!r} composed with {before.name!r}",
+            "use a smaller input, or reduce it (a strided Conv, AveragePool) before the dense layer",
+            memory_limit,
+        )
+    weight = after.weight @ before.weight
+    if sparse.issparse(weight):
+        weight = sparse.csr_array(weight)
+    grid = None
+    if before.grid is not None and after.is_diagonal:
+        grid = before.grid
+    elif after.grid is not None and before.is_diagonal:
+        grid = after.grid
+    return Affine(after.name, before.input, after.output, weight, after.weight @ before.bias + after.bias, grid)
+
+
+def _check_memory(
+    graph: LayerGraph, params: CKKSParams, layouts: dict, level: dict[str, int], limit: int | None
+) -> None:
+    """Refuse a model whose weights, single-layout diagonals and Galois keys would not fit ``limit``.
+
+    Counts the diagonals from the nonzeros (nothing slot-sized is built): each is held as a float64
+    slot vector and encoded once at its layer's level (N coefficients per remaining prime).
+    """
+    n, primes = params.poly_modulus_degree, len(params.coeff_mod_bit_sizes)
+    weights = diagonals = plaintexts = 0
+    for layer in graph.layers:
+        if not isinstance(layer, Affine):
+            continue
+        w = layer.weight
+        weights += 12 * nonzeros(w) if sparse.issparse(w) else 8 * w.size
+        if layer.is_bias_only:
+            continue
+        count = diagonal_count(w, layouts[layer.input], layouts[layer.output])
+        big = max(layout_period(layouts[layer.input]), layout_period(layouts[layer.output]))
+        diagonals += count * big * 8
+        plaintexts += count * memory.plaintext_bytes(n, primes - 1 - level[layer.input])
+    keys = (MAX_ROTATION_KEYS + int(math.log(params.slots, KEY_BASE)) + 1) * memory.galois_key_bytes(n, primes)
+    total = weights + diagonals + plaintexts + keys
+    memory.check(
+        total,
+        f"the compiled model at N={n} (weights {weights / memory.GIB:.2f} GiB, single-layout diagonals "
+        f"{diagonals / memory.GIB:.2f} GiB and their encoded plaintexts {plaintexts / memory.GIB:.2f} GiB, "
+        f"Galois keys {keys / memory.GIB:.2f} GiB)",
+        "use a smaller input, strided convolutions or pooling earlier (fewer values per layer), or fewer "
+        "channels in the layers that read large inputs",
+        limit,
+    )

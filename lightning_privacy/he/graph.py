@@ -5,6 +5,11 @@ flattened in row-major order, so every linear ONNX op (Gemm, Conv, pooling, Batc
 Transpose, constant Add/Mul) becomes one :class:`Affine` layer. What stays is what costs
 multiplicative depth: affine maps, elementwise products, polynomials and activations that still need
 a polynomial approximation.
+
+An affine weight is a dense array or, for the ops whose structure is known (convolution, pooling,
+elementwise scaling), a scipy CSR array built from that structure: a 3-D pooling on 3x32x32x32 holds
+10^5 nonzeros instead of 10^10 entries. A convolution also keeps its :class:`Grid` (shapes and
+strides), from which the single layout places its output in the slots.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import scipy.sparse as sparse
 
 from lightning_privacy.he.polynomial import activation_function
 
@@ -19,15 +25,34 @@ ACTIVATIONS = ("relu", "sigmoid", "tanh", "gelu", "gelu_tanh", "silu")
 OUTPUT_ACTIVATIONS = ("softmax", "log_softmax")
 
 
+Weight = np.ndarray | sparse.csr_array
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The geometry of a convolution or pooling: ``(C, *spatial)`` in, ``(O, *spatial_out)`` out.
+
+    Output position ``i`` reads the input around position ``strides * i`` (pads, dilations and the
+    kernel are in the weight); the single layout uses this to keep a strided output on the input's
+    slot grid (``packing.single.assign_layouts``).
+    """
+
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    strides: tuple[int, ...]
+
+
 @dataclass(frozen=True)
 class Affine:
-    """``y = weight @ x + bias`` on the flattened per-sample tensor. ``weight`` is (out, in)."""
+    """``y = weight @ x + bias`` on the flattened per-sample tensor. ``weight`` is (out, in), dense
+    or a scipy CSR array; ``grid`` is set when the map is a convolution or pooling."""
 
     name: str
     input: str
     output: str
-    weight: np.ndarray
+    weight: Weight
     bias: np.ndarray
+    grid: Grid | None = None
 
     @property
     def inputs(self) -> tuple[str, ...]:
@@ -37,7 +62,44 @@ class Affine:
     def is_bias_only(self) -> bool:
         """An identity map plus bias costs no multiplicative level."""
         w = self.weight
-        return w.shape[0] == w.shape[1] and np.array_equal(w, np.eye(w.shape[0], dtype=w.dtype))
+        if w.shape[0] != w.shape[1]:
+            return False
+        if sparse.issparse(w):
+            w = w.tocsr()
+            w.sum_duplicates()
+            w.eliminate_zeros()
+            return w.nnz == w.shape[0] and bool(np.all(w.diagonal() == 1.0))
+        return np.array_equal(w, np.eye(w.shape[0], dtype=w.dtype))
+
+    @property
+    def is_diagonal(self) -> bool:
+        """An elementwise scaling (BatchNorm, a constant Mul): fusing it keeps a convolution's grid."""
+        w = self.weight
+        if w.shape[0] != w.shape[1]:
+            return False
+        if sparse.issparse(w):
+            coo = w.tocoo()
+            return bool(np.all(coo.row == coo.col))
+        return not np.any(w - np.diag(np.diag(w)))
+
+
+def nonzeros(weight: Weight) -> int:
+    """Number of nonzero weights (the multiply-accumulates of the batch layout)."""
+    return int(weight.count_nonzero()) if sparse.issparse(weight) else int(np.count_nonzero(weight))
+
+
+def row_entries(weight: Weight) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``(columns, values)`` of the nonzero weights of every row."""
+    csr = sparse.csr_array(weight, copy=True)
+    csr.sum_duplicates()
+    csr.eliminate_zeros()
+    csr.sort_indices()
+    return [(csr.indices[a:b], csr.data[a:b]) for a, b in zip(csr.indptr[:-1], csr.indptr[1:], strict=True)]
+
+
+def dense(weight: Weight) -> np.ndarray:
+    """The weight as a dense array (for the paths that need one: sealing, small layers)."""
+    return weight.toarray() if sparse.issparse(weight) else np.asarray(weight)
 
 
 @dataclass(frozen=True)

@@ -103,7 +103,7 @@ def _fits(graph: LayerGraph, params: CKKSParams, approximated: set[str], out_roo
     bounds = {graph.input_name: np.full(int(np.prod(graph.input_shape)), bound)}
     for layer in graph.layers:
         if isinstance(layer, Affine):
-            out = np.abs(layer.weight) @ bounds[layer.input] + np.abs(layer.bias)
+            out = abs(layer.weight) @ bounds[layer.input] + np.abs(layer.bias)
         elif isinstance(layer, Add):
             out = bounds[layer.left] + bounds[layer.right]
         elif isinstance(layer, Multiply):

@@ -14,15 +14,18 @@ from lightning_privacy.he import evaluation
 from lightning_privacy.he.ciphertexts import EncryptedBatch
 from lightning_privacy.he.context import PublicContext
 from lightning_privacy.he.depth import levels
-from lightning_privacy.he.graph import Add, Affine, LayerGraph, Multiply, Polynomial
+from lightning_privacy.he.graph import Add, Affine, LayerGraph, Multiply, Polynomial, nonzeros
 from lightning_privacy.he.input_range import check_input
 from lightning_privacy.he.owner import OwnerKeyring
 from lightning_privacy.he.packing.single import (
     DiagonalPlan,
     InputExpansion,
+    assign_layouts,
     diagonal_plan,
     input_expansion,
     key_steps,
+    layout_period,
+    plan_cost,
 )
 from lightning_privacy.he.params import CKKSParams
 from lightning_privacy.he.report import ApproximationReport
@@ -101,25 +104,63 @@ class CompiledModel:
         """Samples per batch-layout EncryptedBatch (the slot count); callers chunk larger inputs."""
         return self.params.slots
 
-    @cached_property
+    @property
+    def layouts(self) -> dict[str, np.ndarray]:
+        """The single layout's slot placement of every value (``packing.single.assign_layouts``)."""
+        return self._single_layout[0]
+
+    @property
     def input_expansion(self) -> InputExpansion | None:
         """The single layout's im2col-like input order, when the first layer profits from it."""
+        return self._single_layout[1]
+
+    @cached_property
+    def _single_layout(self) -> tuple[dict[str, np.ndarray], InputExpansion | None]:
+        """Multiplexed layouts, or the first layer's output in natural order read from the expanded
+        input, whichever makes the affine layers cheaper (the expansion packs a first convolution's
+        output channels per position, which the multiplexed output does not)."""
+        layouts = assign_layouts(self.graph)
         readers = self.graph.consumers(self.graph.input_name)
         if len(readers) != 1 or not isinstance(readers[0], Affine) or readers[0].is_bias_only:
-            return None
-        return input_expansion(readers[0].weight, self.params.slots)
+            return layouts, None
+        first = readers[0]
+        natural = assign_layouts(self.graph, frozenset({first.output}))
+        if max(layout_period(slots) for slots in natural.values()) > self.params.slots:
+            return layouts, None
+        expansion = input_expansion(first.weight, self.params.slots, natural[first.output])
+        if expansion is None:
+            return layouts, None
+        affine = [layer for layer in self.graph.layers if isinstance(layer, Affine) and not layer.is_bias_only]
+
+        def cost(slots: dict[str, np.ndarray], expanded: InputExpansion | None) -> float:
+            total = 0.0
+            for layer in affine:
+                if expanded is not None and layer is first:
+                    plan = diagonal_plan(expanded.weight, out_slots=slots[layer.output])
+                else:
+                    plan = diagonal_plan(layer.weight, None, slots[layer.input], slots[layer.output])
+                total += plan_cost(plan)
+            return total
+
+        return (natural, expansion) if cost(natural, expansion) < cost(layouts, None) else (layouts, None)
 
     @cached_property
     def diagonal_plans(self) -> dict[str, DiagonalPlan]:
         """Single-layout plan of every affine layer (the first one on the expanded input, if any)."""
-        weights = {layer.name: layer.weight for layer in self.graph.layers if isinstance(layer, Affine)}
-        if self.input_expansion is not None:
-            weights[self.graph.consumers(self.graph.input_name)[0].name] = self.input_expansion.weight
-        plans = {name: diagonal_plan(w) for name, w in weights.items()}
+        first = self.graph.consumers(self.graph.input_name)[0].name if self.input_expansion is not None else None
+        layers = [layer for layer in self.graph.layers if isinstance(layer, Affine)]
+
+        def plan(layer: Affine, keys: tuple[int, ...] | None = None) -> DiagonalPlan:
+            out_slots = self.layouts[layer.output]
+            if layer.name == first:
+                return diagonal_plan(self.input_expansion.weight, keys, None, out_slots, layer.bias)
+            return diagonal_plan(layer.weight, keys, self.layouts[layer.input], out_slots, layer.bias)
+
+        plans = {layer.name: plan(layer) for layer in layers}
         requested = set().union(*(plan.rotation_steps for plan in self._used(plans)))
         keys = key_steps(requested, self.params.slots)
-        if set(keys) != requested:  # too many distinct steps: giants from the key basis, the rest composed
-            plans = {name: diagonal_plan(w, giants=keys) for name, w in weights.items()}
+        if set(keys) != requested:  # too many distinct steps: every step composed from the key basis
+            plans = {layer.name: plan(layer, keys) for layer in layers}
         return {name: replace(plan, keys=keys) for name, plan in plans.items()}
 
     def _used(self, plans: dict[str, DiagonalPlan]) -> list[DiagonalPlan]:
@@ -158,7 +199,7 @@ class CompiledModel:
             if not isinstance(layer, Affine) or layer.is_bias_only:
                 continue
             if layout == "batch":
-                affine += _COST_PLAIN_MULTIPLY * np.count_nonzero(layer.weight)
+                affine += _COST_PLAIN_MULTIPLY * nonzeros(layer.weight)
             else:
                 plan = self.diagonal_plans[layer.name]
                 affine += _COST_PLAIN_MULTIPLY * len(plan.diagonals) + _COST_ROTATION * plan.rotations

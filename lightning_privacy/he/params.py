@@ -77,8 +77,16 @@ def select_params(depth: int, bounds: list[tuple[int, float]], min_slots: int = 
         min_slots: slots the single layout needs (the largest power-of-two vector period).
 
     Raises:
-        CompilationError: not even N=32768 fits; the message gives the depth the graph needs.
+        CompilationError: not even N=32768 fits; the message gives the depth or the slots the graph
+            needs.
     """
+    most = max(SECURITY_LIMITS) // 2
+    if min_slots > most:
+        raise CompilationError(
+            f"a value of the graph takes {min_slots} slots in the single layout (a power of two above its size), "
+            f"more than the {most} of one ciphertext at N={max(SECURITY_LIMITS)}; use a smaller input, or reduce "
+            "it earlier (a strided Conv or AveragePool as the first layer)"
+        )
     for n, limit in SECURITY_LIMITS.items():
         if n // 2 < min_slots:
             continue

@@ -7,8 +7,10 @@ its weights expect; the parameters hold the graph's depth). Any failure is a
 :class:`~lightning_privacy.errors.CompilationError` naming the file, so a corrupted model fails
 when it is loaded (``mlflow models serve`` does not come up) instead of at request time.
 
+Version 3 stores a convolution's weight as CSR arrays (``{i}.weight.data``, ``.indices``,
+``.indptr``) and its grid in the layer entry; version 2 files (dense weights only) load unchanged.
 Version 1 files (before content hashes) still load, after the same schema and consistency checks,
-with a :class:`~lightning_privacy.errors.ModelIntegrityWarning`; saving again writes version 2.
+with a :class:`~lightning_privacy.errors.ModelIntegrityWarning`; saving again writes version 3.
 """
 
 from __future__ import annotations
@@ -22,16 +24,17 @@ import warnings
 from dataclasses import dataclass, fields
 
 import numpy as np
+import scipy.sparse as sparse
 
 from lightning_privacy.errors import CompilationError, ModelIntegrityWarning
 from lightning_privacy.he.depth import levels
-from lightning_privacy.he.graph import OUTPUT_ACTIVATIONS, Add, Affine, Layer, LayerGraph, Multiply, Polynomial
-from lightning_privacy.he.packing.single import period
+from lightning_privacy.he.graph import OUTPUT_ACTIVATIONS, Add, Affine, Grid, Layer, LayerGraph, Multiply, Polynomial
+from lightning_privacy.he.packing.single import assign_layouts, layout_period
 from lightning_privacy.he.params import CKKSParams
 from lightning_privacy.he.report import ApproximationReport
 
 FORMAT = "lightning-privacy-ckks"
-VERSION = 2
+VERSION = 3
 MODEL_FILE, WEIGHTS_FILE = "model.json", "weights.npz"
 _INTEGRITY = "integrity"
 _V1_KEYS = {
@@ -62,19 +65,30 @@ def _canonical(document: dict) -> bytes:
 
 
 def save_model(model: SavedModel, directory: str | os.PathLike) -> None:
-    """Write ``model.json`` (version 2, with content hashes) and ``weights.npz`` into ``directory``."""
+    """Write ``model.json`` (version 3, with content hashes) and ``weights.npz`` into ``directory``."""
     os.makedirs(directory, exist_ok=True)
     arrays = {"input_low": model.input_range[0], "input_high": model.input_range[1]}
     layers = []
     for i, layer in enumerate(model.graph.layers):
         entry = {"type": type(layer).__name__, "name": layer.name, "inputs": list(layer.inputs), "output": layer.output}
         if isinstance(layer, Affine):
-            arrays[f"{i}.weight"], arrays[f"{i}.bias"] = layer.weight, layer.bias
+            arrays[f"{i}.bias"] = layer.bias
+            if sparse.issparse(layer.weight):
+                csr = sparse.csr_array(layer.weight)
+                arrays[f"{i}.weight.data"] = csr.data
+                arrays[f"{i}.weight.indices"] = csr.indices.astype(np.int64)
+                arrays[f"{i}.weight.indptr"] = csr.indptr.astype(np.int64)
+            else:
+                arrays[f"{i}.weight"] = layer.weight
+            entry["weight"] = "csr" if sparse.issparse(layer.weight) else "dense"
+            entry["grid"] = None if layer.grid is None else {k: list(v) for k, v in vars(layer.grid).items()}
         elif isinstance(layer, Polynomial):
             entry["coefficients"] = list(layer.coefficients)
         layers.append(entry)
     buffer = io.BytesIO()
-    np.savez(buffer, **{name: np.asarray(a, dtype=np.float64) for name, a in arrays.items()})
+    np.savez(
+        buffer, **{name: a if a.dtype == np.int64 else np.asarray(a, dtype=np.float64) for name, a in arrays.items()}
+    )
     weights = buffer.getvalue()
     graph = model.graph
     document = {
@@ -125,12 +139,12 @@ def load_model(directory: str | os.PathLike) -> SavedModel:
         raise CompilationError(f"cannot read a compiled model: {weights_path}: {exc}") from exc
     if not isinstance(document, dict):
         raise CompilationError(f"{model_path}: not a JSON object; {_FIX}")
-    if document.get("format") != FORMAT or document.get("version") not in (1, VERSION):
+    if document.get("format") != FORMAT or document.get("version") not in (1, 2, VERSION):
         raise CompilationError(
             f"{model_path} is format {document.get('format')!r} version {document.get('version')!r}; "
-            f"this release reads {FORMAT!r} versions 1 and {VERSION}"
+            f"this release reads {FORMAT!r} versions 1 to {VERSION}"
         )
-    if document["version"] == VERSION:
+    if document["version"] != 1:
         _check_integrity(document, weights_bytes, model_path, weights_path)
     else:
         warnings.warn(
@@ -210,9 +224,49 @@ class _Reader:
         self.require(bool(np.all(np.isfinite(value))), f"array {name!r} holds NaN or infinity", in_weights=True)
         return value
 
+    def csr(self, name: str, shape: tuple[int, int]) -> sparse.csr_array:
+        """A CSR weight from its three arrays, each checked (types, bounds, order) before use."""
+        for part in ("indices", "indptr"):
+            self.require(f"{name}.{part}" in self.weights, f"missing array {name}.{part!r}", in_weights=True)
+        indices, indptr = self.weights[f"{name}.indices"], self.weights[f"{name}.indptr"]
+        self.require(
+            indices.dtype == np.int64
+            and indptr.dtype == np.int64
+            and indices.ndim == 1
+            and indptr.shape == (shape[0] + 1,),
+            f"arrays of {name!r} have the wrong type or shape",
+            in_weights=True,
+        )
+        data = self.array(f"{name}.data", indices.shape)
+        self.require(
+            indptr[0] == 0
+            and indptr[-1] == len(indices)
+            and bool(np.all(np.diff(indptr) >= 0))
+            and bool(np.all((indices >= 0) & (indices < shape[1]))),
+            f"arrays of {name!r} do not describe a {shape[0]}x{shape[1]} CSR matrix",
+            in_weights=True,
+        )
+        return sparse.csr_array((data, indices, indptr), shape=shape)
+
+    def grid(self, i: int, value: object, size: list[int]) -> Grid | None:
+        if value is None:
+            return None
+        self.require(
+            isinstance(value, dict) and set(value) == {"in_shape", "out_shape", "strides"},
+            f"layer {i} has a malformed grid",
+        )
+        grid = Grid(*(self.shape(value[k], f"layer {i} grid {k}") for k in ("in_shape", "out_shape", "strides")))
+        self.require(
+            int(np.prod(grid.in_shape)) == size[0]
+            and int(np.prod(grid.out_shape)) == size[1]
+            and len(grid.in_shape) == len(grid.out_shape) == len(grid.strides) + 1,
+            f"layer {i} has a grid of shapes {grid.in_shape} -> {grid.out_shape}, which do not match its values",
+        )
+        return grid
+
     def model(self) -> SavedModel:
         d = self.document
-        expected = _V2_KEYS if d["version"] == VERSION else _V1_KEYS
+        expected = _V1_KEYS if d["version"] == 1 else _V2_KEYS
         self.require(set(d) == expected, f"keys {sorted(set(d) ^ expected)} missing or unexpected")
         params = self.params(d["params"])
         for key in ("input_name", "output_name"):
@@ -228,10 +282,13 @@ class _Reader:
         self.require(isinstance(d["layers"], list) and len(d["layers"]) > 0, "layers must be a non-empty list")
         layers = [self.layer(i, entry, shapes) for i, entry in enumerate(d["layers"])]
         self.graph_consistency(d["input_name"], d["output_name"], layers, shapes)
-        affine = {
-            f"{i}.{part}" for i, layer in enumerate(layers) if isinstance(layer, Affine) for part in ("weight", "bias")
-        }
-        names = affine | {"input_low", "input_high"}
+        names = {"input_low", "input_high"}
+        for i, layer in enumerate(layers):
+            if isinstance(layer, Affine):
+                parts = (
+                    ("weight.data", "weight.indices", "weight.indptr") if sparse.issparse(layer.weight) else ("weight",)
+                )
+                names |= {f"{i}.{part}" for part in (*parts, "bias")}
         self.require(
             set(self.weights) == names,
             f"arrays {sorted(set(self.weights) ^ names)} missing or unexpected",
@@ -246,7 +303,7 @@ class _Reader:
             f"the graph needs more than the {params.depth} levels its parameters hold",
         )
         self.require(
-            max(period(int(np.prod(s))) for s in shapes.values()) <= params.slots,
+            max(layout_period(slots) for slots in assign_layouts(graph).values()) <= params.slots,
             "a value does not fit the slots of the parameters",
         )
         report = self.report(d["approximation_report"], layers)
@@ -283,6 +340,8 @@ class _Reader:
         kind = entry.get("type")
         self.require(kind in _LAYER_INPUTS, f"layer {i} has unknown type {kind!r}")
         keys = {"type", "name", "inputs", "output"} | ({"coefficients"} if kind == "Polynomial" else set())
+        if kind == "Affine" and "weight" in entry:  # version 3; earlier files hold dense weights only
+            keys |= {"weight", "grid"}
         self.require(set(entry) == keys, f"layer {i} keys {sorted(set(entry) ^ keys)} missing or unexpected")
         name, inputs, output = entry["name"], entry["inputs"], entry["output"]
         self.require(
@@ -297,8 +356,15 @@ class _Reader:
             self.require(value in shapes, f"layer {i} ({name!r}) uses value {value!r}, which has no entry in shapes")
         size = [int(np.prod(shapes[v])) for v in (*inputs, output)]
         if kind == "Affine":
-            weight = self.array(f"{i}.weight", (size[1], size[0]))
-            return Affine(name, inputs[0], output, weight, self.array(f"{i}.bias", (size[1],)))
+            fmt = entry.get("weight", "dense")
+            self.require(fmt in ("dense", "csr"), f"layer {i} ({name!r}) has unknown weight format {fmt!r}")
+            weight = (
+                self.array(f"{i}.weight", (size[1], size[0]))
+                if fmt == "dense"
+                else self.csr(f"{i}.weight", (size[1], size[0]))
+            )
+            grid = self.grid(i, entry.get("grid"), size)
+            return Affine(name, inputs[0], output, weight, self.array(f"{i}.bias", (size[1],)), grid)
         self.require(len(set(size)) == 1, f"layer {i} ({name!r}): elementwise {kind} over values of sizes {size}")
         if kind == "Polynomial":
             c = entry["coefficients"]

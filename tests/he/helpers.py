@@ -13,7 +13,7 @@ from onnx import numpy_helper
 from sklearn.datasets import load_digits
 
 import lightning_privacy.he as he
-from lightning_privacy.he.graph import Affine, Polynomial
+from lightning_privacy.he.graph import Affine, Polynomial, dense
 
 
 def digits(n: int | None = None, image: bool = False) -> np.ndarray:
@@ -58,7 +58,7 @@ def weight_patterns(proto: onnx.ModelProto, compiled: he.CompiledModel) -> dict[
     arrays = {"onnx": [numpy_helper.to_array(t) for t in proto.graph.initializer], "compiled": []}
     for layer in compiled.graph.layers:
         if isinstance(layer, Affine):
-            arrays["compiled"] += [layer.weight, layer.weight.T, layer.bias]
+            arrays["compiled"] += [dense(layer.weight), dense(layer.weight).T, layer.bias]
         elif isinstance(layer, Polynomial):
             arrays["compiled"].append(np.asarray(layer.coefficients))
     patterns = {}

@@ -122,7 +122,7 @@ def test_save_load_gives_identical_outputs(tmp_path, mlp):
     b = keys.decrypt(loaded.evaluate(encrypted, keys.public_context))
     np.testing.assert_array_equal(a, b)
     document = json.loads((tmp_path / "m" / "model.json").read_text())
-    assert document["format"] == "lightning-privacy-ckks" and document["version"] == 2
+    assert document["format"] == "lightning-privacy-ckks" and document["version"] == 3
 
 
 def test_load_rejects_other_versions_and_missing_files(tmp_path, mlp):

@@ -237,9 +237,11 @@ def test_unsupported_variants_name_op_and_node(node, inits, why):
     assert node.op_type in str(info.value) and "'n'" in str(info.value)
 
 
-def test_conv_1d_is_rejected():
-    proto = _node_model([helper.make_node("Conv", ["x", "w"], ["y"], name="c1d")], [2, 9], {"w": _w(3, 2, 3)})
-    with pytest.raises(UnsupportedOperatorError, match="2-D"):
+def test_conv_4d_is_rejected():
+    proto = _node_model(
+        [helper.make_node("Conv", ["x", "w"], ["y"], name="c4d")], [2, 3, 3, 3, 3], {"w": _w(3, 2, 1, 1, 1, 1)}
+    )
+    with pytest.raises(UnsupportedOperatorError, match="3-D"):
         he.import_onnx(proto)
 
 

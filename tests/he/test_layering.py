@@ -23,7 +23,7 @@ REPO_ROOT = str(HE_ROOT.parents[1])
 #: Layer of every module (relative to ``lightning_privacy.he``; "" is the package itself). A module
 #: may import only modules of lower layers. A new module gets its place here, deliberately.
 LAYERS: dict[str, int] = {
-    "polynomial": 0, "params": 0, "report": 0, "export": 0, "nn": 0,
+    "polynomial": 0, "params": 0, "report": 0, "export": 0, "nn": 0, "memory": 0,
     "graph": 1,
     "depth": 2,
     "packing.batch": 3, "packing.single": 3,
@@ -39,7 +39,7 @@ LAYERS: dict[str, int] = {
     "sealed": 12,
     "model": 13,
     "onnx.base": 14,
-    "onnx.activations": 15, "onnx.elementwise": 15, "onnx.linear": 15, "onnx.shapes": 15,
+    "onnx.activations": 15, "onnx.convolution": 15, "onnx.elementwise": 15, "onnx.linear": 15, "onnx.shapes": 15,
     "onnx.ops": 16,
     "onnx.importer": 17,
     "onnx": 18,

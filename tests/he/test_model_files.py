@@ -106,3 +106,25 @@ def test_version_1_files_load_with_a_warning(tanh_model, tmp_path):
     path.write_text(json.dumps({**document, "version": 1}))
     with pytest.raises(CompilationError, match="model.json.*Conv"), pytest.warns(ModelIntegrityWarning):
         he.CompiledModel.load(tmp_path / "m")
+
+
+def test_version_2_files_with_dense_weights_load(tanh_model, tmp_path):
+    """Files written before sparse weights and grids (version 2) load unchanged."""
+    import hashlib
+
+    from lightning_privacy.he.serialization import _canonical
+
+    tanh_model.save(tmp_path / "m")
+    path = tmp_path / "m" / "model.json"
+    document = json.loads(path.read_text())
+    assert document["version"] == 3
+    for entry in document["layers"]:
+        assert entry.pop("weight", "dense") == "dense" and entry.pop("grid", None) is None
+    document["version"] = 2
+    document["integrity"]["model.json"] = hashlib.sha256(_canonical(document)).hexdigest()
+    path.write_text(json.dumps(document))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = he.CompiledModel.load(tmp_path / "m")
+    x = digits(20)
+    np.testing.assert_array_equal(loaded.plaintext_forward(x), tanh_model.plaintext_forward(x))

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import numpy as np
 import tenseal.sealapi as seal
 
 from lightning_privacy.he.arithmetic import Arithmetic
-from lightning_privacy.he.graph import Affine
+from lightning_privacy.he.graph import Affine, nonzeros, row_entries
 from lightning_privacy.he.parallel import map_ciphertexts
 
 #: Below this many plaintext multiplications a layer runs in-process (a fork costs ~20 ms).
@@ -21,15 +20,16 @@ def affine(arith: Arithmetic, layer: Affine, cts: list[seal.Ciphertext], workers
     if layer.is_bias_only:
         return [arith.add_constant(ct, float(b)) if b else ct for ct, b in zip(cts, layer.bias, strict=True)]
     parms_id, plain_scale = cts[0].parms_id(), arith.plain_scale(cts[0])
+    entries = row_entries(layer.weight)
 
     def rows(indices) -> list[seal.Ciphertext]:
         outputs = []
         for r in indices:
-            row, bias = layer.weight[r], float(layer.bias[r])
+            (columns, values), bias = entries[r], float(layer.bias[r])
             total = None
-            for i in np.flatnonzero(row):
+            for i, w in zip(columns, values, strict=True):
                 term = seal.Ciphertext()
-                arith.evaluator.multiply_plain(cts[i], arith.encode(float(row[i]), parms_id, plain_scale), term)
+                arith.evaluator.multiply_plain(cts[i], arith.encode(float(w), parms_id, plain_scale), term)
                 if total is None:
                     total = term
                 else:
@@ -41,5 +41,5 @@ def affine(arith: Arithmetic, layer: Affine, cts: list[seal.Ciphertext], workers
             outputs.append(arith.add_constant(total, bias) if bias else total)
         return outputs
 
-    heavy = np.count_nonzero(layer.weight) >= MIN_PARALLEL_TERMS
+    heavy = nonzeros(layer.weight) >= MIN_PARALLEL_TERMS
     return map_ciphertexts(rows, range(len(layer.bias)), arith.context, workers if heavy else 1)

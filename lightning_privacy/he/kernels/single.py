@@ -49,30 +49,32 @@ class DiagonalKernel:
         groups = self._encoded(layer, plan, ct)
         if not groups:  # all-zero weights: the output is the bias alone
             return arith.encrypt_constant(self._bias_vector(layer, plan), ct.parms_id())
-        babies = [ct]
-        for _ in range(max(b for _, items in groups for b, _ in items)):
-            babies.append(self.rotate(babies[-1], 1))
-        inner = dict(groups)
-        total = None
-        for j in range(max(inner), -1, -1):
+        babies, previous = {0: ct}, 0
+        for b in plan.babies:
+            if b:
+                babies[b] = self.rotate(babies[previous], b - previous)
+                previous = b
+        total, above = None, None
+        for j, items in reversed(groups):  # Horner over the nonempty giant groups, from the top
             if total is not None:
-                total = self.rotate(total, plan.giant)
-            for b, plain in inner.get(j, []):
+                total = self.rotate(total, (above - j) * plan.giant)
+            for b, plain in items:
                 term = seal.Ciphertext()
                 arith.evaluator.multiply_plain(babies[b], plain, term)
                 if total is None:
                     total = term
                 else:
                     arith.evaluator.add_inplace(total, term)
+            above = j
+        if above:
+            total = self.rotate(total, above * plan.giant)
         # Rotations before the rescale: key-switching noise is additive, so at scale^2 it is negligible.
         for step in plan.fold_steps:
             arith.evaluator.add_inplace(total, self.rotate(total, step))
         return self._add_bias(layer, plan, arith.rescale(total))
 
     def _bias_vector(self, layer: Affine, plan: DiagonalPlan) -> np.ndarray:
-        bias = np.zeros(plan.out_period)
-        bias[: len(layer.bias)] = layer.bias
-        return np.tile(bias, self.slots // plan.out_period)
+        return np.tile(plan.bias, self.slots // plan.out_period)
 
     def _add_bias(self, layer: Affine, plan: DiagonalPlan, ct: seal.Ciphertext) -> seal.Ciphertext:
         if not np.any(layer.bias):

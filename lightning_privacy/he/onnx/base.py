@@ -13,11 +13,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
+import scipy.sparse as sparse
 from onnx import helper
 from onnx.reference import ReferenceEvaluator
 
 from lightning_privacy.errors import CompilationError, LoweringError
+from lightning_privacy.he import memory
 from lightning_privacy.he.graph import Affine, Layer
+
+#: Ops whose output element ``i`` depends on input element ``i`` only (constants broadcast): their
+#: weight is diagonal, read off two probes (zeros and ones) instead of the unit basis.
+ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div", "BatchNormalization"})
 
 
 @dataclass
@@ -31,6 +37,7 @@ class ImportState:
     aliases: dict[str, str] = field(default_factory=dict)
     layers: list[Layer] = field(default_factory=list)
     output_activation: str | None = None
+    memory_limit: int | None = None
 
     def is_encrypted(self, name: str) -> bool:
         return name in self.shapes
@@ -82,18 +89,36 @@ class ImportState:
         name = node.input[index]
         shape = self.shapes[name]
         d = int(np.prod(shape))
+        if node.op_type in ELEMENTWISE:
+            probes = np.stack([np.zeros(shape), np.ones(shape)])
+            y = self._run_on(node, index, probes)
+            if y.shape[1:] == tuple(shape):
+                y = y.reshape(2, -1)
+                return sparse.csr_array(sparse.diags_array(y[1] - y[0])), y[0].copy(), tuple(shape)
+        # The basis, the node's output on it and the transposed weight: three (d + 1) x d arrays at most.
+        memory.check(
+            3 * 8 * (d + 1) * d,
+            f"the dense weight of {node.op_type} {node.name or node.output[0]!r} on an input of {d} values",
+            "use a smaller input, or reduce it (a strided Conv, AveragePool) before this operator",
+            self.memory_limit,
+        )
         basis = np.concatenate([np.zeros((1, d)), np.eye(d)]).reshape(d + 1, *shape)
+        y = self._run_on(node, index, basis)
+        out_shape = tuple(int(s) for s in y.shape[1:])
+        y = y.reshape(d + 1, -1)
+        return (y[1:] - y[0]).T.copy(), y[0].copy(), out_shape
+
+    def _run_on(self, node: onnx.NodeProto, index: int, x: np.ndarray) -> np.ndarray:
+        """The node's output with ``x`` (a batch) as its encrypted input ``index``."""
         feeds = {}
         for i, value in enumerate(node.input):
             if not value:
                 continue
-            feeds[value] = basis if i == index else _float64(self.constants[value])
+            feeds[value] = x if i == index else _float64(self.constants[value])
         y = np.asarray(self.run_node(node, feeds)[0], dtype=np.float64)
-        if y.ndim == 0 or y.shape[0] != d + 1:
+        if y.ndim == 0 or y.shape[0] != len(x):
             raise LoweringError("it mixes samples across the batch axis")
-        out_shape = tuple(int(s) for s in y.shape[1:])
-        y = y.reshape(d + 1, -1)
-        return (y[1:] - y[0]).T.copy(), y[0].copy(), out_shape
+        return y
 
 
 def _float64(value: np.ndarray) -> np.ndarray:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import scipy.sparse as sparse
 
 from lightning_privacy.errors import LoweringError
 from lightning_privacy.he.graph import Add, Affine, Multiply, Polynomial
@@ -41,7 +42,7 @@ def sub(node: onnx.NodeProto, state: ImportState) -> None:
     d = int(np.prod(shape))
     negated = f"{node.output[0]}/negated_right"
     name = node.name or node.output[0]
-    state.add_layer(Affine(f"{name}/negate", pair[1], negated, -np.eye(d), np.zeros(d)), shape)
+    state.add_layer(Affine(f"{name}/negate", pair[1], negated, -sparse.eye_array(d, format="csr"), np.zeros(d)), shape)
     state.add_layer(Add(name, pair[0], negated, node.output[0]), shape)
 
 

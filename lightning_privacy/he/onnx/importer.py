@@ -44,10 +44,15 @@ def _load(model: str | os.PathLike | bytes | onnx.ModelProto) -> onnx.ModelProto
         raise CompilationError(f"not an ONNX model ({type(exc).__name__}: {exc})") from exc
 
 
-def import_onnx(model: str | os.PathLike | bytes | onnx.ModelProto) -> LayerGraph:
+def import_onnx(model: str | os.PathLike | bytes | onnx.ModelProto, memory_limit: int | None = None) -> LayerGraph:
     """Turn an ONNX model with one input ``(batch, *shape)`` and one output into a LayerGraph.
 
+    Args:
+        model: a path, the serialized bytes or an ``onnx.ModelProto``.
+        memory_limit: bytes a weight may take while it is built (default: half the physical memory).
+
     Raises:
+        ModelTooLargeError: a weight would not fit ``memory_limit``; checked before it is built.
         UnsupportedOperatorError: an op (or an attribute variant of it) has no CKKS lowering.
         CompilationError: the model is unreadable, has several inputs/outputs or dynamic shapes.
     """
@@ -66,7 +71,7 @@ def import_onnx(model: str | os.PathLike | bytes | onnx.ModelProto) -> LayerGrap
             f"input {inputs[0].name!r} needs shape (batch, *static_dims), got {dims}; "
             "export with a fixed per-sample shape"
         )
-    state = ImportState(list(proto.opset_import), {v.name for v in graph.output}, constants)
+    state = ImportState(list(proto.opset_import), {v.name for v in graph.output}, constants, memory_limit=memory_limit)
     state.shapes[inputs[0].name] = tuple(dims[1:])
     for node in graph.node:
         if all(not name or name in state.constants for name in node.input):

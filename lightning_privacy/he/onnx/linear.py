@@ -1,5 +1,5 @@
-"""Lowerings of ops that are affine in their encrypted input: Gemm, MatMul, Conv, BatchNormalization,
-Transpose, Div (pooling uses :func:`~lightning_privacy.he.onnx.base.linear` directly)."""
+"""Lowerings of ops that are affine in their encrypted input: Gemm, MatMul, BatchNormalization,
+Transpose, Div (Conv and pooling are lowered structurally in ``onnx.convolution``)."""
 
 from __future__ import annotations
 
@@ -22,14 +22,6 @@ def matmul(node: onnx.NodeProto, state: ImportState) -> None:
     if len(state.encrypted_inputs(node)) == 2:
         raise LoweringError("a product of two encrypted matrices is not supported")
     linear(node, state, single_encrypted(node, state, (0, 1)))
-
-
-def conv(node: onnx.NodeProto, state: ImportState) -> None:
-    """2-D convolution with constant weights; every pads/strides/dilations/groups/auto_pad variant."""
-    single_encrypted(node, state)
-    if len(state.shapes[node.input[0]]) != 3:
-        raise LoweringError(f"only 2-D convolutions are supported, input shape {state.shapes[node.input[0]]}")
-    linear(node, state, 0)
 
 
 def batch_normalization(node: onnx.NodeProto, state: ImportState) -> None:

@@ -6,25 +6,24 @@ from collections.abc import Callable
 
 import onnx
 
-from lightning_privacy.he.onnx import activations, elementwise, linear, shapes
+from lightning_privacy.he.onnx import activations, convolution, elementwise, linear, shapes
 from lightning_privacy.he.onnx.base import ImportState
-from lightning_privacy.he.onnx.base import linear as affine
 
 Lowering = Callable[[onnx.NodeProto, ImportState], None]
 
 #: Op type -> lowering. This table is the list of supported ONNX operators.
 SUPPORTED_OPS: dict[str, Lowering] = {
     "Add": elementwise.add,
-    "AveragePool": affine,
+    "AveragePool": convolution.average_pool,
     "BatchNormalization": linear.batch_normalization,
     "Cast": shapes.cast,
-    "Conv": linear.conv,
+    "Conv": convolution.conv,
     "Div": linear.div,
     "Dropout": shapes.dropout,
     "Flatten": shapes.flatten,
     "Gelu": activations.gelu,
     "Gemm": linear.gemm,
-    "GlobalAveragePool": affine,
+    "GlobalAveragePool": convolution.average_pool,
     "Identity": shapes.identity,
     "LogSoftmax": activations.output_activation,
     "MatMul": linear.matmul,

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from lightning_privacy.errors import CompilationError
-from lightning_privacy.he.graph import Add, Affine, LayerGraph, Multiply, Polynomial
+from lightning_privacy.he.graph import Add, Affine, LayerGraph, Multiply, Polynomial, dense
 from lightning_privacy.he.packing.single import DiagonalPlan, diagonal_plan, period
 
 #: Kinds of :class:`SealedLayer`: the first affine layer, later affine layers, bias-only affine
@@ -261,7 +261,7 @@ def weight_values(graph: LayerGraph, layers: list[SealedLayer], slots: int) -> d
     for sealed in layers:
         layer = by_name[sealed.name]
         if sealed.kind == "columns":
-            for c, vector in enumerate(sealed.columns(slots).weights(layer.weight)):
+            for c, vector in enumerate(sealed.columns(slots).weights(dense(layer.weight))):
                 values[f"{sealed.name}/w{c}"] = vector
         elif sealed.kind == "diagonals":
             for k, vector in diagonal_vectors(diagonal_plan(layer.weight), slots).items():

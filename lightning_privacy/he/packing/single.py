@@ -5,23 +5,41 @@ rotation by ``k`` is a cyclic shift modulo ``p``. For ``W`` (m x n) with periods
 ``min(m', n')`` generalized diagonals ``d_k[i] = W[i mod m', (i + k) mod n']`` give
 ``z = sum_k d_k * rot(x, k)``; when ``n' > m'``, ``log2(n'/m')`` rotate-and-adds fold ``z`` into
 ``y`` with period ``m'``. The sum over ``k = j*g + b`` is arranged baby-step giant-step with the
-diagonals pre-rotated in plaintext: the baby steps ``rot(x, b)`` are taken one step at a time and
-the giant steps are accumulated Horner-style (``acc = rot(acc, g) + inner_j``), so a layer needs
-Galois keys for the steps ``1``, ``g`` and its fold steps only, for the same number of rotations.
-All-zero diagonals are skipped. When a model needs more than :data:`MAX_ROTATION_KEYS` distinct
-steps, keys are made for the powers of :data:`KEY_BASE` only and other steps are composed.
+diagonals pre-rotated in plaintext: the distinct baby steps ``rot(x, b)`` are taken each from the
+previous one, and the nonempty giant groups are accumulated Horner-style from the top
+(``acc = rot(acc, (j - j') g) + inner_j'``), so the empty groups between the clusters of
+offsets a convolution has (around 0 and around each channel offset) cost nothing. All-zero diagonals
+are skipped; the power-of-two ``g`` with the fewest rotations is chosen. When a model needs more
+than :data:`MAX_ROTATION_KEYS` distinct steps, keys are made for the powers of :data:`KEY_BASE`
+only and other steps are composed.
 
 The client may also send the input in an expanded, im2col-like order (:func:`input_expansion`):
 rows of the first layer that read the same input columns (a convolution's output channels at one
 position) share one block of the expansion, which leaves that layer with a handful of diagonals.
+
+Every value has a *slot layout* (:func:`assign_layouts`): the slot of each of its elements inside
+its period. The input and the output are in natural order; a convolution's output stays on its
+input's slot grid: with channel bases ``base[c]`` and spatial slot strides ``st``, output channel
+``o = q * S + a`` (``S`` = product of the strides, ``a`` a sub-position of the stride) of a strided
+convolution sits at ``base[q] + sum_d (strides_d * i_d + a_d) * st_d`` (the multiplexed packing of
+Lee et al. 2022). Input-minus-output slot offsets then depend on the channels and the kernel
+position only, never on ``i``: a stride-2 3x3 convolution 3->8 on 3x32x32 has 100 diagonals
+instead of 2048, and its output takes no more slots than its input. Elementwise layers keep the
+layout; a sum or product of two values in different layouts, and the graph output, are computed in
+natural order (the affine layers that produce them fall back to it). Diagonals are read off the
+nonzeros of the weight in slot coordinates, never from a dense matrix.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
+import scipy.sparse as sparse
+
+from lightning_privacy.he.graph import Add, Affine, Grid, LayerGraph, Multiply, Weight, row_entries
 
 #: Each Galois key weighs 0.8-1.7 MB at N=8192; above this many, rotations are composed instead.
 MAX_ROTATION_KEYS = 5
@@ -61,52 +79,181 @@ class DiagonalPlan:
     diagonals: dict[int, np.ndarray]
     fold_steps: tuple[int, ...]
     keys: tuple[int, ...] | None = None
+    bias: np.ndarray | None = None
 
     @property
-    def giant_steps(self) -> int:
-        return max(self.diagonals) // self.giant if self.diagonals else 0
+    def babies(self) -> list[int]:
+        """The distinct baby steps ``k mod giant``, ascending (0 is the input itself)."""
+        return sorted({k % self.giant for k in self.diagonals})
 
     @property
-    def baby_steps(self) -> int:
-        return max(k % self.giant for k in self.diagonals) if self.diagonals else 0
+    def giants(self) -> list[int]:
+        """The distinct giant indices ``k // giant`` of nonzero diagonals, ascending."""
+        return sorted({k // self.giant for k in self.diagonals})
+
+    @property
+    def schedule(self) -> list[int]:
+        """Every rotation step of one evaluation, in order: the baby steps one from the next, the
+        giant steps between consecutive nonempty giant groups (Horner from the top), the last
+        giant group's own step, then the fold steps. Empty groups cost nothing."""
+        babies = [b for b in self.babies if b]
+        steps = [b - a for a, b in pairwise([0, *babies])]
+        giants = self.giants[::-1]
+        steps += [(a - b) * self.giant for a, b in pairwise(giants)]
+        if giants and giants[-1]:
+            steps.append(giants[-1] * self.giant)
+        return steps + list(self.fold_steps)
 
     @property
     def rotation_steps(self) -> set[int]:
-        steps = set(self.fold_steps)
-        if self.baby_steps:
-            steps.add(1)
-        if self.giant_steps:
-            steps.add(self.giant)
-        return steps
+        return set(self.schedule)
 
     @property
     def rotations(self) -> int:
         """Rotations per evaluation (the cost driver), composed from ``keys`` when set."""
         keys = self.keys or tuple(self.rotation_steps)
-        count = self.baby_steps * len(decompose(1, keys)) if self.baby_steps else 0
-        count += self.giant_steps * len(decompose(self.giant, keys)) if self.giant_steps else 0
-        return count + sum(len(decompose(step, keys)) for step in self.fold_steps)
+        return sum(len(decompose(step, keys)) for step in self.schedule)
 
 
-def diagonal_plan(weight: np.ndarray, giants: tuple[int, ...] | None = None) -> DiagonalPlan:
-    """The diagonals of ``weight`` and the giant step (from ``giants``, default powers of two)."""
+def _entries(weight: Weight) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(rows, columns, values)`` of the nonzero weights."""
+    if sparse.issparse(weight):
+        coo = sparse.coo_array(weight)
+        coo.sum_duplicates()
+        keep = coo.data != 0
+        return coo.row[keep].astype(np.int64), coo.col[keep].astype(np.int64), coo.data[keep]
+    rows, cols = np.nonzero(weight)
+    return rows, cols, weight[rows, cols]
+
+
+def _offsets(
+    weight: Weight, in_slots: np.ndarray | None, out_slots: np.ndarray | None
+) -> tuple[int, int, np.ndarray, np.ndarray, np.ndarray]:
+    """``(out_period, in_period, diagonal, row, value)`` of every nonzero weight."""
     m, n = weight.shape
-    out_p, in_p = period(m), period(n)
+    in_slots = np.arange(n) if in_slots is None else np.asarray(in_slots, dtype=np.int64)
+    out_slots = np.arange(m) if out_slots is None else np.asarray(out_slots, dtype=np.int64)
+    out_p, in_p = period(int(out_slots.max()) + 1), period(int(in_slots.max()) + 1)
+    rows, cols, values = _entries(weight)
+    i, j = out_slots[rows], in_slots[cols]
+    k = (j - i) % min(out_p, in_p)
+    # Row r of diagonal k reads input (r + k) mod in_p into output r mod out_p (module docstring).
+    r = (j - k) % in_p if in_p >= out_p else i
+    return out_p, in_p, k, r, values
+
+
+def diagonal_count(weight: Weight, in_slots: np.ndarray | None = None, out_slots: np.ndarray | None = None) -> int:
+    """Number of nonzero diagonals :func:`diagonal_plan` would build (without building them)."""
+    return len(np.unique(_offsets(weight, in_slots, out_slots)[2]))
+
+
+def diagonal_plan(
+    weight: Weight,
+    keys: tuple[int, ...] | None = None,
+    in_slots: np.ndarray | None = None,
+    out_slots: np.ndarray | None = None,
+    bias: np.ndarray | None = None,
+) -> DiagonalPlan:
+    """The diagonals of ``weight`` between two slot layouts, and the power-of-two giant step with the
+    fewest rotations (composed from ``keys`` when given, else each step its own key).
+
+    ``in_slots``/``out_slots`` place the input and output elements in the slots (default: natural
+    order); ``bias`` is placed at ``out_slots``. Each nonzero lands in exactly one diagonal, so this
+    costs the nonzeros plus one slot vector per nonzero diagonal.
+    """
+    out_p, in_p, k, r, values = _offsets(weight, in_slots, out_slots)
     big = max(out_p, in_p)
-    padded = np.zeros((out_p, in_p))
-    padded[:m, :n] = weight
-    rows = np.arange(big)
+    order = np.argsort(k, kind="stable")
+    k, r, values = k[order], r[order], values[order]
+    starts = np.flatnonzero(np.r_[True, k[1:] != k[:-1]]) if len(k) else np.array([], dtype=np.int64)
     diagonals = {}
-    for k in range(min(out_p, in_p)):
-        d = padded[rows % out_p, (rows + k) % in_p]
-        if np.any(d):
-            diagonals[k] = d
-    candidates = giants or tuple(1 << t for t in range(int(math.log2(big)) + 1))
-    giant = min(
-        candidates, key=lambda g: (max((k % g for k in diagonals), default=0) + max(diagonals, default=0) // g, g)
-    )
+    for a, b in zip(starts, np.r_[starts[1:], len(k)], strict=True):
+        vector = np.zeros(big)
+        vector[r[a:b]] = values[a:b]
+        diagonals[int(k[a])] = vector
     fold = tuple(out_p << t for t in range(int(math.log2(in_p // out_p)))) if in_p > out_p else ()
-    return DiagonalPlan(in_p, out_p, giant, diagonals, fold)
+    placed = np.zeros(out_p)
+    if bias is not None:
+        placed[np.arange(len(bias)) if out_slots is None else out_slots] = bias
+    plans = [DiagonalPlan(in_p, out_p, 1 << t, diagonals, fold, keys, placed) for t in range(int(math.log2(big)) + 1)]
+    return min(plans, key=lambda plan: (plan.rotations, len(plan.rotation_steps), plan.giant))
+
+
+def _grid_layout(grid: Grid, in_slots: np.ndarray) -> np.ndarray | None:
+    """Slots of a convolution's output kept on its input's slot grid, or None when the input is
+    not on a grid or the multiplexed output would put two elements in one slot."""
+    rank = len(grid.in_shape) - 1
+    if in_slots.size != int(np.prod(grid.in_shape)) or len(grid.out_shape) != rank + 1:
+        return None
+    slots = in_slots.reshape(grid.in_shape)
+    origin = (0,) * (rank + 1)
+    base = slots[(slice(None), *origin[1:])]
+    steps = np.array(
+        [
+            slots[tuple(1 if e == d + 1 else 0 for e in range(rank + 1))] - base[0] if grid.in_shape[d + 1] > 1 else 0
+            for d in range(rank)
+        ]
+    )
+    index = np.indices(grid.in_shape[1:]).reshape(rank, -1)
+    if not np.array_equal(slots.reshape(len(base), -1), base[:, None] + (steps @ index)[None, :]):
+        return None
+    channels, out_channels = len(base), grid.out_shape[0]
+    sub = np.indices(grid.strides).reshape(rank, -1)  # the sub-positions of one stride
+    q, a = np.divmod(np.arange(out_channels), sub.shape[1])
+    # The slots one output block spans; past the input's outermost extent it needs more room.
+    extent = np.maximum(np.asarray(grid.in_shape[1:]), np.asarray(grid.strides) * np.asarray(grid.out_shape[1:]))
+    footprint = int(steps @ (extent - 1)) + 1
+    if channels > 1 and len(set(np.diff(base).tolist())) == 1:
+        block = base[0] + q * max(int(base[1] - base[0]), footprint)  # equally spaced channels
+    else:
+        width = period(int(in_slots.max()) + 1) if channels > 1 else footprint
+        block = base[q % channels] + (q // channels) * width
+    out_base = block + steps @ sub[:, a]
+    out_index = np.indices(grid.out_shape[1:]).reshape(rank, -1)
+    out = out_base[:, None] + ((np.asarray(grid.strides) * steps) @ out_index)[None, :]
+    out = out.ravel()
+    if out.min() < 0 or np.unique(out).size != out.size:
+        return None
+    return out
+
+
+def assign_layouts(graph: LayerGraph, natural: frozenset[str] = frozenset()) -> dict[str, np.ndarray]:
+    """The slot layout of every value (module docstring): element index -> slot in its period.
+
+    The values in ``natural`` (and the output) are kept in natural order.
+    """
+    dims = {name: int(np.prod(shape)) for name, shape in graph.shapes.items()}
+    natural = {graph.output_name, *natural}
+    for _ in range(len(graph.layers) + 1):
+        for layer in reversed(graph.layers):  # elementwise layers pass the need for natural order on
+            if layer.output in natural and (not isinstance(layer, Affine) or layer.is_bias_only):
+                natural.update(layer.inputs)
+        layouts = {graph.input_name: np.arange(dims[graph.input_name])}
+        conflict = set()
+        for layer in graph.layers:
+            if isinstance(layer, Affine):
+                out = None
+                if layer.is_bias_only or (layer.output not in natural and layer.is_diagonal):
+                    out = layouts[layer.input]  # no level to spend on a permutation (depth.levels)
+                elif layer.grid is not None and layer.output not in natural:
+                    out = _grid_layout(layer.grid, layouts[layer.input])
+                layouts[layer.output] = np.arange(dims[layer.output]) if out is None else out
+            elif isinstance(layer, (Add, Multiply)):
+                left, right = layouts[layer.left], layouts[layer.right]
+                if not np.array_equal(left, right):
+                    conflict.update(layer.inputs)
+                layouts[layer.output] = left
+            else:
+                layouts[layer.output] = layouts[layer.input]
+        if not conflict - natural:
+            return layouts
+        natural |= conflict
+    raise AssertionError("the layout assignment did not settle")  # each round grows ``natural``
+
+
+def layout_period(slots: np.ndarray) -> int:
+    """The period of a value in ``slots`` (the power of two above its last slot)."""
+    return period(int(np.max(slots, initial=0)) + 1)
 
 
 @dataclass(frozen=True)
@@ -114,28 +261,28 @@ class InputExpansion:
     """``expanded[e] = x[index[e]]`` (0 where ``index[e] < 0``); ``weight`` acts on ``expanded``."""
 
     index: np.ndarray
-    weight: np.ndarray
+    weight: Weight
 
     def apply(self, x: np.ndarray) -> np.ndarray:
         return np.where(self.index >= 0, x[:, np.maximum(self.index, 0)], 0.0)
 
 
-def _cost(plan: DiagonalPlan) -> float:
+def plan_cost(plan: DiagonalPlan) -> float:
+    """Relative cost of one evaluation of ``plan`` (a rotation costs about 10 plaintext products)."""
     return 10.0 * plan.rotations + len(plan.diagonals)
 
 
-def input_expansion(weight: np.ndarray, slots: int) -> InputExpansion | None:
+def input_expansion(weight: Weight, slots: int, out_slots: np.ndarray | None = None) -> InputExpansion | None:
     """An im2col-like input order for a first layer ``weight``, when it makes the layer cheaper.
 
     Rows are grouped by their sequence of nonzero columns; block ``s`` of the expansion holds, at
     the group's position, the ``s``-th input of that group. Returns None when the expansion does not
-    fit the slots or does not lower the rotation cost.
+    fit the slots or does not lower the rotation cost against the natural input order (the output
+    in ``out_slots`` either way).
     """
+    entries = row_entries(weight)
     groups: dict[tuple[int, ...], int] = {}
-    row_group = []
-    for row in weight:
-        columns = tuple(np.flatnonzero(row))
-        row_group.append(groups.setdefault(columns, len(groups)))
+    row_group = [groups.setdefault(tuple(columns.tolist()), len(groups)) for columns, _ in entries]
     width = max((len(c) for c in groups), default=0)
     stride = period(len(groups))
     if width == 0 or width * stride > slots:
@@ -143,12 +290,13 @@ def input_expansion(weight: np.ndarray, slots: int) -> InputExpansion | None:
     index = np.full(width * stride, -1)
     for columns, g in groups.items():
         index[np.arange(len(columns)) * stride + g] = columns
-    expanded = np.zeros((weight.shape[0], width * stride))
-    for r, g in enumerate(row_group):
-        columns = index[g::stride]
-        valid = columns >= 0
-        expanded[r, (np.arange(width) * stride + g)[valid]] = weight[r, columns[valid]]
-    if _cost(diagonal_plan(expanded)) >= _cost(diagonal_plan(weight)):
+    rows = np.repeat(np.arange(len(entries)), [len(values) for _, values in entries])
+    cols = np.concatenate(
+        [np.arange(len(values)) * stride + g for (_, values), g in zip(entries, row_group, strict=True)]
+    )
+    values = np.concatenate([values for _, values in entries])
+    expanded = sparse.csr_array((values, (rows, cols)), shape=(weight.shape[0], width * stride))
+    if plan_cost(diagonal_plan(expanded, out_slots=out_slots)) >= plan_cost(diagonal_plan(weight, out_slots=out_slots)):
         return None
     return InputExpansion(index, expanded)
 
