@@ -13,7 +13,12 @@ fit (VmHWM, reset through ``/proc/self/clear_refs`` just before it) minus the re
 point: the extra memory the fit needs, Linux only. Plain and private runs alternate, ``--repeats``
 times; the table shows medians and the ratio of the medians, all from this one run.
 
-Run: ``python benchmarks/dp_fit.py [--repeats 3] [--models cnn mlp transformer] [--accountant prv]``
+``--sampling shuffle`` gives the callback ``poisson_sampling=False`` (the loader's shuffled batches of
+fixed size; ε is then only an approximation): against the default, it shows what Poisson batches, whose
+size varies around the mean, cost by themselves.
+
+Run: ``python benchmarks/dp_fit.py [--repeats 3] [--models cnn mlp transformer] [--accountant prv]
+[--sampling poisson]``
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from torch import nn
 EPOCHS = {"cnn": 5, "mlp": 5, "transformer": 2}
 
 
-def worker(model: str, private: bool, accountant: str) -> dict:
+def worker(model: str, private: bool, accountant: str, sampling: str = "poisson") -> dict:
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
@@ -59,7 +64,16 @@ def worker(model: str, private: bool, accountant: str) -> dict:
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=LR)
 
-    dp = [DifferentialPrivacy(noise_multiplier=SIGMA, max_grad_norm=CLIP, accountant=accountant)] if private else []
+    poisson = sampling == "poisson"
+    dp = (
+        [
+            DifferentialPrivacy(
+                noise_multiplier=SIGMA, max_grad_norm=CLIP, accountant=accountant, poisson_sampling=poisson
+            )
+        ]
+        if private
+        else []
+    )
     trainer = pl.Trainer(
         max_epochs=EPOCHS[model], callbacks=dp, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
@@ -77,19 +91,22 @@ def worker(model: str, private: bool, accountant: str) -> dict:
     return result
 
 
-def _run(model: str, private: bool, accountant: str) -> dict:
-    cmd = [sys.executable, __file__, "--worker", model, "dp" if private else "plain", accountant]
+def _run(model: str, private: bool, accountant: str, sampling: str) -> dict:
+    cmd = [sys.executable, __file__, "--worker", model, "dp" if private else "plain", accountant, sampling]
     done = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def table(models: list[str], repeats: int, accountant: str) -> None:
+def table(models: list[str], repeats: int, accountant: str, sampling: str = "poisson") -> None:
     runs: dict[tuple[str, bool], list[dict]] = {(m, p): [] for m in models for p in (False, True)}
     for _ in range(repeats):  # plain and private alternate, so load changes hit both alike
         for model in models:
             for private in (False, True):
-                runs[model, private].append(_run(model, private, accountant))
-    print(f"whole trainer.fit, 1 thread, {repeats} alternating runs each, medians; accountant={accountant}")
+                runs[model, private].append(_run(model, private, accountant, sampling))
+    print(
+        f"whole trainer.fit, 1 thread, {repeats} alternating runs each, medians; accountant={accountant}, "
+        f"sampling={sampling}"
+    )
     print(f"load average at the end: {os.getloadavg()[0]:.1f} (1 min), {os.getloadavg()[1]:.1f} (5 min)")
     print(f"{'model':<12}{'epochs':>7}{'steps':>7}{'plain s':>9}{'DP s':>9}{'× time':>8}"
           f"{'plain MB':>10}{'DP MB':>8}{'× mem':>7}{'ε':>8}")  # fmt: skip
@@ -113,12 +130,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--models", nargs="+", default=list(EPOCHS), choices=list(EPOCHS))
     parser.add_argument("--accountant", default="prv", choices=["prv", "rdp", "gdp", "pld"])
-    parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--sampling", default="poisson", choices=["poisson", "shuffle"])
+    parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker[0], args.worker[1] == "dp", args.worker[2])))
+        print(json.dumps(worker(args.worker[0], args.worker[1] == "dp", *args.worker[2:])))
     else:
-        table(args.models, args.repeats, args.accountant)
+        table(args.models, args.repeats, args.accountant, args.sampling)
 
 
 if __name__ == "__main__":
