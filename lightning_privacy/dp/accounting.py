@@ -126,7 +126,7 @@ class PrivacyLedger:
 
         Remembered per history (the last 256 in this process): a run asks again for histories it
         asked before (the engine's set-up query for the planned steps is the last epoch's ε; the
-        end-of-fit figures repeat it), and one PRV query is 0.05-0.15 s, a whole small epoch.
+        end-of-fit figures repeat it), and one PRV query is 5-40 ms (more than a whole epoch of a small MLP).
         """
         steps = tuple((e.event.event.noise_multiplier, e.event.sampling_probability, e.count) for e in self._events)
         return _ledger_epsilon(steps, delta, accountant)
