@@ -10,8 +10,14 @@ gradient canaries (``PrivacyAudit``: the one-run ε lower bound of Steinke et al
    with output perturbation calibrated to flip at most 1 % of the defender's own predictions, and
    with a query budget of 1,000 per client;
 3. (``--serve``) the ε ≈ 3 model compiled to CKKS, logged, served with ``mlflow models serve`` and
-   extracted through ``EncryptedClient``; then ``mlflow.models.evaluate(..., evaluators=["privacy"])``
-   logs the MIA metrics and PNGs of the training run to MLflow.
+   extracted through ``EncryptedClient`` (batch layout, 1000 encrypted queries per request):
+   without defence, with the ckks flavor's output noise (the server adds Gaussian noise of the
+   calibrated s.d., and twice that, to the encrypted logits) and with its query budget of 1,000
+   per client key; then ``mlflow.models.evaluate(..., evaluators=["privacy"])`` logs the MIA
+   metrics and PNGs of the training run to MLflow.
+
+Both tables give distillation / equation solving: fidelity (argmax agreement with the model on the
+held-out split) and the surrogate's accuracy on it.
 
 Run::
 
@@ -115,7 +121,8 @@ def extraction_rows(name: str, target, data, defender_inputs: np.ndarray) -> lis
     ):
         # Distillation, and equation solving: a CKKS model is a polynomial of its inputs (here of degree 2).
         reports = [audit.extraction(make_api(), BUDGETS, surrogate=s, **kwargs) for s in ("mlp", "quadratic")]
-        rows.append([name, defence, *[[p.fidelity for p in r.points] for r in reports]])
+        rows.append([name, defence, *[[p.fidelity for p in r.points] for r in reports],
+                     *[[p.accuracy for p in r.points] for r in reports]])  # fmt: skip
     return rows
 
 
@@ -134,32 +141,50 @@ class AnswerMemo:
         return np.stack([self.answers[k] for k in keys])
 
 
-def serve_and_extract(model: Digits, run_id: str, data) -> tuple[list, dict[str, float]]:
-    """The ε ≈ 3 model under CKKS behind `mlflow models serve`, extracted through EncryptedClient;
-    then the `privacy` evaluator on the logged model."""
-    from lightning_privacy.mlflow_plugins import EncryptedClient, ScoringServer, ckks
+def serve_and_extract(model: Digits, run_id: str, data, noise: float) -> tuple[list, dict[str, float]]:
+    """The ε ≈ 3 model under CKKS behind `mlflow models serve`, extracted through EncryptedClient
+    without defence and with each defence of the ckks flavor (output noise of s.d. ``noise`` and
+    twice that, added by the server to the encrypted logits; a query budget of 1000 per client
+    key); then the `privacy` evaluator on the undefended logged model."""
+    from lightning_privacy.mlflow_plugins import EncryptedClient, ScoringServer, ServingDefences, ckks
+    from lightning_privacy.mlflow_plugins.defences import budgeted
 
     x_tr, y_tr = data["members"]
     x_out, y_out = data["non_members"]
+    compiled = he.compile(he.export(model.net, torch.from_numpy(x_tr[:1])), x_tr)
+    served = [
+        ("none", None),
+        (f"output noise s.d. {noise:.2f}", ServingDefences(output_noise_std=noise)),
+        (f"output noise s.d. {2 * noise:.2f}", ServingDefences(output_noise_std=2 * noise)),
+        ("query budget 1000", ServingDefences(query_budget=1000)),
+    ]
+    rows, infos = [], []
     with mlflow.start_run(run_id=run_id):
-        info = ckks.log_model(model.net, name="model", calibration_data=x_tr)
-    with ScoringServer(info.model_uri, log_path="mlflow-serve-audit.log") as server:
-        with EncryptedClient(info.model_uri, url=server.url, layout="batch") as client:
-            start = time.perf_counter()
-            # The attacker asks once and fits both surrogates on the same answers.
-            api = AnswerMemo(client.predict_logits)
-            kwargs = dict(pool=data["pool"][0], holdout=x_out, holdout_labels=y_out, reference=logits_of(model))
-            reports = [audit.extraction(api, BUDGETS, surrogate=s, chunk=1000, **kwargs) for s in ("mlp", "quadratic")]
-            seconds, requests = time.perf_counter() - start, client.requests_sent
-    row = ["DP ε≈3, served (CKKS)", f"none ({BUDGETS[-1]:,} encrypted queries, {requests} requests, {seconds:.0f} s)",
-           *[[p.fidelity for p in r.points] for r in reports]]  # fmt: skip
+        for i, (_, defences) in enumerate(served):
+            infos.append(ckks.log_model(compiled, name=f"model-{i}", defences=defences))
+    for (defence, _), info in zip(served, infos, strict=True):
+        with ScoringServer(info.model_uri, log_path="mlflow-serve-audit.log") as server:
+            with EncryptedClient(info.model_uri, url=server.url, layout="batch") as client:
+                start = time.perf_counter()
+                # The attacker asks once (1000 inputs per encrypted request) and fits both surrogates
+                # on the same answers; a refused request (query budget) ends its queries.
+                api = AnswerMemo(budgeted(client.predict_logits))
+                kwargs = dict(pool=data["pool"][0], holdout=x_out, holdout_labels=y_out, reference=logits_of(model))
+                reports = [
+                    audit.extraction(api, BUDGETS, surrogate=s, chunk=1000, **kwargs) for s in ("mlp", "quadratic")
+                ]
+                seconds, requests = time.perf_counter() - start, client.requests_sent
+        answered = reports[0].points[-1].answered
+        cost = f"{answered:,} encrypted queries, {requests} requests, {seconds:.0f} s"
+        rows.append(["DP ε≈3, served (CKKS)", f"{defence} ({cost})", *[[p.fidelity for p in r.points] for r in reports],
+                     *[[p.accuracy for p in r.points] for r in reports]])  # fmt: skip
     evaluation = pd.DataFrame(x_out).assign(label=y_out)
     with mlflow.start_run(run_id=run_id):
         result = mlflow.models.evaluate(
-            info.model_uri, evaluation, targets="label", model_type="classifier", evaluators=["privacy"],
+            infos[0].model_uri, evaluation, targets="label", model_type="classifier", evaluators=["privacy"],
             evaluator_config={"privacy": {"members": (x_tr, y_tr), "train_run_id": run_id, "bootstrap": 100}},
         )  # fmt: skip
-    return row, result.metrics
+    return rows, result.metrics
 
 
 def main() -> None:
@@ -186,12 +211,13 @@ def main() -> None:
         privacy_rows.append([name, accuracy, figures["epsilon"], figures["bound"], mia.auc, mia.tpr_at_fpr[0.001][0]])
         extraction_table += extraction_rows(name, logits_of(model), data, x_in)
         if args.serve and epsilon == 3.0:
-            served = (model, run_id)
+            # the in-process rows' calibration: at most 1 % of the defender's own predictions flip
+            served = (model, run_id, data, audit.OutputPerturbation.calibrate(logits_of(model)(x_in), max_flips=0.01))
     evaluator_metrics = None
     if served is not None:
-        print("Serving the ε≈3 model with mlflow models serve ...", flush=True)
-        row, evaluator_metrics = serve_and_extract(*served, data)
-        extraction_table.append(row)
+        print("Serving the ε≈3 model with mlflow models serve, without and with each defence ...", flush=True)
+        rows, evaluator_metrics = serve_and_extract(*served)
+        extraction_table += rows
 
     columns = ["model", "test accuracy", "accountant ε (δ = 1e-5)", "one-run ε lower bound (95 %)", "MIA AUC (loss)"]
     print("\n| " + " | ".join([*columns, "TPR @ 0.1 % FPR"]) + " |")
@@ -200,12 +226,14 @@ def main() -> None:
         eps_text = "∞" if math.isinf(eps) else f"{eps:.2f}"
         print(f"| {name} | {acc:.3f} | {eps_text} | {bound:.2f} | {auc:.3f} | {tpr:.3f} |")
     header = " | ".join(f"@ {b:,}" for b in BUDGETS)
-    print("\nExtraction fidelity (distillation / equation solving) at each query budget")
-    print(f"\n| model | defence | {header} |")
-    print("| --- | --- | " + " | ".join("---" for _ in BUDGETS) + " |")
-    for name, defence, distil, solve in extraction_table:
-        cells = [f"{a:.3f} / {b:.3f}" for a, b in zip(distil, solve, strict=True)]
-        print(f"| {name} | {defence} | " + " | ".join(cells) + " |")
+    for title, first in (("Extraction fidelity (argmax agreement with the model)", 2), ("Surrogate test accuracy", 4)):
+        print(f"\n{title}, distillation / equation solving, at each query budget")
+        print(f"\n| model | defence | {header} |")
+        print("| --- | --- | " + " | ".join("---" for _ in BUDGETS) + " |")
+        for name, defence, *columns in extraction_table:
+            distil, solve = columns[first - 2], columns[first - 1]
+            cells = [f"{a:.3f} / {b:.3f}" for a, b in zip(distil, solve, strict=True)]
+            print(f"| {name} | {defence} | " + " | ".join(cells) + " |")
     if evaluator_metrics is not None:
         shown = {k: round(v, 4) for k, v in sorted(evaluator_metrics.items()) if k.startswith(("mia.loss.", "audit."))}
         print(f"\nprivacy evaluator on the served model's MLflow run: {shown}")

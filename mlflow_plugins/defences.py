@@ -12,7 +12,9 @@
   replica of a value, so the client cannot average it away). It blurs what an extracting client
   learns per query, and drowns the CKKS decryption error that IND-CPA-D key recovery works from.
   Pick it from the defender's own logits: ``audit.OutputPerturbation.calibrate(logits,
-  max_flips=0.01)`` is the largest s.d. that changes at most 1 % of the predicted classes.
+  max_flips=0.01)`` is the largest s.d. that changes at most 1 % of the predicted classes. Fresh
+  noise means a client that asks the same input ``k`` times can average it down to ``s.d. / √k``:
+  pair it with ``query_budget``, which charges every repeat.
 
 Neither applies to sealed models (``he.SealedModel``): their only client is the owner, who holds
 the weights; ``ckks.save_model`` refuses the combination.

@@ -274,7 +274,8 @@ def extraction(
         pool: inputs the attacker owns (unlabelled); mixtures of them fill larger budgets.
         holdout: inputs for fidelity, disjoint from ``pool``.
         holdout_labels: true labels of ``holdout``, for accuracy.
-        reference: what fidelity compares against (the undefended model); default ``target``.
+        reference: what fidelity compares against (the undefended model); default ``target``
+            (give it for a defended target: fidelity to a noisy target is no measure of the copy).
         surrogate: ``"linear"``, ``"quadratic"`` or ``"mlp"`` (see the module docstring).
         chunk: inputs per request.
         mlp_epochs: training epochs of the ``mlp`` surrogate (default: about 2e5 examples seen, at least 40).
@@ -288,6 +289,11 @@ def extraction(
         report = extraction(lambda x: model(torch.tensor(x)).numpy(), [100, 1000, 10000],
                             pool=x_attacker, holdout=x_test, holdout_labels=y_test)
         [p.fidelity for p in report.points]
+
+        # against a model served with `mlflow models serve` (and its defences), as its client:
+        with ScoringServer(uri) as server, EncryptedClient(uri, url=server.url, layout="batch") as client:
+            report = extraction(budgeted(client.predict_logits), [100, 1000, 10000], pool=x_attacker,
+                                holdout=x_test, reference=model_logits, chunk=1000)
     """
     if surrogate not in SURROGATES:
         raise AuditConfigError(f"Unknown surrogate {surrogate!r}; choose from {SURROGATES}.")
