@@ -3,37 +3,54 @@
 For the digits MLP 64-32-10 (square activation) compiled to CKKS, and for both packing layouts
 (``single``: one sample per request; ``batch``: ``--batch-size`` samples per request), it measures
 over loopback, for each server setup in ``--workers`` (default: 1 worker, then one per core, the
-``ScoringServer`` default; ``W/K`` sets uvicorn's keep-alive timeout to K seconds):
+``ScoringServer`` default; ``W:keep-alive`` keeps connections open as uvicorn does by default,
+instead of the ``Connection: close`` that ``ScoringServer`` sets for several workers):
 
 - server throughput (samples/s), mean and p95 latency at concurrency 1, 2, 4, 8 and 16: each client
   thread has its own connection and posts a request encrypted beforehand, so that the clients'
   encryption and decryption (on the clients' machines in a deployment) do not take the server's
-  cores here; every answer is decrypted after the timing and checked against the plaintext model;
+  cores here; every answer is decrypted after the timing and checked against the plaintext model.
+  All servers run side by side and the points are interleaved (for each repeat, layout and
+  concurrency, every setup in turn), so that a change of load on a shared machine hits every setup
+  alike; throughput is the median over ``--repeats``, ``x c1`` the median of each repeat's ratio to
+  concurrency 1 of the same setup, latencies are pooled over the repeats;
+- each worker's CPU time during a point divided by its wall time (``busy``: how evenly the requests
+  spread over the workers; under 1 on an idle machine means the worker waited for work), and the
+  server's CPU seconds per request;
 - how often a worker answered ``UNKNOWN_KEY_ID`` (the client then uploads its context again): each
   key is uploaded once before the timing, to whichever worker takes it;
+- the ceiling the hardware sets: P processes evaluating the same request at once in-process (no HTTP,
+  no JSON), samples/s against one process;
 - end to end at concurrency 1 (``EncryptedClient``: encrypt + JSON + HTTP + evaluate + decrypt)
   against the same work in-process, and the payload per sample;
 - with ``--distinct-keys K``, resident memory of each worker while K clients, each with its own
   single-layout key, send one request each (the context caches' bounds), and the bytes of the
   workers' shared spill directory.
 
+The one-minute load average is printed before, during (lowest and highest at the points) and after:
+on a 2-core machine shared with other work, throughput ratios mean little above a load of ~1.
+
 One thread per process (``torch.set_num_threads(1)``). Everything lives in a temporary MLflow store.
 
 Run::
 
-    python benchmarks/serving.py --workers 1,2,2/0 --distinct-keys 200
+    python benchmarks/serving.py                       # the table of README, ~8 min on 2 idle cores
+    python benchmarks/serving.py --workers 1,2:keep-alive,2 --distinct-keys 200
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import statistics
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
@@ -48,11 +65,13 @@ from lightning_privacy.he.parallel import available_workers
 from lightning_privacy.mlflow_plugins import EncryptedClient, ScoringServer, ckks, protocol
 from lightning_privacy.mlflow_plugins.context_spill import SPILL_DIR_ENV
 from lightning_privacy.mlflow_plugins.protocol import EncryptedRequest, ErrorCode
+from lightning_privacy.mlflow_plugins.serving import HEADERS_ENV
 
 CONCURRENCY = (1, 2, 4, 8, 16)
 TIMEOUT_ENV = "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"
-KEEP_ALIVE_ENV = "UVICORN_TIMEOUT_KEEP_ALIVE"
+KEEP_ALIVE = "keep-alive"
 MIB = 2**20
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def train_digits_mlp(x: np.ndarray, y: np.ndarray) -> nn.Module:
@@ -85,10 +104,13 @@ class PreparedRequest:
 
     def __init__(self, compiled: he.CompiledModel, layout: str, x: np.ndarray) -> None:
         self.keyring = he.Keyring(compiled, layout)
-        context = self.keyring.public_context_bytes()
-        row = EncryptedRequest(protocol.key_id_of(context), layout, context, self.keyring.encrypt(x).to_bytes())
-        self.with_context = json.dumps(protocol.encode_request([row]))
-        self.without_context = json.dumps(protocol.encode_request([EncryptedRequest(**{**vars(row), "context": None})]))
+        self.context = self.keyring.public_context_bytes()
+        self.ciphertext = self.keyring.encrypt(x).to_bytes()
+        row = EncryptedRequest(protocol.key_id_of(self.context), layout, self.context, self.ciphertext)
+        self.with_context = json.dumps(protocol.encode_request([row])).encode()
+        self.without_context = json.dumps(
+            protocol.encode_request([EncryptedRequest(**{**vars(row), "context": None})])
+        ).encode()
         self.expected = compiled.plaintext_forward(x)
 
     def post(self, session: requests.Session, url: str) -> tuple[bytes, int]:
@@ -115,8 +137,36 @@ class PreparedRequest:
         return float(np.abs(logits - self.expected).max())
 
 
-def throughput(request: PreparedRequest, url: str, concurrency: int, n_requests: int) -> dict[str, float]:
-    """``n_requests`` posts of ``request`` by ``concurrency`` threads, one connection each."""
+@dataclass
+class Point:
+    """What one (setup, layout, concurrency) measured, over the repeats."""
+
+    throughput: list[float] = field(default_factory=list)  # requests/s, one per repeat
+    ratio: list[float] = field(default_factory=list)  # throughput / the same repeat's concurrency 1
+    latencies: list[float] = field(default_factory=list)  # seconds, pooled
+    busy: list[list[float]] = field(default_factory=list)  # per repeat: each worker's CPU s / wall s
+    cpu_per_request: list[float] = field(default_factory=list)  # server CPU seconds, one per repeat
+    unknown: int = 0
+    error: float = 0.0
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far, from /proc (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+def measure(
+    request: PreparedRequest, url: str, pids: list[int], concurrency: int, n_requests: int, point: Point
+) -> float:
+    """``n_requests`` posts of ``request`` by ``concurrency`` threads, one connection each, into ``point``.
+
+    Returns the throughput in requests/s.
+    """
     local = threading.local()
     latencies: list[float] = []
     results: list[bytes] = []
@@ -134,17 +184,43 @@ def throughput(request: PreparedRequest, url: str, concurrency: int, n_requests:
             results.append(result)
             unknown += refused
 
+    cpu_before = [cpu_seconds(pid) for pid in pids]
     start = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(one, range(n_requests)))
     wall = time.perf_counter() - start
-    return {
-        "throughput": n_requests / wall,
-        "latency": statistics.mean(latencies),
-        "p95": float(np.percentile(latencies, 95)),
-        "unknown": unknown,
-        "error": max(request.error(r) for r in results[:4]),
-    }
+    cpu = [cpu_seconds(pid) - before for pid, before in zip(pids, cpu_before, strict=True)]
+    point.throughput.append(n_requests / wall)
+    point.latencies.extend(latencies)
+    point.busy.append([c / wall for c in cpu])
+    point.cpu_per_request.append(sum(cpu) / n_requests)
+    point.unknown += unknown
+    point.error = max(point.error, *(request.error(r) for r in results[:2]))
+    return n_requests / wall
+
+
+#: What the children of :func:`parallel_ceiling` evaluate, inherited through ``fork`` (SEAL objects do not pickle).
+_CEILING_JOB: tuple[he.CompiledModel, PreparedRequest, int] | None = None
+
+
+def _evaluate_repeatedly(_: int) -> float:
+    """In a forked child: evaluations per second of ``_CEILING_JOB``'s request."""
+    compiled, request, repeats = _CEILING_JOB
+    context = he.PublicContext.from_bytes(request.context)
+    batch = he.EncryptedBatch.from_bytes(request.ciphertext, context)
+    compiled.evaluate(batch, context)  # warm: this process's tables and caches
+    start = time.perf_counter()
+    for _ in range(repeats):
+        compiled.evaluate(batch, context)
+    return repeats / (time.perf_counter() - start)
+
+
+def parallel_ceiling(compiled: he.CompiledModel, request: PreparedRequest, processes: int, repeats: int) -> float:
+    """Evaluations per second of ``processes`` processes evaluating ``request`` at once (no HTTP, no JSON)."""
+    global _CEILING_JOB
+    _CEILING_JOB = (compiled, request, repeats)
+    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork")) as pool:
+        return sum(pool.map(_evaluate_repeatedly, range(processes)))
 
 
 def rss_bytes(pid: int) -> int:
@@ -182,17 +258,30 @@ def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.iterdir()) if path.is_dir() else 0
 
 
+def _server_env(setup: str, spill_dir: Path) -> tuple[int, dict[str, str]]:
+    """Workers and environment of a setup ``W`` or ``W:keep-alive``."""
+    workers, _, connections = setup.partition(":")
+    if connections not in ("", KEEP_ALIVE):
+        raise SystemExit(f"--workers: {setup!r} is neither W nor W:{KEEP_ALIVE}")
+    # MLflow answers 504 after 60 s, counted from arrival: c16 batch requests queue longer on a busy machine.
+    env = {SPILL_DIR_ENV: str(spill_dir), TIMEOUT_ENV: "600"}
+    if connections:
+        env[HEADERS_ENV] = "connection:keep-alive"  # ScoringServer adds no connection:close then
+    return int(workers), env
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=512, help="samples per batch-layout request")
     parser.add_argument(
         "--workers",
         default=f"1,{available_workers()}",
-        help="comma-separated server setups to compare: W uvicorn workers, or W/K with uvicorn's keep-alive timeout "
-        "K seconds (UVICORN_TIMEOUT_KEEP_ALIVE; default 5); 1 is the server before this benchmark's change",
+        help=f"comma-separated server setups to compare: W uvicorn workers (ScoringServer's defaults), or "
+        f"W:{KEEP_ALIVE} (kept-alive connections, uvicorn's own default; the server before Connection: close)",
     )
-    parser.add_argument("--rounds", type=int, default=2, help="requests per client thread (bounded loop)")
-    parser.add_argument("--min-requests", type=int, default=8, help="fewest requests per point (for p95)")
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved passes over all points (medians)")
+    parser.add_argument("--rounds", type=int, default=2, help="requests per client thread and point (bounded loop)")
+    parser.add_argument("--min-requests", type=int, default=8, help="fewest requests per point and repeat")
     parser.add_argument("--distinct-keys", type=int, default=0, help="clients with their own key (last server)")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -202,10 +291,13 @@ def main() -> None:
     x = (x / 16.0).astype(np.float32)
     model = train_digits_mlp(x, y)
     compiled = he.compile(he.export(model, torch.from_numpy(x[:1])), x)
-    load_before = os.getloadavg()
+    layouts = (("single", 1), ("batch", args.batch_size))
+    requests_by_layout = {layout: PreparedRequest(compiled, layout, x[:n]) for layout, n in layouts}
+    loads = [os.getloadavg()[0]]
 
-    rows, end_to_end, memory = [], [], []
-    with tempfile.TemporaryDirectory() as tmp:
+    points: dict[tuple[str, str, int], Point] = {}
+    end_to_end, memory = [], []
+    with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
         store = f"sqlite:///{Path(tmp) / 'mlflow.db'}"
         os.environ.update(MLFLOW_TRACKING_URI=store, MLFLOW_REGISTRY_URI=store)
         mlflow.set_tracking_uri(store)
@@ -215,36 +307,49 @@ def main() -> None:
             info = ckks.log_model(compiled, name="model", registered_model_name="bench-ckks")
         uri = f"models:/bench-ckks/{info.registered_model_version}"
 
+        servers = {}
         for w, setup in enumerate(setups):
-            workers, _, keep_alive = setup.partition("/")
-            workers = int(workers)
-            spill_dir = Path(tmp) / f"spill-{w}"
-            # MLflow answers 504 after 60 s, counted from arrival: c16 batch requests queue longer on a busy machine.
-            env = {SPILL_DIR_ENV: str(spill_dir), TIMEOUT_ENV: "600"}
-            if keep_alive:
-                env[KEEP_ALIVE_ENV] = keep_alive
-            log = Path(tmp) / f"server-{w}.log"
-            with ScoringServer(uri, workers=workers, env=env, log_path=log) as server:
-                url = f"{server.url}/invocations"
-                for layout, per_request in (("single", 1), ("batch", args.batch_size)):
-                    request = PreparedRequest(compiled, layout, x[:per_request])
-                    with requests.Session() as session:
-                        request.post(session, url)  # the one upload of this key
-                    throughput(request, url, 2 * workers, 2 * workers)  # untimed: every worker reads the context
-                    for concurrency in CONCURRENCY:
-                        n = max(concurrency * args.rounds, args.min_requests)
-                        stats = throughput(request, url, concurrency, n)
-                        rows.append((setup, layout, per_request, concurrency, n, stats))
-                        print(f"{setup} {layout} c{concurrency}: {stats}", flush=True)
-                    if w == 0:
-                        end_to_end.append(
-                            (layout, per_request, *_end_to_end(compiled, server.url, layout, x[:per_request]))
-                        )
-                if args.distinct_keys and w == len(setups) - 1:
-                    memory = distinct_keys(server, compiled, x[:1], args.distinct_keys, spill_dir)
-    load_after = os.getloadavg()
+            workers, env = _server_env(setup, Path(tmp) / f"spill-{w}")
+            server = ScoringServer(uri, workers=workers, env=env, log_path=Path(tmp) / f"server-{w}.log")
+            servers[setup] = stack.enter_context(server)
+            for layout, _ in layouts:
+                request = requests_by_layout[layout]
+                with requests.Session() as session:
+                    request.post(session, f"{server.url}/invocations")  # the one upload of this key
+                # Untimed: every worker reads the context from the spill directory.
+                measure(request, f"{server.url}/invocations", [], 2 * workers, 2 * workers, Point())
 
-    _print_throughput(rows, compiled, load_before, load_after)
+        ceiling = {}
+        for _ in range(args.repeats):
+            for layout, _ in layouts:
+                for processes in sorted({1, available_workers()}):
+                    rate = parallel_ceiling(compiled, requests_by_layout[layout], processes, repeats=2)
+                    ceiling.setdefault((layout, processes), []).append(rate)
+                for concurrency in CONCURRENCY:
+                    n = max(concurrency * args.rounds, args.min_requests)
+                    for setup, server in servers.items():
+                        point = points.setdefault((setup, layout, concurrency), Point())
+                        url, pids = f"{server.url}/invocations", server.worker_pids()
+                        rate = measure(requests_by_layout[layout], url, pids, concurrency, n, point)
+                        base = points[(setup, layout, 1)].throughput[-1]
+                        point.ratio.append(rate / base)
+                        loads.append(os.getloadavg()[0])
+                        print(
+                            f"{setup} {layout} c{concurrency}: {rate:.2f} req/s, x c1 {rate / base:.2f}, "
+                            f"busy {' '.join(f'{b:.2f}' for b in point.busy[-1])}, load {loads[-1]:.1f}",
+                            flush=True,
+                        )
+
+        first = servers[setups[0]]
+        for layout, n in layouts:
+            end_to_end.append((layout, n, *_end_to_end(compiled, first.url, layout, x[:n])))
+        if args.distinct_keys:
+            w = len(setups) - 1
+            memory = distinct_keys(servers[setups[w]], compiled, x[:1], args.distinct_keys, Path(tmp) / f"spill-{w}")
+    loads.append(os.getloadavg()[0])
+
+    _print_throughput(points, dict(layouts), compiled, loads, args.repeats)
+    _print_ceiling(ceiling, dict(layouts))
     _print_end_to_end(end_to_end, setups[0])
     if memory:
         _print_memory(memory, setups[-1])
@@ -261,33 +366,52 @@ def _end_to_end(compiled: he.CompiledModel, url: str, layout: str, x: np.ndarray
         latencies.append(time.perf_counter() - start)
     samples = 3 * len(x)
     up, down = (client.bytes_sent - sent) / samples / 1024, (client.bytes_received - received) / samples / 1024
-    return statistics.mean(latencies), in_process_seconds(compiled, layout, x, repeats=3), up, down
+    return statistics.median(latencies), in_process_seconds(compiled, layout, x, repeats=3), up, down
 
 
-def _print_throughput(rows: list, compiled: he.CompiledModel, load_before: tuple, load_after: tuple) -> None:
+def _print_throughput(
+    points: dict[tuple[str, str, int], Point],
+    per_request: dict[str, int],
+    compiled: he.CompiledModel,
+    loads: list[float],
+    repeats: int,
+) -> None:
     header = (
-        f"{'workers':>7} {'layout':<6} {'n/req':>5} {'conc':>4} {'reqs':>4} {'samples/s':>9} {'x conc 1':>8} "
-        f"{'latency ms':>10} {'p95 ms':>8} {'UNKNOWN_KEY_ID':>14} {'max err':>8}"
+        f"{'workers':>12} {'layout':<6} {'n/req':>5} {'conc':>4} {'reqs':>4} {'samples/s':>9} {'x c1':>5} "
+        f"{'latency ms':>10} {'p95 ms':>8} {'worker busy':>11} {'cpu s/req':>9} {'UNKNOWN_KEY_ID':>14} {'max err':>8}"
     )
+    during = loads[1:-1] or loads
     print(
         f"\nEncrypted serving, digits MLP 64-32-10, N={compiled.params.poly_modulus_degree}, loopback, "
-        f"{available_workers()} cores; load average {load_before[0]:.2f} before, {load_after[0]:.2f} after"
+        f"{available_workers()} cores, medians of {repeats} interleaved repeats; 1-min load average "
+        f"{loads[0]:.2f} before, {min(during):.2f}-{max(during):.2f} during, {loads[-1]:.2f} after"
         f"\n{header}\n{'-' * len(header)}"
     )
-    base = {}
-    for setup, layout, per_request, concurrency, n, s in rows:
-        samples = s["throughput"] * per_request
-        base.setdefault((setup, layout), samples)
+    for (setup, layout, concurrency), p in points.items():
+        n = per_request[layout]
+        busy = " ".join(f"{statistics.median(b):.2f}" for b in zip(*p.busy, strict=True))
         print(
-            f"{setup:>7} {layout:<6} {per_request:>5d} {concurrency:>4d} {n:>4d} {samples:>9.1f} "
-            f"{samples / base[(setup, layout)]:>8.2f} {1e3 * s['latency']:>10.1f} {1e3 * s['p95']:>8.1f} "
-            f"{s['unknown']:>14d} {s['error']:>8.1e}"
+            f"{setup:>12} {layout:<6} {n:>5d} {concurrency:>4d} {len(p.latencies):>4d} "
+            f"{n * statistics.median(p.throughput):>9.1f} {statistics.median(p.ratio):>5.2f} "
+            f"{1e3 * statistics.mean(p.latencies):>10.1f} {1e3 * float(np.percentile(p.latencies, 95)):>8.1f} "
+            f"{busy:>11} {statistics.median(p.cpu_per_request):>9.3f} {p.unknown:>14d} {p.error:>8.1e}"
         )
     print(
-        "x conc 1: throughput / the same server's throughput at concurrency 1. Requests are encrypted before the\n"
-        "timing and decrypted after it (checked: max err is the largest |logit| deviation from the plaintext model).\n"
-        "UNKNOWN_KEY_ID: answers that made the client upload its context again (each key was uploaded once before)."
+        "x c1: the median over repeats of throughput / the same server's throughput at concurrency 1 in that repeat.\n"
+        "worker busy: each worker's CPU time / wall time (median over repeats); cpu s/req: the workers' CPU time\n"
+        "per request.\n"
+        "Requests are encrypted before the timing and decrypted after it (max err: largest |logit| deviation from the\n"
+        "plaintext model). UNKNOWN_KEY_ID: answers that made a client upload its context again (each key was uploaded\n"
+        "once before the timing)."
     )
+
+
+def _print_ceiling(ceiling: dict[tuple[str, int], list[float]], per_request: dict[str, int]) -> None:
+    print("\nIn-process ceiling: P processes evaluating at once, no HTTP or JSON (median samples/s)")
+    for (layout, processes), rates in ceiling.items():
+        rate = statistics.median(rates) * per_request[layout]
+        one = statistics.median(ceiling[(layout, 1)]) * per_request[layout]
+        print(f"{layout:<6} P={processes}: {rate:>9.1f} samples/s  x P=1 {rate / one:>5.2f}")
 
 
 def _print_end_to_end(rows: list, setup: str) -> None:

@@ -24,8 +24,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import logging
+import sys
+import threading
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -154,16 +157,27 @@ class _RejectedRequest(MlflowException):
             self._message = value
 
 
+#: One evaluation at a time per process. The scoring server runs each request in a thread, but SEAL
+#: holds the GIL, so concurrent evaluations only interleave: k of them each take k times as long and
+#: finish together, and their clients come back at once, a burst that one worker of several may
+#: accept whole. In turn, each answer leaves as soon as it is ready and its client's next request
+#: finds an idle worker. Decoding and encoding (JSON, base64) stay outside, overlapping evaluation.
+_EVALUATION = threading.Lock()
+
+
 def answer(data: Any, evaluate: Callable[[EncryptedRequest], Any], hint: str) -> pd.DataFrame:
     """A pyfunc model's ``predict``: decode the rows, ``evaluate`` each, encode the answers.
 
+    Evaluations run one at a time per process; decoding and encoding do not wait for them.
     ``evaluate`` returns an encrypted batch (``to_bytes()``, ``n_samples``) or raises
     :class:`EncryptedRequestError`, which becomes MLflow's 400 with its code. Any other exception is
     ``INTERNAL_ERROR`` with an incident id: its stack trace goes to the server log under that id and
     never to the client (MLflow would put it in the body). ``hint`` ends that message.
     """
     try:
-        results = [evaluate(row) for row in decode_request(data)]
+        rows = decode_request(data)
+        with _EVALUATION:
+            results = [evaluate(row) for row in rows]
         return encode_response([r.to_bytes() for r in results], [r.n_samples for r in results])
     except EncryptedRequestError as error:
         raise to_mlflow_exception(error) from None
@@ -197,6 +211,15 @@ def from_error_body(body: Mapping[str, Any]) -> EncryptedRequestError | None:
 
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
+
+
+# binascii's strict mode (Python 3.11+) checks and decodes in one pass; b64decode(validate=True)
+# first runs a regular expression over the whole string: 35 against 67 ms CPU for the 12 MB of a
+# 512-sample batch-layout request (about 3 % of what the server spends on it).
+if sys.version_info >= (3, 11):
+    _strict_b64decode = functools.partial(binascii.a2b_base64, strict_mode=True)
+else:
+    _strict_b64decode = functools.partial(base64.b64decode, validate=True)
 
 
 def _records(data: Any) -> list[Mapping[str, Any]]:
@@ -282,8 +305,8 @@ def _optional_bytes(index: int, column: str, value: Any) -> bytes | None:
             ErrorCode.MALFORMED_REQUEST, f"Row {index}: {column} must be a base64 string, got {type(value).__name__}."
         )
     try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
+        return _strict_b64decode(value)
+    except (binascii.Error, ValueError):  # ValueError: characters outside ASCII
         raise EncryptedRequestError(
             ErrorCode.INVALID_BASE64, f"Row {index}: {column} is not valid base64 (RFC 4648, standard alphabet)."
         ) from None

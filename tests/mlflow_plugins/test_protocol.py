@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -75,6 +79,8 @@ def _frame(**overrides) -> pd.DataFrame:
     [
         ({"ciphertext": "not base64 !!"}, ErrorCode.INVALID_BASE64),
         ({"context": "@@@@"}, ErrorCode.INVALID_BASE64),
+        ({"ciphertext": "QUJD\u00e9"}, ErrorCode.INVALID_BASE64),  # a character outside ASCII
+        ({"ciphertext": "QUJD=QUJD"}, ErrorCode.INVALID_BASE64),  # data after padding
         ({"layout": "diagonal"}, ErrorCode.MALFORMED_REQUEST),
         ({"key_id": ""}, ErrorCode.MALFORMED_REQUEST),
         ({"key_id": "0" * 64}, ErrorCode.KEY_ID_MISMATCH),
@@ -115,3 +121,32 @@ def test_rejection_is_a_400_that_keeps_its_message_and_code():
     back = protocol.from_error_body(body)
     assert back.code == ErrorCode.UNKNOWN_KEY_ID and str(back) == "send the context"
     assert protocol.from_error_body({"error_code": "BAD_REQUEST", "message": "other"}) is None
+
+
+def test_answers_evaluate_one_request_at_a_time_per_process():
+    """The scoring server calls predict from several threads; evaluations must not overlap (SEAL
+    holds the GIL: overlapping ones only slow each other down and finish together)."""
+    running, most = 0, 0
+    lock = threading.Lock()
+
+    @dataclass
+    class Result:
+        n_samples: int = 1
+
+        def to_bytes(self) -> bytes:
+            return b"result"
+
+    def evaluate(row: EncryptedRequest) -> Result:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        time.sleep(0.05)
+        with lock:
+            running -= 1
+        return Result()
+
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda _: protocol.answer(_frame(), evaluate, "hint"), range(8)))
+    assert most == 1
+    assert all(protocol.decode_response(a) == [b"result"] for a in answers)

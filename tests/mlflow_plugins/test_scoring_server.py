@@ -17,7 +17,7 @@ from lightning_privacy.errors import ScoringServerError, ServingConfigError
 from lightning_privacy.mlflow_plugins import ScoringServer, ckks, protocol
 from lightning_privacy.mlflow_plugins.context_spill import DEFAULT_DIR_PREFIX, SPILL_DIR_ENV
 from lightning_privacy.mlflow_plugins.protocol import EncryptedRequest
-from lightning_privacy.mlflow_plugins.serving import WORKERS_ENV
+from lightning_privacy.mlflow_plugins.serving import HEADERS_ENV, WORKERS_ENV
 from tests.mlflow_plugins.conftest import assert_matches_reference
 
 
@@ -56,6 +56,59 @@ def test_workers_default_to_the_cores_or_mlflows_setting(monkeypatch):
     with pytest.raises(ServingConfigError, match=WORKERS_ENV):
         ScoringServer("models:/anything/1")
     assert ScoringServer("models:/anything/1", workers=2).worker_pids() == []  # not started
+
+
+def test_several_workers_close_each_connection_unless_told_otherwise(monkeypatch):
+    monkeypatch.delenv(HEADERS_ENV, raising=False)
+    assert HEADERS_ENV not in ScoringServer("models:/anything/1", workers=1).env
+    assert ScoringServer("models:/anything/1", workers=2).env[HEADERS_ENV] == "connection:close"
+    own = ScoringServer("models:/anything/1", workers=2, env={HEADERS_ENV: "x-frame-options:DENY"})
+    assert own.env[HEADERS_ENV] == "x-frame-options:DENY connection:close"
+    monkeypatch.setenv(HEADERS_ENV, "Connection:keep-alive")  # the user's choice wins
+    assert ScoringServer("models:/anything/1", workers=2).env[HEADERS_ENV] == "Connection:keep-alive"
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.slow
+def test_kept_alive_clients_are_spread_over_the_workers(compiled, digits, reference, tmp_path):
+    """Two clients, each on one keep-alive session as any HTTP library keeps it: every answer says
+    Connection: close, so each request comes on a new connection, which an idle worker takes. Both
+    workers evaluate (a kept-alive connection would stay with the worker that accepted it: both
+    clients on one worker half of the time)."""
+    ckks.save_model(compiled, tmp_path / "model")
+    keyring = he.Keyring(compiled, "single")
+    context, x = keyring.public_context_bytes(), digits.x_test[:1]
+    row = EncryptedRequest(protocol.key_id_of(context), "single", None, keyring.encrypt(x).to_bytes())
+    env = {SPILL_DIR_ENV: str(tmp_path / "spill")}
+    with ScoringServer(str(tmp_path / "model"), workers=2, env=env, log_path=tmp_path / "server.log") as server:
+        url = f"{server.url}/invocations"
+        upload = requests.post(
+            url, json=protocol.encode_request([EncryptedRequest(**{**vars(row), "context": context})])
+        )
+        assert upload.status_code == 200, upload.text[:300]
+        pids = server.worker_pids()
+        before = {pid: _cpu_seconds(pid) for pid in pids}
+
+        def client(_: int) -> None:
+            with requests.Session() as session:
+                for _ in range(6):
+                    response = session.post(url, json=protocol.encode_request([row]), timeout=120)
+                    assert response.status_code == 200, response.text[:300]
+                    assert response.headers["connection"] == "close"
+                    (result,) = protocol.decode_response(response.json())
+                    logits = keyring.decrypt(he.EncryptedBatch.from_bytes(result, keyring.public_context))
+                    assert_matches_reference(logits, reference(x))
+
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(client, range(2)))
+        used = [_cpu_seconds(pid) - before[pid] for pid in pids]
+    # A worker that served none of the 12 requests spent well under one request's CPU time.
+    assert min(used) > sum(used) / 12 / 2, used
 
 
 def _rss(pid: int) -> int:
