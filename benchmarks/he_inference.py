@@ -18,15 +18,26 @@ server time per sample with plaintext inputs and with owner-encrypted inputs, ma
 onnxruntime, the sealed weights, the owner's public keys and the saved directory (what the host holds),
 and the upload per encrypted sample.
 
+A third table follows the compiler at real input sizes (issue 15): (a) the digits MLP and a small
+CNN -- conv 3->8 3x3 stride 2 pad 1 -> square -> avgpool 2 -> fc -> 10, random weights and
+inputs -- on 3x32x32 and 3x64x64: compile time, the compile's peak allocation (tracemalloc, which
+numpy reports to) and the peak resident memory of the fresh process that compiles the ONNX bytes
+(ru_maxrss, imports of torch and TenSEAL included),
+N, single-layout time per sample (best of 3 after a warm-up, in-process) and max error against
+onnxruntime, with the figures measured before the structural lowering and their ratios.
+
 Run: ``python benchmarks/he_inference.py`` (a few minutes on 2 cores); ``--sealed-only`` prints the
-sealed table alone.
+sealed table alone, ``--compiler-only`` the compiler table alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import resource
 import tempfile
 import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -199,6 +210,94 @@ def sealed(net: torch.nn.Module, x: np.ndarray, n: int) -> dict:
     return row
 
 
+class SmallCNN(torch.nn.Module):
+    """conv 3->8 3x3 stride 2 pad 1 -> square -> avgpool 2 -> fc -> 10 (issue 15's CIFAR-size model)."""
+
+    def __init__(self, side: int) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.pool = torch.nn.AvgPool2d(2)
+        self.fc = torch.nn.Linear(8 * (side // 4) ** 2, 10)
+
+    def forward(self, x):
+        return self.fc(self.pool(he.nn.Square()(self.conv(x))).flatten(1))
+
+
+#: Figures before the structural lowering (issue 15, same 2-core machine): compile s, peak GB, N,
+#: single-sample ms. The MLP row's compile and memory were not measured then.
+BEFORE = {
+    "digits MLP 64-32-10": (None, None, 8192, 49.0),
+    "small CNN 3x32x32": (10.0, 0.8, 8192, 3200.0),
+    "small CNN 3x64x64": (161.0, 8.0, 32768, 76000.0),
+}
+
+
+def _compile_in_fresh_process(payload: bytes, x: np.ndarray, queue) -> None:
+    tracemalloc.start()  # numpy registers its buffers with tracemalloc: the compile's own peak
+    start = time.perf_counter()
+    he.compile(payload, x)
+    elapsed = time.perf_counter() - start
+    queue.put((elapsed, tracemalloc.get_traced_memory()[1], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))
+
+
+def compiler_row(net: torch.nn.Module, x: np.ndarray) -> dict:
+    """Compile time and peak memory in a fresh process, then single-sample time and error in this one."""
+    proto = he.export(net, torch.as_tensor(x[:1]))
+    spawn = multiprocessing.get_context("spawn")
+    queue = spawn.Queue()
+    child = spawn.Process(target=_compile_in_fresh_process, args=(proto.SerializeToString(), x, queue))
+    child.start()
+    compile_s, peak, rss = queue.get()
+    child.join()
+    model = he.compile(proto, x)
+    keys = he.Keyring(model, "single")
+    enc = he.EncryptedBatch.from_bytes(keys.encrypt(x[:1]).to_bytes(), keys.public_context)
+    model.evaluate(enc, keys.public_context)  # encodes and caches the diagonals once
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        out = model.evaluate(enc, keys.public_context)
+        times.append(time.perf_counter() - start)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    reference = session.run(None, {"input": x[:1]})[0]
+    return {
+        "compile_s": compile_s,
+        "peak": peak,
+        "rss": rss,
+        "N": model.params.poly_modulus_degree,
+        "single_ms": min(times) * 1e3,
+        "keys": len(keys.public_context_bytes()),
+        "error": float(np.abs(keys.decrypt(out) - reference).max()),
+    }
+
+
+def compiler_table(mlp: torch.nn.Module, digits_x: np.ndarray) -> None:
+    rng = np.random.default_rng(0)
+    torch.manual_seed(0)
+    models = {"digits MLP 64-32-10": (mlp, digits_x[:64])}
+    for side in (32, 64):
+        models[f"small CNN 3x{side}x{side}"] = (
+            SmallCNN(side).eval(),
+            rng.uniform(0, 1, size=(16, 3, side, side)).astype(np.float32),
+        )
+    print(
+        "| model | compile s | compile peak MB | process peak RSS MB | N | single ms | keys MB single | max err | "
+        "before: compile s / peak GB / N / single ms | compile ratio | single ratio |"
+    )
+    print("|" + "---|" * 11)
+    for name, (net, x) in models.items():
+        row = compiler_row(net, x)
+        old_compile, old_peak, old_n, old_ms = BEFORE[name]
+        before = f"{old_compile or '-'} / {old_peak or '-'} / {old_n} / {old_ms:g}"
+        ratio = f"{old_compile / row['compile_s']:.0f}x faster" if old_compile else "-"
+        print(
+            f"| {name} | {row['compile_s']:.2f} | {row['peak'] / 2**20:.0f} | {row['rss'] / 2**20:.0f} | "
+            f"{row['N']} | {row['single_ms']:.1f} | {row['keys'] / 1e6:.1f} | {row['error']:.1e} | {before} | "
+            f"{ratio} | {old_ms / row['single_ms']:.1f}x faster |",
+            flush=True,
+        )
+
+
 def _linear_after_conv(net: TutorialCNN) -> np.ndarray:
     """fc1 after the optional average pool, as one (in, out) matrix on the packed conv channels."""
     side = net.conv_side
@@ -210,9 +309,13 @@ def _linear_after_conv(net: TutorialCNN) -> np.ndarray:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sealed-only", action="store_true", help="print the sealed table only")
+    parser.add_argument("--compiler-only", action="store_true", help="print the compiler table only")
     args = parser.parse_args()
     torch.set_num_threads(1)
     models = build_models()
+    if args.compiler_only:
+        compiler_table(*models["a"])
+        return
     if not args.sealed_only:
         print(
             "| model | N | depth | single ms | single ms, 2 procs | batch1024 ms/sample | batch4096 ms/sample | "
@@ -247,6 +350,9 @@ def main() -> None:
             f"{row['upload'] / 1e3:.0f} | {row['seal_s']:.1f} |",
             flush=True,
         )
+    if not args.sealed_only:
+        print()
+        compiler_table(*models["a"])
 
 
 if __name__ == "__main__":
