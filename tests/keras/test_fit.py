@@ -292,3 +292,27 @@ def test_empty_poisson_batches_in_fit_are_steps_with_noise():
     for (before, after), n in zip(steps, sizes, strict=True):
         assert not torch.equal(before, after), n  # an empty batch's update is the noise alone
     assert np.isfinite(history.history["loss"]).all()
+
+
+def test_a_dense_layer_with_lora_takes_the_exact_path_and_stays_exact(monkeypatch):
+    """LoRA changes what Dense computes (and which variables train): no rule covers it, the exact
+    per-layer path does, and the step still equals the per-sample loop."""
+    model, x, y = build("dense")
+    model.layers[0].enable_lora(2)
+    keras.utils.set_random_seed(1)
+    for v in model.layers[0].trainable_variables:
+        v.assign(torch.randn(v.shape) * 0.3)  # lora_kernel_b starts at zero
+    _, norms = reference_clipped_mean(model, x, y, 1e9, 1.0)
+    clip = float(norms.median())
+    expected, _ = reference_clipped_mean(model, x, y, clip, len(x))
+    private = _planned(model, x, y, noise_multiplier=0.7, max_grad_norm=clip, accountant="rdp")
+    assert [part.rule is None for part in private.parts] == [True, False]
+    vmapped = []
+    monkeypatch.setattr(fast, "per_example_vjp", _recording(fast.per_example_vjp, vmapped))
+    with_batch = _update(private, x, y, seed=11)
+    noise_only = _update(private, x[:0], y[:0], seed=11)
+    assert vmapped == [model.layers[0]]
+    steps = zip(with_batch, noise_only, expected, strict=True)
+    diffs = [float(((a - b).double() - e).abs().max()) for a, b, e in steps]
+    assert max(float(e.abs().max()) for e in expected) > 1e-3
+    assert max(diffs) < 1e-5, diffs
