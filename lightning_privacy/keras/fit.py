@@ -4,7 +4,7 @@ The private model wraps the user's model (composition: the same layers and varia
 patched) and replaces one training step with DP-SGD, in the order of Opacus' ``DPOptimizer``:
 each example's gradient (book-keeping rules for Keras' Dense, Conv, Embedding and normalization
 layers, exact ``stateless_call`` under vmap for any other layer with weights, :mod:`lightning_privacy.keras.fast`;
-the whole model under vmap where the layers share weights or physical batches are set,
+the whole model under vmap where the layers share weights,
 :func:`~lightning_privacy.keras.per_sample.per_example_loss_grads`),
 clipped to C over all trainable variables, summed, plus N(0, σ²C²), divided by the expected batch
 size; then the compiled Keras optimizer applies it. Sampling, σ calibration, the budget and the
@@ -217,6 +217,25 @@ class PrivateModel(keras.Model):
         # On a batch of one: that example's loss (Keras' reductions average over the batch).
         return keras.losses.get(self.loss)(y_true, y_pred)
 
+    def _clipped_sum_in_chunks(
+        self, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor] | None:
+        """:func:`clipped_sum` over physical batches of at most ``max_physical_batch_size`` examples
+        (each example is clipped on its own, so the chunks' sums add up); ``None``: take the exact path."""
+        step = self.dp_config.max_physical_batch_size or x.shape[0]
+        summed, losses, preds = None, [], []
+        for start in range(0, x.shape[0], step):
+            part = clipped_sum(
+                self.inner, self.parts, self.loss, x[start : start + step], y[start : start + step],
+                self.dp_config.max_grad_norm,
+            )  # fmt: skip
+            if part is None:
+                return None
+            summed = part[0] if summed is None else [a + b for a, b in zip(summed, part[0], strict=True)]
+            losses.append(part[1])
+            preds.append(part[2])
+        return summed, torch.cat(losses), torch.cat(preds)
+
     def train_step(self, data: Any) -> dict[str, Any]:
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         if sample_weight is not None:
@@ -232,8 +251,8 @@ class PrivateModel(keras.Model):
         n = x.shape[0]
         preds = None
         fast = None
-        if n and self.parts is not None and config.max_physical_batch_size is None:
-            fast = clipped_sum(self.inner, self.parts, self.loss, x, y, config.max_grad_norm)
+        if n and self.parts is not None:
+            fast = self._clipped_sum_in_chunks(x, y)
         if fast is not None:
             summed, losses, preds = fast
         elif n:

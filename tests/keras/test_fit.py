@@ -316,3 +316,23 @@ def test_a_dense_layer_with_lora_takes_the_exact_path_and_stays_exact(monkeypatc
     diffs = [float(((a - b).double() - e).abs().max()) for a, b, e in steps]
     assert max(float(e.abs().max()) for e in expected) > 1e-3
     assert max(diffs) < 1e-5, diffs
+
+
+@pytest.mark.parametrize("kind", ["mixed", "conv"])
+def test_physical_batches_equal_the_per_sample_loop(kind, monkeypatch):
+    """max_physical_batch_size=5 on 12 examples: chunks of 5, 5 and 2, each clipped per example by
+    the rules; their sum is the step of the whole batch."""
+    model, x, y = build(kind)
+    _, norms = reference_clipped_mean(model, x, y, 1e9, 1.0)
+    clip = float(norms.median())
+    expected, _ = reference_clipped_mean(model, x, y, clip, len(x))
+    private = _planned(model, x, y, noise_multiplier=0.7, max_grad_norm=clip, max_physical_batch_size=5)
+    monkeypatch.setattr(fit, "per_example_loss_grads", lambda *a, **k: pytest.fail("whole-model vmap path taken"))
+    chunks = []
+    monkeypatch.setattr(fit, "clipped_sum", _recording(fit.clipped_sum, chunks))
+    with_batch = _update(private, x, y, seed=5)
+    noise_only = _update(private, x[:0], y[:0], seed=5)
+    assert len(chunks) == 3
+    steps = zip(with_batch, noise_only, expected, strict=True)
+    diffs = [float(((a - b).double() - e).abs().max()) for a, b, e in steps]
+    assert max(diffs) < 1e-5, diffs
