@@ -8,7 +8,8 @@ Poisson sampling, the PRV accountant (ε logged after every epoch, plus the engi
 set-up), ``grad_sample_mode="auto"`` (fast for these models).
 
 Every fit runs in a fresh subprocess at 1 thread. Time is the wall time of ``trainer.fit`` (the
-Trainer is built before; imports, model and data too). Memory is the peak resident set during the
+Trainer is built before; imports, model and data too); ``× CPU`` is the ratio of the process' CPU
+time over the fit, which a loaded machine disturbs less than the wall time. Memory is the peak resident set during the
 fit (VmHWM, reset through ``/proc/self/clear_refs`` just before it) minus the resident set at that
 point: the extra memory the fit needs, Linux only. Plain and private runs alternate, ``--repeats``
 times; the table shows medians and the ratio of the medians, all from this one run.
@@ -81,11 +82,11 @@ def worker(model: str, private: bool, accountant: str, sampling: str = "poisson"
     module, loader = Module(), DataLoader(data, batch_size=batch, shuffle=True)
     torch.manual_seed(1)
     base = _baseline_mb()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     trainer.fit(module, loader)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     extra = _peak_mb() - base
-    result = {"s": seconds, "extra_mb": extra, "steps": trainer.global_step}
+    result = {"s": seconds, "cpu_s": cpu, "extra_mb": extra, "steps": trainer.global_step}
     if private:
         result.update(epsilon=dp[0].epsilon, mode=dp[0].engine.grad_sample_mode)
     return result
@@ -108,14 +109,15 @@ def table(models: list[str], repeats: int, accountant: str, sampling: str = "poi
         f"sampling={sampling}"
     )
     print(f"load average at the end: {os.getloadavg()[0]:.1f} (1 min), {os.getloadavg()[1]:.1f} (5 min)")
-    print(f"{'model':<12}{'epochs':>7}{'steps':>7}{'plain s':>9}{'DP s':>9}{'× time':>8}"
+    print(f"{'model':<12}{'epochs':>7}{'steps':>7}{'plain s':>9}{'DP s':>9}{'× time':>8}{'× CPU':>7}"
           f"{'plain MB':>10}{'DP MB':>8}{'× mem':>7}{'ε':>8}")  # fmt: skip
     for model in models:
         plain, private = runs[model, False], runs[model, True]
         t0, t1 = (statistics.median(r["s"] for r in rs) for rs in (plain, private))
+        c0, c1 = (statistics.median(r["cpu_s"] for r in rs) for rs in (plain, private))
         m0, m1 = (statistics.median(r["extra_mb"] for r in rs) for rs in (plain, private))
         print(
-            f"{model:<12}{EPOCHS[model]:>7}{private[0]['steps']:>7}{t0:>9.2f}{t1:>9.2f}{t1 / t0:>8.2f}"
+            f"{model:<12}{EPOCHS[model]:>7}{private[0]['steps']:>7}{t0:>9.2f}{t1:>9.2f}{t1 / t0:>8.2f}{c1 / c0:>7.2f}"
             f"{m0:>10.1f}{m1:>8.1f}{m1 / max(m0, 0.1):>7.2f}{private[0]['epsilon']:>8.3f}",
             flush=True,
         )
