@@ -349,6 +349,7 @@ def main() -> None:
     loads.append(os.getloadavg()[0])
 
     _print_throughput(points, dict(layouts), compiled, loads, args.repeats)
+    _print_summary(points, dict(layouts))
     _print_ceiling(ceiling, dict(layouts))
     _print_end_to_end(end_to_end, setups[0])
     if memory:
@@ -387,7 +388,10 @@ def _print_throughput(
         f"{loads[0]:.2f} before, {min(during):.2f}-{max(during):.2f} during, {loads[-1]:.2f} after"
         f"\n{header}\n{'-' * len(header)}"
     )
-    for (setup, layout, concurrency), p in points.items():
+    setups, layouts = list(dict.fromkeys(k[0] for k in points)), list(per_request)
+    for (setup, layout, concurrency), p in sorted(
+        points.items(), key=lambda item: (setups.index(item[0][0]), layouts.index(item[0][1]), item[0][2])
+    ):
         n = per_request[layout]
         busy = " ".join(f"{statistics.median(b):.2f}" for b in zip(*p.busy, strict=True))
         print(
@@ -404,6 +408,19 @@ def _print_throughput(
         "plaintext model). UNKNOWN_KEY_ID: answers that made a client upload its context again (each key was uploaded\n"
         "once before the timing)."
     )
+
+
+def _print_summary(points: dict[tuple[str, str, int], Point], per_request: dict[str, int]) -> None:
+    """The table of README: samples/s by concurrency, x c1 at 4, p95 latency at 1, 4 and 16."""
+    print(f"\n| workers | layout | {' | '.join(f'c{c}' for c in CONCURRENCY)} | c4/c1 | p95 ms c1 / c4 / c16 |")
+    print(f"|---|---|{'---|' * len(CONCURRENCY)}---|---|")
+    for setup in dict.fromkeys(k[0] for k in points):
+        for layout, n in per_request.items():
+            row = [points[(setup, layout, c)] for c in CONCURRENCY]
+            rates = " | ".join(f"{n * statistics.median(p.throughput):.1f}" for p in row)
+            p95 = " / ".join(f"{1e3 * np.percentile(points[(setup, layout, c)].latencies, 95):.0f}" for c in (1, 4, 16))
+            ratio = statistics.median(points[(setup, layout, 4)].ratio)
+            print(f"| {setup} | {layout} ({n}) | {rates} | {ratio:.2f} | {p95} |")
 
 
 def _print_ceiling(ceiling: dict[tuple[str, int], list[float]], per_request: dict[str, int]) -> None:
