@@ -23,14 +23,18 @@ is what a server needs and imports neither:
 
 - ``export(module, example_input, path=None) -> onnx.ModelProto``: legacy TorchScript exporter
   (``dynamo=False``), opset 20, dynamic batch axis, constant folding (weights are initializers).
-- ``import_onnx(model: str | PathLike | bytes | onnx.ModelProto) -> LayerGraph``.
+- ``import_onnx(model: str | PathLike | bytes | onnx.ModelProto, memory_limit=None) -> LayerGraph``.
+  Conv and AveragePool/GlobalAveragePool (1-D to 3-D) become sparse weights built from the kernel;
+  any weight is estimated before it is built and refused with ``ModelTooLargeError`` above
+  ``memory_limit`` bytes (default half the physical memory).
 - ``SUPPORTED_OPS``: mapping ONNX op type -> lowering; the documented list of what is supported.
   Anything else raises :class:`~lightning_privacy.errors.UnsupportedOperatorError` naming the op type,
   the node name and this set (MaxPool points at AveragePool). Nodes whose inputs are all constants
   (``Shape``/``Gather``/``Concat`` chains from ``x.view(x.size(0), -1)``) are folded at import.
-- ``compile(model, calibration_data, *, poly_degree=7, margin=0.1) -> CompiledModel``.
+- ``compile(model, calibration_data, *, poly_degree=7, margin=0.1, memory_limit=None) -> CompiledModel``.
   ``model`` is a LayerGraph, ``onnx.ModelProto``, path or bytes; ``calibration_data`` has shape
-  ``(n, *input_shape)``.
+  ``(n, *input_shape)``; a model whose weights, single-layout diagonals and Galois keys would not
+  fit ``memory_limit`` raises ``ModelTooLargeError`` saying what to change.
 - ``CompiledModel``: ``.save(directory)``, ``CompiledModel.load(directory)``, ``.input_shape``
   (per-sample tuple), ``.output_dim`` (int), ``.output_activation`` (None | "softmax" |
   "log_softmax", applied by the client after decryption), ``.params`` (:class:`CKKSParams` with

@@ -21,6 +21,7 @@ from lightning_privacy.he.packing.single import (
     DiagonalPlan,
     InputExpansion,
     assign_layouts,
+    diagonal_expansion,
     diagonal_plan,
     input_expansion,
     key_steps,
@@ -116,33 +117,39 @@ class CompiledModel:
 
     @cached_property
     def _single_layout(self) -> tuple[dict[str, np.ndarray], InputExpansion | None]:
-        """Multiplexed layouts, or the first layer's output in natural order read from the expanded
-        input, whichever makes the affine layers cheaper (the expansion packs a first convolution's
-        output channels per position, which the multiplexed output does not)."""
+        """The cheapest of: multiplexed layouts, or the first layer's output in natural order; each
+        with the plain input, its im2col expansion (a first convolution's output channels packed per
+        position) or its diagonal expansion (the first layer's rotations taken by the client)."""
         layouts = assign_layouts(self.graph)
         readers = self.graph.consumers(self.graph.input_name)
         if len(readers) != 1 or not isinstance(readers[0], Affine) or readers[0].is_bias_only:
             return layouts, None
         first = readers[0]
+        candidates = [layouts]
         natural = assign_layouts(self.graph, frozenset({first.output}))
-        if max(layout_period(slots) for slots in natural.values()) > self.params.slots:
-            return layouts, None
-        expansion = input_expansion(first.weight, self.params.slots, natural[first.output])
-        if expansion is None:
-            return layouts, None
+        if max(layout_period(slots) for slots in natural.values()) <= self.params.slots:
+            candidates.append(natural)
         affine = [layer for layer in self.graph.layers if isinstance(layer, Affine) and not layer.is_bias_only]
-
-        def cost(slots: dict[str, np.ndarray], expanded: InputExpansion | None) -> float:
-            total = 0.0
-            for layer in affine:
-                if expanded is not None and layer is first:
-                    plan = diagonal_plan(expanded.weight, out_slots=slots[layer.output])
+        best, best_cost = (layouts, None), math.inf
+        for slots in candidates:
+            rest = sum(
+                plan_cost(diagonal_plan(layer.weight, None, slots[layer.input], slots[layer.output]))
+                for layer in affine
+                if layer is not first
+            )
+            out = slots[first.output]
+            for expansion in (
+                None,
+                input_expansion(first.weight, self.params.slots, out),
+                diagonal_expansion(first.weight, self.params.slots, out),
+            ):
+                if expansion is None:
+                    plan = diagonal_plan(first.weight, None, slots[first.input], out)
                 else:
-                    plan = diagonal_plan(layer.weight, None, slots[layer.input], slots[layer.output])
-                total += plan_cost(plan)
-            return total
-
-        return (natural, expansion) if cost(natural, expansion) < cost(layouts, None) else (layouts, None)
+                    plan = diagonal_plan(expansion.weight, out_slots=out)
+                if rest + plan_cost(plan) < best_cost:
+                    best, best_cost = (slots, expansion), rest + plan_cost(plan)
+        return best
 
     @cached_property
     def diagonal_plans(self) -> dict[str, DiagonalPlan]:

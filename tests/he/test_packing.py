@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import scipy.sparse as sparse
 
 from lightning_privacy.he.packing.single import (
     KEY_BASE,
     MAX_ROTATION_KEYS,
     decompose,
+    diagonal_expansion,
     diagonal_plan,
     input_expansion,
     key_steps,
@@ -69,6 +71,41 @@ def test_input_expansion_of_a_convolution_is_exact_and_cheaper():
     x = rng.normal(size=(3, 784))
     np.testing.assert_allclose(expansion.apply(x) @ expansion.weight.T, x @ weight.T, atol=1e-12)
     assert len(diagonal_plan(expansion.weight).diagonals) == 4 < len(diagonal_plan(weight).diagonals)
+
+
+@pytest.mark.parametrize("shape", [(10, 64), (64, 10), (24, 24), (5, 40)])
+def test_diagonal_method_between_slot_layouts_equals_matrix_product(shape):
+    """Input and output scattered over larger periods (as multiplexed layouts are): the kernel's
+    arithmetic on slot vectors reads the right inputs and writes each output at its slot."""
+    rng = np.random.default_rng(4)
+    weight = rng.normal(size=shape) * (rng.random(shape) < 0.6)
+    in_slots = rng.permutation(4 * period(shape[1]))[: shape[1]]
+    out_slots = rng.permutation(2 * period(shape[0]))[: shape[0]]
+    bias = rng.normal(size=shape[0])
+    plan = diagonal_plan(sparse.csr_array(weight), None, in_slots, out_slots, bias)
+    x = rng.normal(size=shape[1])
+    slots_x = np.zeros(plan.in_period)
+    slots_x[in_slots] = x
+    slots_x = np.tile(slots_x, SLOTS // plan.in_period)
+    reps = SLOTS // max(plan.in_period, plan.out_period)
+    rot = lambda v, k: np.roll(v, -k)  # noqa: E731
+    total = sum(np.tile(d, reps) * rot(slots_x, k) for k, d in plan.diagonals.items())
+    for step in plan.fold_steps:
+        total = total + rot(total, step)
+    total = total + np.tile(plan.bias, SLOTS // plan.out_period)
+    np.testing.assert_allclose(total[out_slots], weight @ x + bias, atol=1e-10)
+
+
+def test_diagonal_expansion_leaves_one_diagonal():
+    """The digits MLP's first layer (64 -> 32): the client sends the 32 rotated copies of x."""
+    rng = np.random.default_rng(5)
+    weight = rng.normal(size=(32, 64))
+    expansion = diagonal_expansion(weight, 4096)
+    x = rng.normal(size=(3, 64))
+    np.testing.assert_allclose(expansion.apply(x) @ expansion.weight.T, x @ weight.T, atol=1e-12)
+    plan = diagonal_plan(expansion.weight)
+    assert list(plan.diagonals) == [0] and plan.rotations == 6 < diagonal_plan(weight).rotations
+    assert diagonal_expansion(weight, 1024) is None  # 32 blocks of 64 slots do not fit
 
 
 def test_dense_layers_keep_the_plain_input_order():

@@ -146,6 +146,13 @@ def test_convolutions_use_the_im2col_input_expansion(exact_models):
     assert len(compiled.diagonal_plans[first.name].diagonals) < first.weight.shape[0] // 4
 
 
+def test_dense_first_layer_reads_the_diagonal_expansion(exact_models):
+    """The MLP's first layer runs as one product and its folds: the client sent the rotated copies."""
+    compiled = exact_models[0]["mlp"][1]
+    first = compiled.graph.layers[0]
+    assert compiled.input_expansion is not None and list(compiled.diagonal_plans[first.name].diagonals) == [0]
+
+
 @pytest.mark.parametrize("layout", ["batch", "single"])
 def test_two_worker_processes_give_identical_results(exact_models, layout):
     proto, compiled = exact_models[0]["pooled"]

@@ -64,7 +64,8 @@ def test_batch_layout_has_no_galois_keys_and_single_only_needed_ones(keyrings, m
     assert he.PublicContext.from_bytes(keyrings["batch"].public_context_bytes()).galois_keys is None
     single = he.PublicContext.from_bytes(keyrings["single"].public_context_bytes())
     assert single.galois_keys.size() == len(mlp[1].rotation_steps)
-    assert len(keyrings["single"].public_context_bytes()) < 10e6
+    # 11 power-of-two keys at N=8192 (the first layer's diagonal expansion folds 2048 slots into 32): 10.7 MB
+    assert len(keyrings["single"].public_context_bytes()) < 12e6
     assert len(keyrings["batch"].public_context_bytes()) < 2e6
 
 

@@ -304,6 +304,32 @@ def input_expansion(weight: Weight, slots: int, out_slots: np.ndarray | None = N
     return InputExpansion(index, expanded)
 
 
+def diagonal_expansion(weight: Weight, slots: int, out_slots: np.ndarray | None = None) -> InputExpansion | None:
+    """The first layer's baby and giant steps taken by the client, in plaintext.
+
+    Block ``t`` of the expanded input holds the input rotated by the offset ``k_t`` of the layer's
+    ``t``-th nonzero diagonal, so that on the expansion the layer has one diagonal: one plaintext
+    product and ``log2`` of the expansion's period over the output's rotate-and-adds (the digits
+    MLP's 64->32 layer: 6 rotations and 1 product instead of 11 and 32). Returns None when the
+    blocks do not fit the slots.
+    """
+    m, n = weight.shape
+    out_slots = np.arange(m) if out_slots is None else np.asarray(out_slots, dtype=np.int64)
+    out_p, in_p = period(int(out_slots.max()) + 1), period(n)
+    block = max(out_p, in_p)
+    rows, cols, values = _entries(weight)
+    i = out_slots[rows]
+    k = (cols - i) % min(out_p, in_p)
+    r = (cols - k) % in_p if in_p >= out_p else i
+    offsets = np.unique(k)
+    if len(offsets) == 0 or len(offsets) * block > slots:
+        return None
+    source = (np.arange(block)[None, :] + offsets[:, None]) % in_p
+    index = np.where(source < n, source, -1).ravel()
+    columns = np.searchsorted(offsets, k) * block + r
+    return InputExpansion(index, sparse.csr_array((values, (rows, columns)), shape=(m, index.size)))
+
+
 def pack(x: np.ndarray, slots: int) -> list[np.ndarray]:
     """(n, d) samples -> n slot vectors, each sample replicated with period next_pow2(d)."""
     p = period(x.shape[1])
