@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_privacy.audit import InputCanaries
 from lightning_privacy.callbacks import DifferentialPrivacy
 from lightning_privacy.callbacks.privacy_audit import PrivacyAudit
 from lightning_privacy.errors import AuditConfigError
@@ -20,16 +21,18 @@ from tests.audit.dpsgd import digits
 class FixedOrderMLP(pl.LightningModule):
     """A plain module with a fixed batch order, so training itself is the same with or without a resume."""
 
-    def __init__(self) -> None:
+    def __init__(self, data=None) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.net = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
-        x, y = digits()
-        self.data = TensorDataset(x, y)
+        self.data = data if data is not None else TensorDataset(*digits())
+
+    def forward(self, x):
+        return self.net(x)
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        return nn.functional.cross_entropy(self.net(x), y)
+        return nn.functional.cross_entropy(self(x), y)
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.5)
@@ -108,3 +111,24 @@ def test_a_checkpoint_of_another_audit_is_refused(tmp_path, other):
     settings = {"canaries": 1000, "kind": "gradient", "delta": 1e-5, "seed": 3, **other}
     with pytest.raises(AuditConfigError, match="another privacy audit"):
         _interrupted(tmp_path, callbacks, 1, 2, resumed_audit=PrivacyAudit(**settings))
+
+
+def test_input_canaries_resume_only_with_the_same_canaries(tmp_path):
+    base = TensorDataset(*digits())
+    first = PrivacyAudit(canaries=100, kind="input", delta=1e-5, seed=2)
+    train = first.dataset(base, num_classes=10)
+    trainer = _trainer(1, [first], tmp_path)
+    trainer.fit(FixedOrderMLP(train))
+    trainer.save_checkpoint(tmp_path / "mid.ckpt")
+
+    same = PrivacyAudit(canaries=100, kind="input", delta=1e-5, seed=2)
+    resumed = FixedOrderMLP(same.dataset(base, num_classes=10))
+    _trainer(2, [same], tmp_path).fit(resumed, ckpt_path=tmp_path / "mid.ckpt")
+    assert same.result is not None and same.result.canaries == 100
+
+    redrawn = InputCanaries(first.input_canaries.inputs, first.input_canaries.labels, seed=7)
+    assert not np.array_equal(redrawn.included, first.input_canaries.included)
+    other = PrivacyAudit(canaries=100, kind="input", delta=1e-5, seed=2, input_canaries=redrawn)
+    with pytest.raises(AuditConfigError, match="drawn differently"):
+        _trainer(2, [other], tmp_path).fit(FixedOrderMLP(other.dataset(base, num_classes=10)),
+                                           ckpt_path=tmp_path / "mid.ckpt")  # fmt: skip
