@@ -23,7 +23,10 @@ goal), and ``lightning/keras`` to ``lightning/torch``: what Keras' own layer cal
 Trainer without DP, the floor of the first. The
 uptime load average is printed with the table.
 
-Run: ``python benchmarks/keras_dp.py [--models mlp cnn]``
+Each (model, mode) runs ``--repeats`` times (default 3), the modes alternating; the table shows the
+medians of the runs' figures, and the ratios of those medians.
+
+Run: ``python benchmarks/keras_dp.py [--models mlp cnn] [--repeats 3]``
 """
 
 from __future__ import annotations
@@ -211,6 +214,7 @@ def _run(model: str, mode: str) -> dict | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["mlp", "cnn"])
+    parser.add_argument("--repeats", type=int, default=3, help="fresh processes per (model, mode); medians")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -224,11 +228,20 @@ def main() -> None:
     load = os.getloadavg()[0]
     print(f"1 thread; load average {load:.1f} on {os.cpu_count()} CPUs at start")
     print(f"{'model':<6}{'mode':<20}{'ms/step':>9}{'× time':>8}{'cpu ms':>8}{'× cpu':>7}{'extra MB':>10}{'× mem':>7}")
+    runs: dict[tuple[str, str], list[dict]] = {}
+    for _ in range(args.repeats):  # alternating fresh processes: a burst of load hits all modes alike
+        for model in args.models:
+            for mode in MODES:
+                r = _run(model, mode)
+                if r is not None:
+                    runs.setdefault((model, mode), []).append(r)
     for model in args.models:
-        results = {mode: _run(model, mode) for mode in MODES}
+        results = {
+            mode: {k: statistics.median(r[k] for r in runs[model, mode]) for k in ("ms", "cpu_ms", "extra_mb")}
+            for mode in MODES
+            if (model, mode) in runs
+        }
         for mode, r in results.items():
-            if r is None:
-                continue
             ref = results.get(reference.get(mode, ""))
             ratio_t = f"{r['ms'] / ref['ms']:.2f}×" if ref else ""
             ratio_c = f"{r['cpu_ms'] / ref['cpu_ms']:.2f}×" if ref else ""
