@@ -5,11 +5,12 @@ Keras layers keep their weights as ``nn.Parameter``s in ParameterDicts and read 
 ``torch.func.functional_call`` swaps nothing (its per-sample gradients come out zero). Keras' own
 ``stateless_call(trainable, non_trainable, *args)`` does run a layer on given weight tensors, so
 ``torch.func.vmap`` over ``torch.func.grad`` of it gives each example's gradient exactly, for any
-Keras layer, custom ones included. Both faces use it:
+Keras layer, custom ones included:
 
-- :func:`per_example_vjp` (the Lightning path, :mod:`lightning_privacy.keras.hooks`): each
-  example's gradient from the gradient at a Keras model's output.
-- :func:`per_example_loss_grads` (``model.fit``): each example's loss gradient in one vmapped pass.
+- :func:`per_example_vjp`: each example's gradient from the gradient at a Keras layer's output;
+  both paths use it for the layers no book-keeping rule covers (:mod:`lightning_privacy.keras.fast`).
+- :func:`per_example_loss_grads` (``model.fit``, where layers share weights): each example's loss
+  gradient of the whole model in one vmapped pass.
 
 Layers that draw randomness in training (Dropout) or mix the examples of a batch
 (BatchNormalization) have no per-example gradient this way: :class:`KerasPerSampleError`.
