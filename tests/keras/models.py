@@ -146,6 +146,12 @@ def build(kind: str, seed: int = 0) -> tuple[keras.Model, np.ndarray, np.ndarray
             keras.layers.Dense(3),
         ]
         x = rng.integers(0, 11, size=(n, 5)).astype("int32")
+    elif kind == "dense_twice":  # one Dense layer called twice in the forward: one example, one summed gradient
+        inputs = keras.Input((6,))
+        shared = keras.layers.Dense(6, activation="tanh")
+        x = rng.normal(size=(n, 6)).astype("float32")
+        y = rng.integers(0, 3, size=n)
+        return keras.Model(inputs, keras.layers.Dense(3)(shared(shared(inputs)))), x, y
     elif kind == "custom":
         layers = [keras.Input((6,)), Scale(), keras.layers.Dense(3)]
         x = rng.normal(size=(n, 6)).astype("float32")
@@ -158,6 +164,7 @@ def build(kind: str, seed: int = 0) -> tuple[keras.Model, np.ndarray, np.ndarray
 KINDS = (
     "dense",
     "dense_rows",
+    "dense_twice",
     "conv",
     "conv1d",
     "conv_same_stride",
