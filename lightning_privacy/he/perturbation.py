@@ -15,7 +15,9 @@ Where the noise goes depends on the layout:
 - ``single``: one ciphertext per sample holding its outputs replicated with the period
   ``next_pow2(output_dim)`` (``packing.single``): one draw per position of the period, the same for
   every replica. Independent draws per replica would let the client average them away; the
-  positions past ``output_dim`` (not outputs) get noise as well.
+  positions past ``output_dim`` (not outputs) get noise as well. The graph output is in natural
+  order (``packing.single``), and a noise vector tiled with period ``p`` also gives one draw to
+  every replica of a value replicated with any larger power-of-two period.
 
 Each call draws from a new generator seeded with 128 bits of the operating system's CSPRNG
 (``secrets``), so no two requests share noise, and what a client could learn of one request's
