@@ -46,7 +46,7 @@ class ScoringServer:
             your own there wins): a kept-alive connection stays with the worker that accepted it, so
             a few clients could queue on one worker while another idles; a new connection per
             request goes to whichever worker accepts first, an idle one. Reconnecting over loopback
-            costs well under a millisecond against 80 ms (one sample) to 1 s (512) of evaluation.
+            costs well under a millisecond against 50 ms (one sample) to 1 s (512) of evaluation.
         env: extra environment variables for the server.
         log_path: file for the server's stdout and stderr; default a temporary file.
         startup_timeout: seconds to wait for ``/ping``.
