@@ -138,12 +138,13 @@ def _log_a_fractional(q: float, sigma: float, alpha: float) -> float:
     Only the special functions move: ``binom`` and ``log_ndtr`` are evaluated on arrays of terms
     (scipy's ufuncs give each element exactly what the scalar call gives) instead of one Python
     call per term, and the loop-invariant logarithms are taken once. One RDP curve (90 fractional
-    orders, ~200 terms each at q = 0.14) took 160 ms with Opacus' loop (a whole small ``fit``), 40 ms here.
+    orders, ~200 terms each at q = 0.14) takes 80 ms of CPU with Opacus' loop, 30 ms here.
     """
     log_a0, log_a1 = -np.inf, -np.inf
     z0 = sigma**2 * math.log(1 / q - 1) + 0.5
     log_q, log_1mq, two_var = math.log(q), math.log(1 - q), 2 * (sigma**2)
     log_half, log_two, scale = math.log(0.5), math.log(2), math.sqrt(2) * sigma
+    log_add, log_sub = rdp_analysis._log_add, rdp_analysis._log_sub
     i, chunk = 0, 64
     while True:  # Opacus' do ... until loop, its special functions a chunk of terms at a time
         terms = np.arange(i, i + chunk, dtype=np.float64)
@@ -157,12 +158,12 @@ def _log_a_fractional(q: float, sigma: float, alpha: float) -> float:
             log_s0 = log_coef + i * log_q + j * log_1mq + (i * i - i) / two_var + (log_half + (log_two + n0))
             log_s1 = log_coef + j * log_q + i * log_1mq + (j * j - j) / two_var + (log_half + (log_two + n1))
             if coef > 0:
-                log_a0, log_a1 = rdp_analysis._log_add(log_a0, log_s0), rdp_analysis._log_add(log_a1, log_s1)
+                log_a0, log_a1 = log_add(log_a0, log_s0), log_add(log_a1, log_s1)
             else:
-                log_a0, log_a1 = rdp_analysis._log_sub(log_a0, log_s0), rdp_analysis._log_sub(log_a1, log_s1)
+                log_a0, log_a1 = log_sub(log_a0, log_s0), log_sub(log_a1, log_s1)
             i += 1
             if max(log_s0, log_s1) < -30:
-                return rdp_analysis._log_add(log_a0, log_a1)
+                return log_add(log_a0, log_a1)
         chunk *= 2
 
 
