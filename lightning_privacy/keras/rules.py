@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_privacy.dp.fast.embedding import EmbeddingRows
 from lightning_privacy.dp.fast.grouped import GroupedPrepared
 from lightning_privacy.dp.fast.records import Workspace, compute_dtype, sq_norms_of
 
@@ -229,31 +230,23 @@ class ConvRule(KerasRule):
 
 
 class _EmbeddingRows(LayerGrads):
-    """Per-sample rows summed by unique ``(example, index)`` key: O(B·T·d), no ``[B, V, d]`` tensor
-    except where the per-sample gradients themselves are asked for."""
+    """dp.fast's rows summed by unique ``(example, index)`` key, with the per-sample gradients a
+    ``[B, V, d]`` tensor only where they are asked for."""
 
     def __init__(self, idx: Tensor, g: Tensor, vocabulary: int) -> None:
-        self.batch_size, self.vocabulary, d = idx.shape[0], vocabulary, g.shape[-1]
-        sample = torch.arange(self.batch_size, device=idx.device).unsqueeze(1)
-        key = sample * vocabulary + idx.reshape(self.batch_size, math.prod(idx.shape[1:]))
-        unique, inverse = torch.unique(key.flatten(), return_inverse=True)
-        self.rows = torch.zeros(unique.numel(), d, dtype=g.dtype, device=g.device)
-        self.rows.index_add_(0, inverse, g.reshape(-1, d))
-        self.sample = torch.div(unique, vocabulary, rounding_mode="floor")
-        self.index = unique - self.sample * vocabulary
+        self.rows = EmbeddingRows(idx, g, vocabulary)
 
     def sq_norms(self) -> Tensor:
-        out = torch.zeros(self.batch_size, dtype=self.rows.dtype, device=self.rows.device)
-        return out.index_add_(0, self.sample, self.rows.square().sum(1))
+        return self.rows.sq_norms()
 
     def weighted_sums(self, weights: Tensor) -> list[Tensor]:
-        out = self.rows.new_zeros(self.vocabulary, self.rows.shape[1])
-        return [out.index_add_(0, self.index, self.rows * weights.to(self.rows.dtype)[self.sample].unsqueeze(1))]
+        return [self.rows.weighted_sum(weights)]
 
     def per_sample(self) -> list[Tensor]:
-        out = self.rows.new_zeros(self.batch_size * self.vocabulary, self.rows.shape[1])
-        out.index_add_(0, self.sample * self.vocabulary + self.index, self.rows)
-        return [out.view(self.batch_size, self.vocabulary, self.rows.shape[1])]
+        r = self.rows
+        out = r.rows.new_zeros(r.batch_size * r.vocabulary, r.rows.shape[1])
+        out.index_add_(0, r.sample * r.vocabulary + r.index, r.rows)
+        return [out.view(r.batch_size, r.vocabulary, r.rows.shape[1])]
 
 
 class EmbeddingRule(KerasRule):

@@ -32,29 +32,51 @@ class _EmbeddingFn(torch.autograd.Function):
         return None, gw, None, None
 
 
-class _EmbeddingPrepared(Prepared):
-    """Per-sample rows summed by unique ``(sample, index)`` key: O(B·T·d), no ``[B, V, d]`` tensor."""
+class EmbeddingRows:
+    """An embedding's per-sample gradients as rows summed by unique ``(sample, index)`` key.
 
-    def __init__(self, module: nn.Embedding, idx: Tensor, g: Tensor) -> None:
-        self.batch_size = b = idx.shape[0]
-        d = g.shape[-1]
-        if module.padding_idx is not None:
-            g = g * (idx != module.padding_idx).unsqueeze(-1)
-        key = torch.arange(b, device=idx.device).unsqueeze(1) * module.num_embeddings + idx
+    O(B·T·d), no ``[B, V, d]`` tensor. Shared by the torch rule and the Keras face's rule.
+
+    Args:
+        idx: ``[B, ...]`` indices.
+        g: ``[B, ..., d]`` gradients of the looked-up rows (masked rows already zeroed).
+        vocabulary: the number of rows of the table.
+    """
+
+    def __init__(self, idx: Tensor, g: Tensor, vocabulary: int) -> None:
+        self.batch_size, self.vocabulary, d = idx.shape[0], vocabulary, g.shape[-1]
+        sample = torch.arange(self.batch_size, device=idx.device).unsqueeze(1)
+        key = sample * vocabulary + idx.reshape(self.batch_size, math.prod(idx.shape[1:]))
         unique, inverse = torch.unique(key.flatten(), return_inverse=True)
-        self.dtype = g.dtype
         self.rows = torch.zeros(unique.numel(), d, dtype=g.dtype, device=g.device)
         self.rows.index_add_(0, inverse, g.reshape(-1, d))
-        self.sample = torch.div(unique, module.num_embeddings, rounding_mode="floor")
-        self.index = unique - self.sample * module.num_embeddings
+        self.sample = torch.div(unique, vocabulary, rounding_mode="floor")
+        self.index = unique - self.sample * vocabulary
 
-    def sq_norms(self, param):
+    def sq_norms(self) -> Tensor:
+        """``[B]`` squared norms of the per-sample gradients."""
         out = torch.zeros(self.batch_size, dtype=self.rows.dtype, device=self.rows.device)
         return out.index_add_(0, self.sample, self.rows.square().sum(1))
 
+    def weighted_sum(self, weights: Tensor) -> Tensor:
+        """``sum_b weights[b] * grad_b``, ``[V, d]``."""
+        out = self.rows.new_zeros(self.vocabulary, self.rows.shape[1])
+        return out.index_add_(0, self.index, self.rows * weights.to(self.rows.dtype)[self.sample].unsqueeze(1))
+
+
+class _EmbeddingPrepared(Prepared):
+    def __init__(self, module: nn.Embedding, idx: Tensor, g: Tensor) -> None:
+        if module.padding_idx is not None:
+            g = g * (idx != module.padding_idx).unsqueeze(-1)
+        self.batch_size = idx.shape[0]
+        self.dtype = g.dtype
+        self.rows = EmbeddingRows(idx, g, module.num_embeddings)
+
+    def sq_norms(self, param):
+        return self.rows.sq_norms()
+
     def weighted_sum(self, param, weights):
-        out = torch.zeros(param.shape, dtype=self.rows.dtype, device=self.rows.device)
-        return out.index_add_(0, self.index, self.rows * weights[self.sample].unsqueeze(1))
+        return self.rows.weighted_sum(weights)
 
 
 class EmbeddingRule(Rule):
