@@ -24,7 +24,9 @@ inputs -- on 3x32x32 and 3x64x64: compile time, the compile's peak allocation (t
 numpy reports to) and the peak resident memory of the fresh process that compiles the ONNX bytes
 (VmHWM, imports of torch and TenSEAL included),
 N, single-layout time per sample (best of 3 after a warm-up, in-process) and max error against
-onnxruntime, with the figures measured before the structural lowering and their ratios.
+onnxruntime, with the figures measured before the structural lowering and their ratios. The
+3x64x64 input (12288 values) is sent as two ciphertexts per sample at N=16384
+(``packing.single.input_chunks``), since only its strided conv's output must fit one.
 
 Run: ``python benchmarks/he_inference.py`` (a few minutes on 2 cores); ``--sealed-only`` prints the
 sealed table alone, ``--compiler-only`` the compiler table alone.

@@ -22,8 +22,9 @@ class EncryptedBatch:
     """Ciphertexts of ``n_samples`` samples in one ``layout``, bound to one public context.
 
     ``batch`` layout: one ciphertext per feature (samples in the slots); ``single``: one ciphertext
-    per sample; ``sealed``: the same number of ciphertexts for every sample (a sealed model's inputs
-    and outputs).
+    per sample, or the same number for every sample when its input is split over ciphertexts (the
+    evaluation checks the count against the model); ``sealed``: the same number of ciphertexts for
+    every sample (a sealed model's inputs and outputs).
 
     Example::
 
@@ -75,12 +76,7 @@ class EncryptedBatch:
         layout, n = header.get("layout"), header.get("n_samples")
         if layout != context.layout or not isinstance(n, int) or n < 1 or not blobs:
             raise EncryptionInputError(f"corrupted batch header (layout {layout!r}, n_samples {n!r})")
-        expected = n if layout == "single" else None
-        if (
-            (expected is not None and len(blobs) != expected)
-            or (layout == "batch" and n > context.params.slots)
-            or (layout == SEALED and len(blobs) % n)
-        ):
+        if (layout == "batch" and n > context.params.slots) or (layout in ("single", SEALED) and len(blobs) % n):
             raise EncryptionInputError(f"batch holds {len(blobs)} ciphertexts for {n} samples in layout {layout!r}")
         ciphertexts = wire.load_objects(blobs, seal.Ciphertext, context.context, "ciphertext")
         for i, ct in enumerate(ciphertexts):

@@ -28,7 +28,9 @@ from lightning_privacy.he.packing.single import (
     MAX_ROTATION_KEYS,
     assign_layouts,
     diagonal_count,
+    input_chunks,
     layout_period,
+    required_slots,
 )
 from lightning_privacy.he.params import CKKSParams, select_params
 from lightning_privacy.he.polynomial import activation_function, fit_activation
@@ -84,7 +86,7 @@ def compile(
     values = compiled_graph.values(x)
     bounds = [(level[name], float(np.max(np.abs(v))) * (1 + margin)) for name, v in values.items()]
     layouts = assign_layouts(compiled_graph)
-    params = select_params(depth, bounds, min_slots=max(layout_period(s) for s in layouts.values()))
+    params = select_params(depth, bounds, min_slots=required_slots(compiled_graph, layouts))
     _check_memory(compiled_graph, params, layouts, level, memory_limit)
     flat = x.reshape(len(x), -1)
     spread = (flat.max(axis=0) - flat.min(axis=0)) * margin
@@ -236,8 +238,14 @@ def _check_memory(
         weights += 12 * nonzeros(w) if sparse.issparse(w) else 8 * w.size
         if layer.is_bias_only:
             continue
-        count = diagonal_count(w, layouts[layer.input], layouts[layer.output])
         big = max(layout_period(layouts[layer.input]), layout_period(layouts[layer.output]))
+        chunks = input_chunks(w.shape[1], params.slots) if layer.input == graph.input_name else [slice(None)]
+        if len(chunks) > 1:  # a split input: one plan per chunk, each within one ciphertext
+            columns = sparse.csc_array(w) if sparse.issparse(w) else w
+            count = sum(diagonal_count(columns[:, chunk], None, layouts[layer.output]) for chunk in chunks)
+            big = params.slots
+        else:
+            count = diagonal_count(w, layouts[layer.input], layouts[layer.output])
         diagonals += count * big * 8
         plaintexts += count * memory.plaintext_bytes(n, primes - 1 - level[layer.input])
     keys = (MAX_ROTATION_KEYS + int(math.log(params.slots, KEY_BASE)) + 1) * memory.galois_key_bytes(n, primes)

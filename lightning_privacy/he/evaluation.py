@@ -15,7 +15,7 @@ from lightning_privacy.he.ciphertexts import EncryptedBatch
 from lightning_privacy.he.context import PublicContext
 from lightning_privacy.he.graph import Add, Affine, LayerGraph, Multiply, Polynomial
 from lightning_privacy.he.packing import LAYOUTS
-from lightning_privacy.he.packing.single import DiagonalPlan
+from lightning_privacy.he.packing.single import DiagonalPlan, SplitPlan
 from lightning_privacy.he.parallel import available_workers, map_ciphertexts
 from lightning_privacy.he.params import CKKSParams
 
@@ -30,14 +30,15 @@ class Evaluation:
     Args:
         graph: the compiled layer graph.
         params: its CKKS parameters (the fresh ciphertexts' scale).
-        diagonal_plans: single-layout plan of every affine layer, by layer name.
+        diagonal_plans: single-layout plan of every affine layer, by layer name (the first one's a
+            :class:`SplitPlan` when the input is split over several ciphertexts).
         rotation_steps: the single layout's Galois key steps.
         plaintext_cache: encoded diagonals, kept across calls by the model.
     """
 
     graph: LayerGraph
     params: CKKSParams
-    diagonal_plans: dict[str, DiagonalPlan]
+    diagonal_plans: dict[str, DiagonalPlan | SplitPlan]
     rotation_steps: tuple[int, ...]
     plaintext_cache: dict
 
@@ -75,14 +76,14 @@ def evaluate(
     kernel = kernels.single.DiagonalKernel(
         arith, context.galois_keys, model.rotation_steps, model.params.slots, model.plaintext_cache
     )
-    plans = model.diagonal_plans
+    plans, chunks = model.diagonal_plans, _chunks(model)
 
     def samples(indices) -> list[seal.Ciphertext]:
         return [
             _run(
                 model.graph,
-                [encrypted.ciphertexts[i]],
-                lambda layer, cts: [kernel.affine(layer, plans[layer.name], cts[0])],
+                encrypted.ciphertexts[i * chunks : (i + 1) * chunks],
+                lambda layer, cts: [kernel.affine(layer, plans[layer.name], cts)],
                 arith,
             )[0]
             for i in indices
@@ -92,9 +93,19 @@ def evaluate(
     return EncryptedBatch("single", encrypted.n_samples, outputs, context)
 
 
+def _chunks(model: Evaluation) -> int:
+    """Ciphertexts per sample in the single layout (several when the first layer reads a split input)."""
+    readers = model.graph.consumers(model.graph.input_name)
+    plan = model.diagonal_plans.get(readers[0].name) if len(readers) == 1 else None
+    return len(plan.plans) if isinstance(plan, SplitPlan) else 1
+
+
 def _check_fresh(encrypted: EncryptedBatch, context: PublicContext, model: Evaluation) -> None:
     top = context.context.first_parms_id()
-    expected = int(np.prod(model.graph.input_shape)) if encrypted.layout == "batch" else encrypted.n_samples
+    if encrypted.layout == "batch":
+        expected = int(np.prod(model.graph.input_shape))
+    else:
+        expected = encrypted.n_samples * _chunks(model)
     if len(encrypted.ciphertexts) != expected:
         raise EncryptionInputError(f"expected {expected} ciphertexts, got {len(encrypted.ciphertexts)}")
     for ct in encrypted.ciphertexts:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import replace
 from functools import cached_property
 
 import numpy as np
@@ -20,13 +19,15 @@ from lightning_privacy.he.owner import OwnerKeyring
 from lightning_privacy.he.packing.single import (
     DiagonalPlan,
     InputExpansion,
+    SplitPlan,
     assign_layouts,
     diagonal_expansion,
     diagonal_plan,
     input_expansion,
     key_steps,
-    layout_period,
     plan_cost,
+    required_slots,
+    split_plan,
 )
 from lightning_privacy.he.params import CKKSParams
 from lightning_privacy.he.report import ApproximationReport
@@ -118,8 +119,9 @@ class CompiledModel:
     @cached_property
     def _single_layout(self) -> tuple[dict[str, np.ndarray], InputExpansion | None]:
         """The cheapest of: multiplexed layouts, or the first layer's output in natural order; each
-        with the plain input, its im2col expansion (a first convolution's output channels packed per
-        position) or its diagonal expansion (the first layer's rotations taken by the client)."""
+        with the plain input (split over ciphertexts when it does not fit one), its im2col expansion
+        (a first convolution's output channels packed per position) or its diagonal expansion (the
+        first layer's rotations taken by the client)."""
         layouts = assign_layouts(self.graph)
         readers = self.graph.consumers(self.graph.input_name)
         if len(readers) != 1 or not isinstance(readers[0], Affine) or readers[0].is_bias_only:
@@ -127,7 +129,7 @@ class CompiledModel:
         first = readers[0]
         candidates = [layouts]
         natural = assign_layouts(self.graph, frozenset({first.output}))
-        if max(layout_period(slots) for slots in natural.values()) <= self.params.slots:
+        if required_slots(self.graph, natural) <= self.params.slots:
             candidates.append(natural)
         affine = [layer for layer in self.graph.layers if isinstance(layer, Affine) and not layer.is_bias_only]
         best, best_cost = (layouts, None), math.inf
@@ -144,7 +146,7 @@ class CompiledModel:
                 diagonal_expansion(first.weight, self.params.slots, out),
             ):
                 if expansion is None:
-                    plan = diagonal_plan(first.weight, None, slots[first.input], out)
+                    plan = split_plan(first.weight, self.params.slots, None, out)
                 else:
                     plan = diagonal_plan(expansion.weight, out_slots=out)
                 if rest + plan_cost(plan) < best_cost:
@@ -152,15 +154,17 @@ class CompiledModel:
         return best
 
     @cached_property
-    def diagonal_plans(self) -> dict[str, DiagonalPlan]:
-        """Single-layout plan of every affine layer (the first one on the expanded input, if any)."""
-        first = self.graph.consumers(self.graph.input_name)[0].name if self.input_expansion is not None else None
+    def diagonal_plans(self) -> dict[str, DiagonalPlan | SplitPlan]:
+        """Single-layout plan of every affine layer (the first one on the expanded input, if any, or
+        a :class:`SplitPlan` over the input's chunks when the input does not fit one ciphertext)."""
         layers = [layer for layer in self.graph.layers if isinstance(layer, Affine)]
 
-        def plan(layer: Affine, keys: tuple[int, ...] | None = None) -> DiagonalPlan:
+        def plan(layer: Affine, keys: tuple[int, ...] | None = None) -> DiagonalPlan | SplitPlan:
             out_slots = self.layouts[layer.output]
-            if layer.name == first:
-                return diagonal_plan(self.input_expansion.weight, keys, None, out_slots, layer.bias)
+            if layer.input == self.graph.input_name and not layer.is_bias_only:
+                if self.input_expansion is not None:
+                    return diagonal_plan(self.input_expansion.weight, keys, None, out_slots, layer.bias)
+                return split_plan(layer.weight, self.params.slots, keys, out_slots, layer.bias)
             return diagonal_plan(layer.weight, keys, self.layouts[layer.input], out_slots, layer.bias)
 
         plans = {layer.name: plan(layer) for layer in layers}
@@ -168,9 +172,9 @@ class CompiledModel:
         keys = key_steps(requested, self.params.slots)
         if set(keys) != requested:  # too many distinct steps: every step composed from the key basis
             plans = {layer.name: plan(layer, keys) for layer in layers}
-        return {name: replace(plan, keys=keys) for name, plan in plans.items()}
+        return {name: plan.with_keys(keys) for name, plan in plans.items()}
 
-    def _used(self, plans: dict[str, DiagonalPlan]) -> list[DiagonalPlan]:
+    def _used(self, plans: dict[str, DiagonalPlan | SplitPlan]) -> list[DiagonalPlan | SplitPlan]:
         return [
             plans[layer.name] for layer in self.graph.layers if isinstance(layer, Affine) and not layer.is_bias_only
         ]
@@ -209,7 +213,7 @@ class CompiledModel:
                 affine += _COST_PLAIN_MULTIPLY * nonzeros(layer.weight)
             else:
                 plan = self.diagonal_plans[layer.name]
-                affine += _COST_PLAIN_MULTIPLY * len(plan.diagonals) + _COST_ROTATION * plan.rotations
+                affine += _COST_PLAIN_MULTIPLY * plan.products + _COST_ROTATION * plan.rotations
         if layout == "batch":
             return (affine + elementwise) * math.ceil(batch_size / self.max_batch_size)
         return (affine + elementwise) * batch_size

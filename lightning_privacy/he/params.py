@@ -74,7 +74,9 @@ def select_params(depth: int, bounds: list[tuple[int, float]], min_slots: int = 
             level ``l`` still has ``depth - l`` rescale primes above the first prime, so usually
             only the output sizes the first prime (plus 2 guard bits). The special prime is at
             least as large as every other prime.
-        min_slots: slots the single layout needs (the largest power-of-two vector period).
+        min_slots: slots the single layout needs (the largest power-of-two vector period; the
+            input counts only when it cannot be split over ciphertexts, see
+            ``packing.single.required_slots``).
 
     Raises:
         CompilationError: not even N=32768 fits; the message gives the depth or the slots the graph

@@ -29,7 +29,7 @@ import scipy.sparse as sparse
 from lightning_privacy.errors import CompilationError, ModelIntegrityWarning
 from lightning_privacy.he.depth import levels
 from lightning_privacy.he.graph import OUTPUT_ACTIVATIONS, Add, Affine, Grid, Layer, LayerGraph, Multiply, Polynomial
-from lightning_privacy.he.packing.single import assign_layouts, layout_period
+from lightning_privacy.he.packing.single import assign_layouts, required_slots
 from lightning_privacy.he.params import CKKSParams
 from lightning_privacy.he.report import ApproximationReport
 
@@ -303,7 +303,7 @@ class _Reader:
             f"the graph needs more than the {params.depth} levels its parameters hold",
         )
         self.require(
-            max(layout_period(slots) for slots in assign_layouts(graph).values()) <= params.slots,
+            required_slots(graph, assign_layouts(graph)) <= params.slots,
             "a value does not fit the slots of the parameters",
         )
         report = self.report(d["approximation_report"], layers)

@@ -1,4 +1,8 @@
-"""The ``single`` layout's affine kernel on SEAL ciphertexts: the diagonal method of ``packing.single``."""
+"""The ``single`` layout's affine kernel on SEAL ciphertexts: the diagonal method of ``packing.single``.
+
+A first layer on a split input (``packing.single.SplitPlan``) sums the unrescaled products of its
+chunks' plans and rescales once.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import tenseal.sealapi as seal
 
 from lightning_privacy.he.arithmetic import Arithmetic
 from lightning_privacy.he.graph import Affine
-from lightning_privacy.he.packing.single import DiagonalPlan, decompose
+from lightning_privacy.he.packing.single import DiagonalPlan, SplitPlan, decompose
 
 
 class DiagonalKernel:
@@ -29,8 +33,8 @@ class DiagonalKernel:
             ct = out
         return ct
 
-    def _encoded(self, layer: Affine, plan: DiagonalPlan, ct: seal.Ciphertext) -> list:
-        key = (layer.name, tuple(ct.parms_id()), ct.scale)
+    def _encoded(self, layer: Affine, plan: DiagonalPlan, ct: seal.Ciphertext, chunk: int) -> list:
+        key = (layer.name, chunk, tuple(ct.parms_id()), ct.scale)
         if key not in self._plaintexts:
             scale, parms_id = self.arith.plain_scale(ct), ct.parms_id()
             reps = self.slots // max(plan.in_period, plan.out_period)
@@ -42,13 +46,31 @@ class DiagonalKernel:
             self._plaintexts[key] = sorted(groups.items())
         return self._plaintexts[key]
 
-    def affine(self, layer: Affine, plan: DiagonalPlan, ct: seal.Ciphertext) -> seal.Ciphertext:
+    def affine(self, layer: Affine, plan: DiagonalPlan | SplitPlan, cts: list[seal.Ciphertext]) -> seal.Ciphertext:
+        """``layer`` on one sample: ``cts`` holds its input's ciphertexts (one per chunk of a split input)."""
         arith = self.arith
+        plans = plan.plans if isinstance(plan, SplitPlan) else (plan,)
         if layer.is_bias_only:
-            return self._add_bias(layer, plan, ct)
-        groups = self._encoded(layer, plan, ct)
-        if not groups:  # all-zero weights: the output is the bias alone
-            return arith.encrypt_constant(self._bias_vector(layer, plan), ct.parms_id())
+            return self._add_bias(layer, plans[0], cts[0])
+        total = None
+        for chunk, (part, ct) in enumerate(zip(plans, cts, strict=True)):
+            term = self._product(layer, part, ct, chunk)
+            if term is None:
+                continue
+            if total is None:
+                total = term
+            else:
+                arith.evaluator.add_inplace(total, term)
+        if total is None:  # all-zero weights: the output is the bias alone
+            return arith.encrypt_constant(self._bias_vector(layer, plans[0]), cts[0].parms_id())
+        return self._add_bias(layer, plans[0], arith.rescale(total))
+
+    def _product(self, layer: Affine, plan: DiagonalPlan, ct: seal.Ciphertext, chunk: int) -> seal.Ciphertext | None:
+        """``sum_k d_k * rot(ct, k)``, folded and not rescaled; None when every diagonal is zero."""
+        arith = self.arith
+        groups = self._encoded(layer, plan, ct, chunk)
+        if not groups:
+            return None
         babies, previous = {0: ct}, 0
         for b in plan.babies:
             if b:
@@ -71,7 +93,7 @@ class DiagonalKernel:
         # Rotations before the rescale: key-switching noise is additive, so at scale^2 it is negligible.
         for step in plan.fold_steps:
             arith.evaluator.add_inplace(total, self.rotate(total, step))
-        return self._add_bias(layer, plan, arith.rescale(total))
+        return total
 
     def _bias_vector(self, layer: Affine, plan: DiagonalPlan) -> np.ndarray:
         return np.tile(plan.bias, self.slots // plan.out_period)

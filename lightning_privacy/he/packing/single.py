@@ -17,6 +17,12 @@ The client may also send the input in an expanded, im2col-like order (:func:`inp
 rows of the first layer that read the same input columns (a convolution's output channels at one
 position) share one block of the expansion, which leaves that layer with a handful of diagonals.
 
+An input longer than the slots is split (:func:`input_chunks`): chunk ``c`` holds the columns
+``[c * slots, (c + 1) * slots)`` in a ciphertext of its own (packed like any vector, so only a short
+last chunk is replicated), and the first layer, the only reader of the input, sums one diagonal plan
+per chunk (:class:`SplitPlan`) into one output ciphertext. Every other value must fit one ciphertext
+(:func:`required_slots`).
+
 Every value has a *slot layout* (:func:`assign_layouts`): the slot of each of its elements inside
 its period. The input and the output are in natural order; a convolution's output stays on its
 input's slot grid: with channel bases ``base[c]`` and spatial slot strides ``st``, output channel
@@ -33,7 +39,7 @@ nonzeros of the weight in slot coordinates, never from a dense matrix.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import pairwise
 
 import numpy as np
@@ -116,6 +122,88 @@ class DiagonalPlan:
         """Rotations per evaluation (the cost driver), composed from ``keys`` when set."""
         keys = self.keys or tuple(self.rotation_steps)
         return sum(len(decompose(step, keys)) for step in self.schedule)
+
+    @property
+    def products(self) -> int:
+        """Plaintext products per evaluation (one per nonzero diagonal)."""
+        return len(self.diagonals)
+
+    def with_keys(self, keys: tuple[int, ...]) -> DiagonalPlan:
+        return replace(self, keys=keys)
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """The first layer on an input split over several ciphertexts: one plan per chunk, summed.
+
+    ``plans[c]`` reads chunk ``c`` (:func:`input_chunks`); only ``plans[0]`` carries the bias.
+    """
+
+    plans: tuple[DiagonalPlan, ...]
+
+    @property
+    def keys(self) -> tuple[int, ...] | None:
+        return self.plans[0].keys
+
+    @property
+    def rotation_steps(self) -> set[int]:
+        return set().union(*(plan.rotation_steps for plan in self.plans))
+
+    @property
+    def rotations(self) -> int:
+        return sum(plan.rotations for plan in self.plans)
+
+    @property
+    def products(self) -> int:
+        return sum(plan.products for plan in self.plans)
+
+    def with_keys(self, keys: tuple[int, ...]) -> SplitPlan:
+        return SplitPlan(tuple(plan.with_keys(keys) for plan in self.plans))
+
+
+def input_chunks(dim: int, slots: int) -> list[slice]:
+    """The columns each input ciphertext holds: all of them when ``period(dim) <= slots``, else
+    consecutive runs of ``slots`` (the last one shorter)."""
+    if period(dim) <= slots:
+        return [slice(0, dim)]
+    return [slice(start, min(start + slots, dim)) for start in range(0, dim, slots)]
+
+
+def splits_input(graph: LayerGraph) -> bool:
+    """Whether the graph's input may be split over ciphertexts: its only reader is a linear layer."""
+    readers = graph.consumers(graph.input_name)
+    return len(readers) == 1 and isinstance(readers[0], Affine) and not readers[0].is_bias_only
+
+
+def required_slots(graph: LayerGraph, layouts: dict[str, np.ndarray]) -> int:
+    """Slots one ciphertext must hold in the single layout: the largest period of a value, the input
+    left out when it can be split (:func:`splits_input`)."""
+    split = splits_input(graph)
+    return max(
+        (layout_period(slots) for name, slots in layouts.items() if not (split and name == graph.input_name)),
+        default=1,
+    )
+
+
+def split_plan(
+    weight: Weight,
+    slots: int,
+    keys: tuple[int, ...] | None = None,
+    out_slots: np.ndarray | None = None,
+    bias: np.ndarray | None = None,
+) -> DiagonalPlan | SplitPlan:
+    """The first layer's plan on its natural-order input: a :func:`diagonal_plan`, or one per input
+    chunk when the input does not fit ``slots`` (each from the columns of its chunk)."""
+    chunks = input_chunks(weight.shape[1], slots)
+    if len(chunks) == 1:
+        return diagonal_plan(weight, keys, None, out_slots, bias)
+    columns = sparse.csc_array(weight) if sparse.issparse(weight) else weight
+    return SplitPlan(
+        tuple(
+            diagonal_plan(columns[:, chunk], keys, None, out_slots, bias if c == 0 else None)
+            for c, chunk in enumerate(chunks)
+        )
+    )
 
 
 def _entries(weight: Weight) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -270,9 +358,9 @@ class InputExpansion:
         return np.where(self.index >= 0, x[:, np.maximum(self.index, 0)], 0.0)
 
 
-def plan_cost(plan: DiagonalPlan) -> float:
+def plan_cost(plan: DiagonalPlan | SplitPlan) -> float:
     """Relative cost of one evaluation of ``plan`` (a rotation costs about 10 plaintext products)."""
-    return 10.0 * plan.rotations + len(plan.diagonals)
+    return 10.0 * plan.rotations + plan.products
 
 
 def input_expansion(weight: Weight, slots: int, out_slots: np.ndarray | None = None) -> InputExpansion | None:
@@ -331,11 +419,16 @@ def diagonal_expansion(weight: Weight, slots: int, out_slots: np.ndarray | None 
 
 
 def pack(x: np.ndarray, slots: int) -> list[np.ndarray]:
-    """(n, d) samples -> n slot vectors, each sample replicated with period next_pow2(d)."""
-    p = period(x.shape[1])
-    padded = np.zeros((len(x), p))
-    padded[:, : x.shape[1]] = x
-    return [np.tile(row, slots // p) for row in padded]
+    """(n, d) samples -> slot vectors, sample by sample, one per input chunk (:func:`input_chunks`);
+    each chunk replicated with period next_pow2 of its length."""
+    vectors = []
+    for row in x:
+        for chunk in input_chunks(x.shape[1], slots):
+            values = row[chunk]
+            padded = np.zeros(period(len(values)))
+            padded[: len(values)] = values
+            vectors.append(np.tile(padded, slots // len(padded)))
+    return vectors
 
 
 def unpack(vectors: list[np.ndarray], out_dim: int) -> np.ndarray:
