@@ -8,6 +8,7 @@ and checks the header against the SEAL objects inside.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 
 import tenseal as ts
@@ -121,7 +122,7 @@ class PublicContext:
                 missing Galois keys, or missing relinearization keys.
         """
         mine = self.context.key_context_data().parms()
-        if self.params != params or _moduli(mine) != _moduli(seal_parameters(params)):
+        if self.params != params or tuple(_moduli(mine)) != _params_moduli(params):
             raise ModelMismatchError(
                 f"the context was made for other CKKS parameters (N={mine.poly_modulus_degree()}, moduli "
                 f"{[m.bit_count() for m in mine.coeff_modulus()]} bits, scale 2^{self.params.scale_bits}) than the "
@@ -208,6 +209,12 @@ def pack_public_context(layout: str, params: CKKSParams, rotation_steps: list[in
 
 def _moduli(parms: seal.EncryptionParameters) -> list[int]:
     return [m.value() for m in parms.coeff_modulus()]
+
+
+@functools.cache
+def _params_moduli(params: CKKSParams) -> tuple[int, ...]:
+    """The primes of ``params``, found once: the search takes 0.7 ms at N=8192, on every evaluation."""
+    return tuple(_moduli(seal_parameters(params)))
 
 
 def _refuse_private_tenseal_context(data: bytes) -> None:
