@@ -35,8 +35,7 @@ import time
 import warnings
 
 import torch
-from dp_overhead import CLIP, LR, SIGMA, _baseline_mb, _peak_mb, build
-from torch import nn
+from dp_overhead import CLIP, SIGMA, _baseline_mb, _peak_mb, build, lightning_classifier
 
 #: Epochs per model: enough for several per-epoch ε queries, short enough to repeat under load.
 EPOCHS = {"cnn": 5, "mlp": 5, "transformer": 2}
@@ -54,17 +53,6 @@ def worker(model: str, private: bool, accountant: str, sampling: str = "poisson"
 
     net, data, batch = build(model)
 
-    class Module(pl.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = net
-
-        def training_step(self, b, _):
-            return nn.functional.cross_entropy(self.net(b[0]), b[1])
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=LR)
-
     poisson = sampling == "poisson"
     dp = (
         [
@@ -79,7 +67,7 @@ def worker(model: str, private: bool, accountant: str, sampling: str = "poisson"
         max_epochs=EPOCHS[model], callbacks=dp, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
     )  # fmt: skip
-    module, loader = Module(), DataLoader(data, batch_size=batch, shuffle=True)
+    module, loader = lightning_classifier(net), DataLoader(data, batch_size=batch, shuffle=True)
     torch.manual_seed(1)
     base = _baseline_mb()
     start, cpu_start = time.perf_counter(), time.process_time()

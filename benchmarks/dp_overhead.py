@@ -176,13 +176,12 @@ def _plain_steps(model: str, mode: str, net: nn.Module, data, batch: int):
     return step
 
 
-def _lightning_run(net: nn.Module, data, batch: int, private: bool, warm: int, timed: int) -> list[float]:
+def lightning_classifier(net: nn.Module) -> nn.Module:
+    """The LightningModule of every Lightning row (here, in ``dp_fit.py`` and ``keras_dp.py``):
+    ``net`` trained with cross-entropy and SGD at ``LR``."""
     import pytorch_lightning as pl
-    from torch.utils.data import DataLoader
 
-    from lightning_privacy.callbacks import DifferentialPrivacy
-
-    class Module(pl.LightningModule):
+    class Classifier(pl.LightningModule):
         def __init__(self) -> None:
             super().__init__()
             self.net = net
@@ -192,6 +191,15 @@ def _lightning_run(net: nn.Module, data, batch: int, private: bool, warm: int, t
 
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=LR)
+
+    return Classifier()
+
+
+def _lightning_run(net: nn.Module, data, batch: int, private: bool, warm: int, timed: int) -> list[float]:
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader
+
+    from lightning_privacy.callbacks import DifferentialPrivacy
 
     class Clock(pl.Callback):
         def __init__(self) -> None:
@@ -212,7 +220,7 @@ def _lightning_run(net: nn.Module, data, batch: int, private: bool, warm: int, t
         max_steps=warm + timed, callbacks=[*dp, clock], logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
     )  # fmt: skip
-    trainer.fit(Module(), DataLoader(data, batch_size=batch, shuffle=True))
+    trainer.fit(lightning_classifier(net), DataLoader(data, batch_size=batch, shuffle=True))
     if private:
         assert dp[0].engine.grad_sample_mode == "fast", dp[0].engine.grad_sample_mode
     return [b - a for a, b in zip(clock.times[warm:], clock.times[warm + 1 :], strict=False)], clock.base

@@ -43,21 +43,10 @@ import warnings
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
+from dp_overhead import CLIP, LR, SIGMA, _baseline_mb, _peak_mb, lightning_classifier  # noqa: E402
+
 MODES = ["keras-fit", "keras-fit+dp", "lightning/torch", "lightning/keras", "lightning+dp/torch", "lightning+dp/keras"]
 BATCH, WARM, TIMED = 64, 5, 40
-SIGMA, CLIP, LR = 1.0, 1.0, 0.05
-
-
-def _status_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
-
-
-def _baseline_mb() -> float:
-    """The resident set now, after resetting the peak (VmHWM) to it (Linux ``clear_refs`` 5)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _status_mb("VmRSS")
 
 
 def _data(model: str):
@@ -141,7 +130,6 @@ class _KerasClock:
 def _lightning(model: str, keras_net: bool, private: bool) -> tuple[list[float], float]:
     import pytorch_lightning as pl
     import torch
-    from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
 
     from lightning_privacy.callbacks import DifferentialPrivacy
@@ -150,17 +138,6 @@ def _lightning(model: str, keras_net: bool, private: bool) -> tuple[list[float],
     if not keras_net and model == "cnn":
         x = x.transpose(0, 3, 1, 2).copy()
     net = _keras_model(model) if keras_net else _torch_model(model)
-
-    class Module(pl.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = net
-
-        def training_step(self, b, _):
-            return nn.functional.cross_entropy(self.net(b[0]), b[1])
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=LR)
 
     class Clock(pl.Callback):
         def __init__(self) -> None:
@@ -178,7 +155,7 @@ def _lightning(model: str, keras_net: bool, private: bool) -> tuple[list[float],
         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
     )  # fmt: skip
     data = TensorDataset(torch.as_tensor(x), torch.as_tensor(y))
-    trainer.fit(Module(), DataLoader(data, batch_size=BATCH, shuffle=True))
+    trainer.fit(lightning_classifier(net), DataLoader(data, batch_size=BATCH, shuffle=True))
     return clock.times, clock.base
 
 
@@ -198,7 +175,7 @@ def worker(model: str, mode: str) -> dict:
     return {
         "ms": 1000 * statistics.median(wall),
         "cpu_ms": 1000 * statistics.median(cpu),
-        "extra_mb": _status_mb("VmHWM") - base,
+        "extra_mb": _peak_mb() - base,
         "steps": len(pairs),
     }
 
