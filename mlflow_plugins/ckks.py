@@ -53,7 +53,7 @@ from lightning_privacy.he.perturbation import perturb
 from lightning_privacy.mlflow_plugins import _mlflow_fence, bundled_wheel, protocol
 from lightning_privacy.mlflow_plugins.context_cache import ContextCache
 from lightning_privacy.mlflow_plugins.context_spill import ContextSpill
-from lightning_privacy.mlflow_plugins.defences import QueryLedger, ServingDefences
+from lightning_privacy.mlflow_plugins.defences import LEDGER_DIR, QueryLedger, ServingDefences
 from lightning_privacy.mlflow_plugins.privacy_tags import copy_privacy_tags
 from lightning_privacy.mlflow_plugins.protocol import EncryptedRequest, ErrorCode
 from lightning_privacy.mlflow_plugins.request_limits import RequestLimits
@@ -322,10 +322,12 @@ class _CKKSModelWrapper:
     def __init__(self, compiled: he.CompiledModel, defences: ServingDefences | None = None) -> None:
         self.compiled = compiled
         self.defences = defences or ServingDefences()
-        self.queries = QueryLedger(self.defences)  # per client key, in this process
-        # Shared with the other uvicorn workers of the server, so each key is uploaded once per server.
+        # Shared with the other uvicorn workers of the server, so each key is uploaded once per server
+        # and the query budget is one per server, not one per worker.
+        spill = ContextSpill.from_env()
+        self.queries = QueryLedger(self.defences, directory=None if spill is None else spill.directory / LEDGER_DIR)
         self.contexts: ContextCache[he.PublicContext] = ContextCache(
-            cost=lambda context: context.memory_bytes, spill=ContextSpill.from_env()
+            cost=lambda context: context.memory_bytes, spill=spill
         )
 
     def get_raw_model(self) -> he.CompiledModel:

@@ -1,10 +1,14 @@
 """Model-extraction defences of a served CKKS model, chosen when the model is saved (opt-in).
 
 - ``query_budget``: the most samples one client (one public key, ``key_id``) gets answered by a
-  server process; past it the server answers HTTP 400 ``QUERY_BUDGET_EXHAUSTED`` and keeps serving
+  server; past it the server answers HTTP 400 ``QUERY_BUDGET_EXHAUSTED`` and keeps serving
   others. A client that makes new keys starts a new budget, so this bounds what one key pair
   extracts, not what a determined attacker with many keys extracts: pair it with authentication in
-  front of the server. Each uvicorn worker counts on its own.
+  front of the server. The budget is per server, not per worker process: the uvicorn workers of
+  one server count in one ledger on disk (beside the shared public contexts, ``context_spill``),
+  so a client whose requests land on several workers is still answered at most the budget. The
+  default directory goes with the server (a restarted server starts every budget afresh); with
+  ``LIGHTNING_PRIVACY_CONTEXT_SPILL_DIR`` set, the counts outlive restarts.
 - ``output_noise_std``: Gaussian noise of this standard deviation, in the units of the model's raw
   outputs (logits, before the output activation), added by the server to the encrypted outputs of
   every request (``lightning_privacy.he.perturbation``): fresh draws per request from a
@@ -30,10 +34,15 @@ Example::
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import os
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -46,6 +55,8 @@ CONFIG_KEY = "lightning_privacy_defences"
 TAG_PREFIX = "privacy.defence."
 #: The ``lightning_privacy_code`` of a request refused for its client's budget.
 QUERY_BUDGET_EXHAUSTED = ErrorCode.QUERY_BUDGET_EXHAUSTED.value
+#: The ledger's sub-directory of a server's shared directory (``ContextSpill.directory``).
+LEDGER_DIR = "query-ledger"
 
 
 @dataclass(frozen=True)
@@ -53,7 +64,8 @@ class ServingDefences:
     """What a served CKKS model does against model extraction.
 
     Args:
-        query_budget: samples answered per client key per server process; ``None`` for no limit.
+        query_budget: samples answered per client key by one server (all its worker processes
+            together); ``None`` for no limit.
         output_noise_std: s.d. of the Gaussian noise added to every encrypted output value, in logit
             units; ``None`` for exact outputs.
 
@@ -104,22 +116,39 @@ class ServingDefences:
 
 
 class QueryLedger:
-    """Samples answered per client key in this process, against ``ServingDefences.query_budget``.
+    """Samples answered per client key, against ``ServingDefences.query_budget``.
+
+    Without ``directory`` the counts live in this process. With one, they live in that directory,
+    one small file per key (named by a SHA-256 of the key id, so no request text becomes a path),
+    read and updated under an exclusive ``flock``: every process of a server that is given the same
+    directory counts in the same ledger, and concurrent requests of one client on several workers
+    cannot together pass the budget.
+
+    Args:
+        defences: the settings; only ``query_budget`` is used.
+        directory: the ledger shared by the worker processes of one server; created (mode 0700).
 
     Example::
 
-        ledger = QueryLedger(ServingDefences(query_budget=1000))
+        ledger = QueryLedger(ServingDefences(query_budget=1000), directory=spill.directory / LEDGER_DIR)
         ledger.check(row.key_id)                      # before evaluating: refuses a spent budget
         ledger.charge(row.key_id, result.n_samples)   # before answering: refuses past the budget
     """
 
-    def __init__(self, defences: ServingDefences) -> None:
+    def __init__(self, defences: ServingDefences, directory: str | os.PathLike[str] | None = None) -> None:
         self.budget = defences.query_budget
+        self.directory = None if directory is None or self.budget is None else Path(directory)
+        if self.directory is not None:
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._used: dict[str, int] = {}
         self._lock = threading.Lock()
 
     def used(self, key_id: str) -> int:
-        return self._used.get(key_id, 0)
+        """Samples answered so far for ``key_id``."""
+        if self.directory is None:
+            return self._used.get(key_id, 0)
+        with self._counter(key_id, fcntl.LOCK_SH) as (_, used):
+            return used
 
     def check(self, key_id: str) -> None:
         """Refuse a client whose budget is spent, before the server evaluates anything for it.
@@ -127,8 +156,8 @@ class QueryLedger:
         Raises:
             EncryptedRequestError: code ``QUERY_BUDGET_EXHAUSTED``.
         """
-        if self.budget is not None and self.used(key_id) >= self.budget:
-            raise self._refusal(key_id, self.used(key_id), None)
+        if self.budget is not None and (used := self.used(key_id)) >= self.budget:
+            raise self._refusal(key_id, used, None)
 
     def charge(self, key_id: str, samples: int) -> None:
         """Count ``samples`` for ``key_id``, or refuse them whole if they exceed the budget (the
@@ -140,10 +169,33 @@ class QueryLedger:
         if self.budget is None:
             return
         with self._lock:
-            used = self._used.get(key_id, 0)
-            if used + samples > self.budget:
-                raise self._refusal(key_id, used, samples)
-            self._used[key_id] = used + samples
+            if self.directory is None:
+                used = self._used.get(key_id, 0)
+                if used + samples > self.budget:
+                    raise self._refusal(key_id, used, samples)
+                self._used[key_id] = used + samples
+                return
+            with self._counter(key_id, fcntl.LOCK_EX) as (file, used):
+                if used + samples > self.budget:
+                    raise self._refusal(key_id, used, samples)
+                file.seek(0)
+                file.truncate()
+                file.write(str(used + samples).encode())
+                file.flush()
+
+    @contextmanager
+    def _counter(self, key_id: str, lock: int) -> Iterator[tuple[BinaryIO, int]]:
+        """The open counter file of ``key_id`` under ``lock``, and the count it holds."""
+        assert self.directory is not None
+        name = hashlib.sha256(key_id.encode()).hexdigest()
+        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+        with os.fdopen(os.open(self.directory / name, flags, 0o600), "r+b") as file:
+            fcntl.flock(file, lock)
+            try:
+                text = file.read(32).strip()
+                yield file, int(text) if text else 0
+            finally:
+                fcntl.flock(file, fcntl.LOCK_UN)
 
     def _refusal(self, key_id: str, used: int, samples: int | None) -> EncryptedRequestError:
         asked = "" if samples is None else f" and this request has {samples}"

@@ -70,8 +70,9 @@ def test_the_registered_version_records_the_defence(budgeted_model):
 
 @pytest.mark.slow
 def test_budget_over_http_keeps_serving_other_clients(budgeted_model):
+    """Two workers, one connection per request: the budget holds for the server, not per worker."""
     path, _, x, plain = budgeted_model
-    with ScoringServer(path) as server:
+    with ScoringServer(path, workers=2) as server:
         with EncryptedClient(path, url=server.url, layout="batch") as attacker:
             report = _extract(attacker, x, plain)
             assert [p.answered for p in report.points] == [100, BUDGET]

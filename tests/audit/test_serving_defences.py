@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import multiprocessing
+
 import numpy as np
 import pytest
 
@@ -55,3 +57,47 @@ def test_budgeted_target_stops_extraction_cleanly():
 
     with pytest.raises(EncryptedRequestError, match="wrong model"):
         budgeted(other)(np.zeros((1, 2)))
+
+
+def _charge_one_at_a_time(directory, budget, attempts):
+    ledger = QueryLedger(ServingDefences(query_budget=budget), directory=directory)
+    answered = 0
+    for _ in range(attempts):
+        try:
+            ledger.charge("k" * 64, 1)
+        except EncryptedRequestError:
+            continue
+        answered += 1
+    return answered
+
+
+def test_ledgers_on_one_directory_share_the_budget(tmp_path):
+    """The workers of one server count in one ledger: a client gets the budget once, not once per worker."""
+    worker_a = QueryLedger(ServingDefences(query_budget=100), directory=tmp_path / "ledger")
+    worker_b = QueryLedger(ServingDefences(query_budget=100), directory=tmp_path / "ledger")
+    worker_a.charge("a" * 64, 70)
+    with pytest.raises(EncryptedRequestError, match="70 were answered and this request has 31"):
+        worker_b.charge("a" * 64, 31)
+    worker_b.charge("a" * 64, 30)
+    assert worker_a.used("a" * 64) == worker_b.used("a" * 64) == 100
+    with pytest.raises(EncryptedRequestError, match="0 left"):
+        worker_a.check("a" * 64)
+    worker_b.charge("b" * 64, 100)  # another key, its own budget
+    other_server = QueryLedger(ServingDefences(query_budget=100), directory=tmp_path / "other")
+    other_server.charge("a" * 64, 100)
+
+
+def test_the_ledger_names_no_file_after_request_text(tmp_path):
+    ledger = QueryLedger(ServingDefences(query_budget=10), directory=tmp_path / "ledger")
+    ledger.charge("../../escape", 3)
+    (name,) = [p.name for p in (tmp_path / "ledger").iterdir()]
+    assert len(name) == 64 and set(name) <= set("0123456789abcdef")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ledger"] and ledger.used("../../escape") == 3
+
+
+def test_concurrent_processes_never_pass_the_shared_budget(tmp_path):
+    """Four processes race on one key, one sample per request: exactly the budget is answered."""
+    context = multiprocessing.get_context("fork")
+    with context.Pool(4) as pool:
+        answered = pool.starmap(_charge_one_at_a_time, [(tmp_path / "ledger", 150, 60)] * 4)
+    assert sum(answered) == 150  # each process can take at most 60, so at least three shared the budget
