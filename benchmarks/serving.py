@@ -4,7 +4,8 @@ For the digits MLP 64-32-10 (square activation) compiled to CKKS, and for both p
 (``single``: one sample per request; ``batch``: ``--batch-size`` samples per request), it measures
 over loopback, for each server setup in ``--workers`` (default: 1 worker, then one per core, the
 ``ScoringServer`` default; ``W:keep-alive`` keeps connections open as uvicorn does by default,
-instead of the ``Connection: close`` that ``ScoringServer`` sets for several workers):
+instead of the ``Connection: close`` that ``ScoringServer`` sets for several workers; ``W:greedy``
+turns off the accept gate, so that a busy worker still accepts new connections):
 
 - server throughput (samples/s), mean and p95 latency at concurrency 1, 2, 4, 8 and 16: each client
   thread has its own connection and posts a request encrypted beforehand, so that the clients'
@@ -35,7 +36,7 @@ One thread per process (``torch.set_num_threads(1)``). Everything lives in a tem
 Run::
 
     python benchmarks/serving.py                       # the table of README, ~8 min on 2 idle cores
-    python benchmarks/serving.py --workers 1,2:keep-alive,2 --distinct-keys 200
+    python benchmarks/serving.py --workers 1,2:greedy,2 --distinct-keys 200
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ from torch import nn
 from lightning_privacy import he
 from lightning_privacy.he.parallel import available_workers
 from lightning_privacy.mlflow_plugins import EncryptedClient, ScoringServer, ckks, protocol
+from lightning_privacy.mlflow_plugins._mlflow_fence import ACCEPT_WHEN_IDLE_ENV
 from lightning_privacy.mlflow_plugins.context_spill import SPILL_DIR_ENV
 from lightning_privacy.mlflow_plugins.protocol import EncryptedRequest, ErrorCode
 from lightning_privacy.mlflow_plugins.serving import HEADERS_ENV
@@ -70,6 +72,7 @@ from lightning_privacy.mlflow_plugins.serving import HEADERS_ENV
 CONCURRENCY = (1, 2, 4, 8, 16)
 TIMEOUT_ENV = "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"
 KEEP_ALIVE = "keep-alive"
+GREEDY = "greedy"
 MIB = 2**20
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -260,13 +263,15 @@ def _dir_bytes(path: Path) -> int:
 
 def _server_env(setup: str, spill_dir: Path) -> tuple[int, dict[str, str]]:
     """Workers and environment of a setup ``W`` or ``W:keep-alive``."""
-    workers, _, connections = setup.partition(":")
-    if connections not in ("", KEEP_ALIVE):
-        raise SystemExit(f"--workers: {setup!r} is neither W nor W:{KEEP_ALIVE}")
+    workers, *options = setup.split(":")
+    if any(o not in (KEEP_ALIVE, GREEDY) for o in options):
+        raise SystemExit(f"--workers: {setup!r} is not W with options among :{KEEP_ALIVE} :{GREEDY}")
     # MLflow answers 504 after 60 s, counted from arrival: c16 batch requests queue longer on a busy machine.
     env = {SPILL_DIR_ENV: str(spill_dir), TIMEOUT_ENV: "600"}
-    if connections:
+    if KEEP_ALIVE in options:
         env[HEADERS_ENV] = "connection:keep-alive"  # ScoringServer adds no connection:close then
+    if GREEDY in options:
+        env[ACCEPT_WHEN_IDLE_ENV] = "0"  # each worker accepts whatever it can, busy or not
     return int(workers), env
 
 
@@ -276,8 +281,10 @@ def main() -> None:
     parser.add_argument(
         "--workers",
         default=f"1,{available_workers()}",
-        help=f"comma-separated server setups to compare: W uvicorn workers (ScoringServer's defaults), or "
-        f"W:{KEEP_ALIVE} (kept-alive connections, uvicorn's own default; the server before Connection: close)",
+        help=f"comma-separated server setups to compare: W uvicorn workers (ScoringServer's defaults), with "
+        f"options :{KEEP_ALIVE} (kept-alive connections, uvicorn's own default; the server before Connection: "
+        f"close) and :{GREEDY} (every worker accepts whatever it can, busy or not: {ACCEPT_WHEN_IDLE_ENV}=0, "
+        "the server before the accept gate)",
     )
     parser.add_argument("--repeats", type=int, default=2, help="interleaved passes over all points (medians)")
     parser.add_argument("--rounds", type=int, default=2, help="requests per client thread and point (bounded loop)")

@@ -303,13 +303,17 @@ def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> _CKKS
     """Load the pyfunc implementation; called by ``mlflow.pyfunc.load_model``.
 
     In the scoring server this also makes MLflow refuse request bodies beyond the
-    :class:`RequestLimits` (read from the environment) before it parses them.
+    :class:`RequestLimits` (read from the environment) before it parses them, and, with several
+    workers, makes each worker accept connections only while idle (``_mlflow_fence.AcceptGate``).
 
     Raises:
-        ServingConfigError: a request limit in the environment is not a positive integer.
+        ServingConfigError: a request limit in the environment is not a positive integer, or
+            ``LIGHTNING_PRIVACY_ACCEPT_WHEN_IDLE`` is neither on nor off.
         UnsupportedMlflowVersionError: this MLflow has no place to check bodies before parsing.
     """
     _mlflow_fence.install_invocations_guard(RequestLimits.from_env().http_refusal)
+    # Several uvicorn workers: each takes a connection only while idle, so none queues behind a busy one.
+    _mlflow_fence.install_accept_gate()
     if he.SealedModel.is_saved_in(path):  # evaluated in-process with the owner's public keys
         return SealedModelWrapper(he.SealedModel.load(path))
     return _CKKSModelWrapper(he.CompiledModel.load(path), ServingDefences.from_model_config(model_config))

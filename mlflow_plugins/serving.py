@@ -45,8 +45,11 @@ class ScoringServer:
             response carries ``Connection: close`` (``UVICORN_HEADERS``; a ``connection:`` entry of
             your own there wins): a kept-alive connection stays with the worker that accepted it, so
             a few clients could queue on one worker while another idles; a new connection per
-            request goes to whichever worker accepts first, an idle one. Reconnecting over loopback
-            costs well under a millisecond against 50 ms (one sample) to 1 s (512) of evaluation.
+            request goes to an idle worker, since a worker accepts only while no request of its own
+            is in the model (``_mlflow_fence.AcceptGate``; ``LIGHTNING_PRIVACY_ACCEPT_WHEN_IDLE=0``
+            turns that off), and waits in the kernel's queue while all are busy. Reconnecting over
+            loopback costs well under a millisecond against 50 ms (one sample) to 1 s (512) of
+            evaluation.
         env: extra environment variables for the server.
         log_path: file for the server's stdout and stderr; default a temporary file.
         startup_timeout: seconds to wait for ``/ping``.

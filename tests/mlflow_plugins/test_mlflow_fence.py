@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import asyncio
 import json
 import logging
 import re
@@ -14,7 +15,7 @@ import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import BAD_REQUEST
 
-from lightning_privacy.errors import UnsupportedMlflowVersionError
+from lightning_privacy.errors import ServingConfigError, UnsupportedMlflowVersionError
 from lightning_privacy.mlflow_plugins import _mlflow_fence, protocol
 from lightning_privacy.mlflow_plugins.request_limits import RequestLimits
 
@@ -110,3 +111,150 @@ def test_only_the_fence_touches_private_mlflow_names():
         if path.name != "_mlflow_fence.py" and (names := _private_mlflow_names(path.read_text()))
     }
     assert offenders == {}
+
+
+# The accept gate: a worker of several takes a connection only while idle.
+
+
+class _Recorder(asyncio.Protocol):
+    """A server protocol that records its connections; ``on_response_complete`` as uvicorn's has one."""
+
+    def __init__(self, made: asyncio.Queue, completed: list) -> None:
+        self.made, self.completed = made, completed
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self.made.put_nowait(self)
+
+    def on_response_complete(self):
+        self.completed.append(self)
+
+
+async def _gated_server(gate: _mlflow_fence.AcceptGate):
+    """A server on a loopback port of the running loop, served through ``gate``; the queue of its protocols."""
+    made, completed = asyncio.Queue(), []
+    loop = asyncio.get_running_loop()
+    loop._start_serving = gate.start_serving  # what install_accept_gate does
+    server = await loop.create_server(lambda: _Recorder(made, completed), "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1], made
+
+
+async def _settle(rounds: int = 20) -> None:
+    """Let the loop run callbacks (accepts, connection_made) for a moment; no timing is asserted."""
+    for _ in range(rounds):
+        await asyncio.sleep(0.01)
+
+
+def test_a_worker_takes_one_connection_at_a_time_until_the_first_is_closed():
+    async def scenario():
+        gate = _mlflow_fence.AcceptGate(asyncio.get_running_loop(), claim_seconds=600)
+        server, port, made = await _gated_server(gate)
+        _, first_writer = await asyncio.open_connection("127.0.0.1", port)
+        first = await asyncio.wait_for(made.get(), 30)
+        _, second_writer = await asyncio.open_connection("127.0.0.1", port)  # waits in the kernel's queue
+        await _settle()
+        assert made.empty() and gate.accepted == 1 and not gate.idle
+        first_writer.close()  # the claim ends with the connection
+        second = await asyncio.wait_for(made.get(), 30)
+        assert second is not first and gate.accepted == 2
+        second_writer.close()
+        server.close()
+        await server.wait_closed()
+        return gate
+
+    gate = asyncio.run(scenario())
+    assert gate.listeners == []  # the closed server's socket is forgotten
+
+
+def test_a_request_in_the_model_holds_the_worker_and_the_answer_frees_it():
+    async def scenario():
+        gate = _mlflow_fence.AcceptGate(asyncio.get_running_loop(), claim_seconds=600)
+        server, port, made = await _gated_server(gate)
+        _, first_writer = await asyncio.open_connection("127.0.0.1", port)
+        first = await asyncio.wait_for(made.get(), 30)
+        await asyncio.to_thread(gate.model_started)  # from the thread MLflow runs the model in
+        await _settle()
+        assert gate.in_model == 1 and not gate.idle  # the claim passed to the request in the model
+        _, second_writer = await asyncio.open_connection("127.0.0.1", port)
+        await _settle()
+        assert made.empty()
+        await asyncio.to_thread(gate.model_finished)
+        second = await asyncio.wait_for(made.get(), 30)  # idle again: the waiting connection is taken
+        assert gate.in_model == 0 and gate.accepted == 2
+        _, third_writer = await asyncio.open_connection("127.0.0.1", port)
+        await _settle()
+        assert made.empty()  # the second connection's claim holds until it is answered
+        second.on_response_complete()
+        third = await asyncio.wait_for(made.get(), 30)
+        assert second.completed == [second] and third is not first  # the wrapped method still ran
+        for writer in (first_writer, second_writer, third_writer):
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+    asyncio.run(scenario())
+
+
+def test_a_silent_connection_delays_the_next_accept_only_for_its_claim():
+    async def scenario():
+        gate = _mlflow_fence.AcceptGate(asyncio.get_running_loop(), claim_seconds=0.2)
+        server, port, made = await _gated_server(gate)
+        _, silent = await asyncio.open_connection("127.0.0.1", port)  # connects and sends nothing
+        await asyncio.wait_for(made.get(), 30)
+        _, waiting = await asyncio.open_connection("127.0.0.1", port)
+        await asyncio.wait_for(made.get(), 30)  # taken once the claim expired, the first still open
+        assert gate.accepted == 2
+        silent.close()
+        waiting.close()
+        server.close()
+        await server.wait_closed()
+
+    asyncio.run(scenario())
+
+
+def test_the_gate_is_installed_only_in_a_running_loop_of_several_workers(monkeypatch):
+    monkeypatch.setattr(_mlflow_fence, "_ACCEPT_GATE", None)
+    assert _mlflow_fence.install_accept_gate(several_workers=True) is None  # no running loop
+
+    async def install(several_workers):
+        first = _mlflow_fence.install_accept_gate(several_workers=several_workers)
+        return first, _mlflow_fence.install_accept_gate(several_workers=several_workers)
+
+    assert asyncio.run(install(False)) == (None, None)  # one worker: nothing to spread
+    first, again = asyncio.run(install(True))
+    assert isinstance(first, _mlflow_fence.AcceptGate) and again is first  # idempotent per loop
+    monkeypatch.setenv(_mlflow_fence.ACCEPT_WHEN_IDLE_ENV, "0")
+    assert asyncio.run(install(True)) == (None, None)
+    monkeypatch.setenv(_mlflow_fence.ACCEPT_WHEN_IDLE_ENV, "sometimes")
+    with pytest.raises(ServingConfigError, match="ACCEPT_WHEN_IDLE"):
+        asyncio.run(install(True))
+
+
+def test_a_loop_with_another_start_serving_is_left_alone(monkeypatch, caplog):
+    monkeypatch.setattr(_mlflow_fence, "_ACCEPT_GATE", None)
+
+    async def install():
+        loop = asyncio.get_running_loop()
+        loop._start_serving = lambda protocol_factory, sock: None  # another asyncio's signature
+        with caplog.at_level(logging.WARNING):
+            return _mlflow_fence.install_accept_gate(several_workers=True)
+
+    assert asyncio.run(install()) is None
+    assert "_start_serving" in caplog.text and _mlflow_fence._ACCEPT_GATE is None
+
+
+def test_the_guard_tells_the_gate_when_a_request_is_in_the_model(server_module, monkeypatch):
+    events = []
+
+    class Gate:
+        def model_started(self):
+            events.append(("started", list(server_module)))
+
+        def model_finished(self):
+            events.append(("finished", list(server_module)))
+
+    monkeypatch.setattr(_mlflow_fence, "_ACCEPT_GATE", Gate())
+    _mlflow_fence.install_invocations_guard(RequestLimits(max_bytes=100).http_refusal)
+    scoring_server.invocations(b'{"inputs": [[1]]}', "application/json", None, None)
+    scoring_server.invocations(b"x" * 101, "application/json", None, None)  # refused: never in the model
+    assert events == [("started", []), ("finished", [b'{"inputs": [[1]]}'])]

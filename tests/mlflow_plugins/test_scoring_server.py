@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -79,7 +80,7 @@ def test_kept_alive_clients_are_spread_over_the_workers(compiled, digits, refere
     """Two clients, each on one keep-alive session as any HTTP library keeps it: every answer says
     Connection: close, so each request comes on a new connection, which an idle worker takes. Both
     workers evaluate (a kept-alive connection would stay with the worker that accepted it: both
-    clients on one worker half of the time)."""
+    clients on one worker half of the time); two requests at once go to two workers."""
     ckks.save_model(compiled, tmp_path / "model")
     keyring = he.Keyring(compiled, "single")
     context, x = keyring.public_context_bytes(), digits.x_test[:1]
@@ -107,8 +108,24 @@ def test_kept_alive_clients_are_spread_over_the_workers(compiled, digits, refere
         with ThreadPoolExecutor(2) as pool:
             list(pool.map(client, range(2)))
         used = [_cpu_seconds(pid) - before[pid] for pid in pids]
-    # A worker that served none of the 12 requests spent well under one request's CPU time.
-    assert min(used) > sum(used) / 12 / 2, used
+        # A worker that served none of the 12 requests spent well under one request's CPU time.
+        assert min(used) > sum(used) / 12 / 2, used
+
+        # Two long requests at once go to the two workers (the accept gate): a worker takes no second
+        # connection while its first is in flight (a worker that wakes first could take both otherwise).
+        long_request = protocol.encode_request([row] * 20)  # 20 evaluations in one request
+        start = {pid: _cpu_seconds(pid) for pid in pids}
+        barrier = threading.Barrier(2)
+
+        def post_long(_: int) -> None:
+            barrier.wait()
+            response = requests.post(url, json=long_request, timeout=600)
+            assert response.status_code == 200, response.text[:300]
+
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(post_long, range(2)))
+        used = [_cpu_seconds(pid) - start[pid] for pid in pids]
+        assert min(used) > sum(used) / 4, used  # each worker evaluated one of the two
 
 
 def _rss(pid: int) -> int:
