@@ -34,6 +34,8 @@ class Evaluation:
             :class:`SplitPlan` when the input is split over several ciphertexts).
         rotation_steps: the single layout's Galois key steps.
         plaintext_cache: encoded diagonals, kept across calls by the model.
+        single_graph: the graph the single layout evaluates (``CompiledModel.single_graph``: the
+            same function, perhaps with the first layer's output computed twice); default ``graph``.
     """
 
     graph: LayerGraph
@@ -41,6 +43,11 @@ class Evaluation:
     diagonal_plans: dict[str, DiagonalPlan | SplitPlan]
     rotation_steps: tuple[int, ...]
     plaintext_cache: dict
+    single_graph: LayerGraph | None = None
+
+    @property
+    def single(self) -> LayerGraph:
+        return self.graph if self.single_graph is None else self.single_graph
 
 
 def evaluate(
@@ -81,7 +88,7 @@ def evaluate(
     def samples(indices) -> list[seal.Ciphertext]:
         return [
             _run(
-                model.graph,
+                model.single,
                 encrypted.ciphertexts[i * chunks : (i + 1) * chunks],
                 lambda layer, cts: [kernel.affine(layer, plans[layer.name], cts)],
                 arith,
@@ -95,7 +102,7 @@ def evaluate(
 
 def _chunks(model: Evaluation) -> int:
     """Ciphertexts per sample in the single layout (several when the first layer reads a split input)."""
-    readers = model.graph.consumers(model.graph.input_name)
+    readers = model.single.consumers(model.single.input_name)
     plan = model.diagonal_plans.get(readers[0].name) if len(readers) == 1 else None
     return len(plan.plans) if isinstance(plan, SplitPlan) else 1
 

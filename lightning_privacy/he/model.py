@@ -17,12 +17,14 @@ from lightning_privacy.he.graph import Add, Affine, LayerGraph, Multiply, Polyno
 from lightning_privacy.he.input_range import check_input
 from lightning_privacy.he.owner import OwnerKeyring
 from lightning_privacy.he.packing.single import (
+    KEY_SWITCH_ERROR,
     DiagonalPlan,
     InputExpansion,
     SplitPlan,
     assign_layouts,
     diagonal_expansion,
     diagonal_plan,
+    duplicated_first_output,
     input_expansion,
     key_steps,
     plan_cost,
@@ -107,33 +109,46 @@ class CompiledModel:
         return self.params.slots
 
     @property
-    def layouts(self) -> dict[str, np.ndarray]:
-        """The single layout's slot placement of every value (``packing.single.assign_layouts``)."""
+    def single_graph(self) -> LayerGraph:
+        """The graph the single layout evaluates: :attr:`graph`, or the same function with the first
+        layer's output computed twice (``packing.single.duplicated_first_output``) when cheaper."""
         return self._single_layout[0]
+
+    @property
+    def layouts(self) -> dict[str, np.ndarray]:
+        """The single layout's slot placement of every value of :attr:`single_graph`
+        (``packing.single.assign_layouts``)."""
+        return self._single_layout[1]
 
     @property
     def input_expansion(self) -> InputExpansion | None:
         """The single layout's im2col-like input order, when the first layer profits from it."""
-        return self._single_layout[1]
+        return self._single_layout[2]
 
     @cached_property
-    def _single_layout(self) -> tuple[dict[str, np.ndarray], InputExpansion | None]:
-        """The cheapest of: multiplexed layouts, or the first layer's output in natural order; each
-        with the plain input (split over ciphertexts when it does not fit one), its im2col expansion
-        (a first convolution's output channels packed per position) or its diagonal expansion (the
-        first layer's rotations taken by the client)."""
+    def _single_layout(self) -> tuple[LayerGraph, dict[str, np.ndarray], InputExpansion | None]:
+        """The cheapest of: multiplexed layouts, or the first layer's output in natural order, or
+        the first layer's output computed twice (in natural order, the second copy shifted by a power
+        of two); each with the plain input (split over ciphertexts when it does not fit one), its
+        im2col expansion (a first convolution's output channels packed per position) or its diagonal
+        expansion (the first layer's rotations taken by the client)."""
         layouts = assign_layouts(self.graph)
         readers = self.graph.consumers(self.graph.input_name)
         if len(readers) != 1 or not isinstance(readers[0], Affine) or readers[0].is_bias_only:
-            return layouts, None
-        first = readers[0]
-        candidates = [layouts]
-        natural = assign_layouts(self.graph, frozenset({first.output}))
+            return self.graph, layouts, None
+        candidates = [(self.graph, layouts)]
+        natural = assign_layouts(self.graph, frozenset({readers[0].output}))
         if required_slots(self.graph, natural) <= self.params.slots:
-            candidates.append(natural)
-        affine = [layer for layer in self.graph.layers if isinstance(layer, Affine) and not layer.is_bias_only]
-        best, best_cost = (layouts, None), math.inf
-        for slots in candidates:
+            candidates.append((self.graph, natural))
+        width = int(np.prod(self.graph.shapes[readers[0].output]))
+        for t in range(max(width - 1, 1).bit_length()):
+            graph = duplicated_first_output(self.graph, 1 << t, self.params.slots)
+            if graph is not None:
+                candidates.append((graph, assign_layouts(graph)))
+        best, best_cost = (self.graph, layouts, None), math.inf
+        for graph, slots in candidates:
+            first = graph.consumers(graph.input_name)[0]
+            affine = [layer for layer in graph.layers if isinstance(layer, Affine) and not layer.is_bias_only]
             rest = sum(
                 plan_cost(diagonal_plan(layer.weight, None, slots[layer.input], slots[layer.output]))
                 for layer in affine
@@ -150,22 +165,30 @@ class CompiledModel:
                 else:
                     plan = diagonal_plan(expansion.weight, out_slots=out)
                 if rest + plan_cost(plan) < best_cost:
-                    best, best_cost = (slots, expansion), rest + plan_cost(plan)
+                    best, best_cost = (graph, slots, expansion), rest + plan_cost(plan)
         return best
 
     @cached_property
     def diagonal_plans(self) -> dict[str, DiagonalPlan | SplitPlan]:
         """Single-layout plan of every affine layer (the first one on the expanded input, if any, or
         a :class:`SplitPlan` over the input's chunks when the input does not fit one ciphertext)."""
-        layers = [layer for layer in self.graph.layers if isinstance(layer, Affine)]
+        graph = self.single_graph
+        layers = [layer for layer in graph.layers if isinstance(layer, Affine)]
+        level = levels(graph)
+        rotation_error = KEY_SWITCH_ERROR * self.params.poly_modulus_degree / self.params.scale
 
         def plan(layer: Affine, keys: tuple[int, ...] | None = None) -> DiagonalPlan | SplitPlan:
             out_slots = self.layouts[layer.output]
-            if layer.input == self.graph.input_name and not layer.is_bias_only:
+            if layer.input == graph.input_name and not layer.is_bias_only:
                 if self.input_expansion is not None:
                     return diagonal_plan(self.input_expansion.weight, keys, None, out_slots, layer.bias)
                 return split_plan(layer.weight, self.params.slots, keys, out_slots, layer.bias)
-            return diagonal_plan(layer.weight, keys, self.layouts[layer.input], out_slots, layer.bias)
+            # The graph output's layer may rotate one level down (packing.single.level_cost) where
+            # the scale keeps its key-switching error small: no later layer amplifies it.
+            low = self.params.depth - level[layer.input] if layer.output == graph.output_name else None
+            return diagonal_plan(
+                layer.weight, keys, self.layouts[layer.input], out_slots, layer.bias, low, rotation_error
+            )
 
         plans = {layer.name: plan(layer) for layer in layers}
         requested = set().union(*(plan.rotation_steps for plan in self._used(plans)))
@@ -175,9 +198,8 @@ class CompiledModel:
         return {name: plan.with_keys(keys) for name, plan in plans.items()}
 
     def _used(self, plans: dict[str, DiagonalPlan | SplitPlan]) -> list[DiagonalPlan | SplitPlan]:
-        return [
-            plans[layer.name] for layer in self.graph.layers if isinstance(layer, Affine) and not layer.is_bias_only
-        ]
+        layers = self.single_graph.layers
+        return [plans[layer.name] for layer in layers if isinstance(layer, Affine) and not layer.is_bias_only]
 
     @property
     def rotation_steps(self) -> list[int]:
@@ -188,7 +210,12 @@ class CompiledModel:
     @cached_property
     def _evaluation(self) -> evaluation.Evaluation:
         return evaluation.Evaluation(
-            self.graph, self.params, self.diagonal_plans, tuple(self.rotation_steps), self._plaintext_cache
+            self.graph,
+            self.params,
+            self.diagonal_plans,
+            tuple(self.rotation_steps),
+            self._plaintext_cache,
+            self.single_graph,
         )
 
     def estimated_cost(self, layout: str, batch_size: int) -> float:

@@ -115,7 +115,7 @@ def test_dense_layers_keep_the_plain_input_order():
 def test_rotation_keys_are_bounded_and_compose_every_step():
     few = {1, 8, 16}
     assert key_steps(few, 4096) == (1, 8, 16)
-    many = {1, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048}
+    many = {1, 6, 8, 16, 32, 64, 128, 256, 512, 1024, 2048}  # 6 = 4 + 2: every power up to 2048
     keys = key_steps(many, 4096)
     powers = {KEY_BASE**t for t in range(12) if KEY_BASE**t <= max(many)}
     assert len(few) <= MAX_ROTATION_KEYS < len(many) and set(keys) == powers
@@ -123,6 +123,16 @@ def test_rotation_keys_are_bounded_and_compose_every_step():
         assert sum(decompose(step, keys)) == step
     with pytest.raises(ValueError):
         decompose(3, (2,))
+
+
+def test_rotation_keys_leave_out_the_powers_no_step_needs():
+    steps = {2, 4, 6, 16, 48, 64, 128, 256, 512, 1024, 2048}  # no step has the bits 1 or 8
+    keys = key_steps(steps, 4096)
+    assert len(steps) > MAX_ROTATION_KEYS
+    assert set(keys) == {2, 4, 16, 32, 64, 128, 256, 512, 1024, 2048}
+    for step in steps:
+        parts = decompose(step, keys)
+        assert sum(parts) == step and len(parts) == bin(step).count("1")
 
 
 def test_period_is_the_next_power_of_two():

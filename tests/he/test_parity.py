@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import lightning_privacy.he as he
+from lightning_privacy.he.packing.single import diagonal_plan
 from tests.he.helpers import assert_parity, digits, encrypted_run, onnx_of, ort_run
 
 pytestmark = pytest.mark.slow
@@ -151,6 +152,29 @@ def test_dense_first_layer_reads_the_diagonal_expansion(exact_models):
     compiled = exact_models[0]["mlp"][1]
     first = compiled.graph.layers[0]
     assert compiled.input_expansion is not None and list(compiled.diagonal_plans[first.name].diagonals) == [0]
+
+
+def test_dense_second_layer_reads_two_copies_of_the_first_output(exact_models):
+    """The single layout computes the MLP's hidden layer twice (the second copy shifted), so the output
+    layer needs half the diagonals; both graphs compute the same function, the batch layout keeps
+    the compiled graph, and the output layer rotates one level down (its scale keeps the error small).
+    The encrypted parity of this model is test_exact_ops_match_onnxruntime[single-mlp]."""
+    compiled, x = exact_models[0]["mlp"][1], exact_models[1]["mlp"]
+    single = compiled.single_graph
+    assert single is not compiled.graph and single.shapes[single.layers[0].output] == (32,)
+    np.testing.assert_allclose(single.forward(x), compiled.graph.forward(x), rtol=1e-12, atol=1e-12)
+    out = compiled.graph.layers[-1]
+    plan = compiled.diagonal_plans[out.name]
+    assert len(plan.diagonals) * 2 <= len(diagonal_plan(out.weight).diagonals) and plan.rescale_groups
+
+
+def test_output_layer_keeps_its_rotations_above_the_rescale_at_small_scales():
+    """At scale 2^30 one key switch after the rescale would add ~3e-4 to the logits: the output layer
+    rotates before its rescale (packing.single.LOW_LEVEL_ERROR)."""
+    x = digits(N_BATCH)
+    compiled = he.compile(onnx_of(_seeded(Activations), x), x, poly_degree=4)
+    assert compiled.params.scale_bits == 30
+    assert not compiled.diagonal_plans[compiled.graph.layers[-1].name].rescale_groups
 
 
 @pytest.mark.parametrize("layout", ["batch", "single"])

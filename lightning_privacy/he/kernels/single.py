@@ -67,14 +67,17 @@ class DiagonalKernel:
         # of 2.1 one level down, N=8192, 3 levels; digits MLP of benchmarks/he_inference.py 38.8 ->
         # 31 ms/sample, max error vs onnxruntime 5e-6 -> 2.7e-5 over 8 samples). Later layers fold
         # before it, where key-switching noise is negligible at scale^2 (kernels.sealed measured why).
-        first = cts[0].parms_id() == arith.context.first_parms_id()
+        # A plan with ``rescale_groups`` (the graph output's layer, where nothing amplifies the noise)
+        # has rescaled each giant group already and folds one level down as well.
+        low = any(part.rescale_groups for part in plans)
+        first = not low and cts[0].parms_id() == arith.context.first_parms_id()
         total = None
         for steps, term in unfolded.items():
             if first:
                 term = arith.rescale(term)
             for step in steps:
                 arith.evaluator.add_inplace(term, self.rotate(term, step))
-            if not first:
+            if not first and not low:
                 term = arith.rescale(term)
             if total is None:
                 total = term
@@ -83,7 +86,8 @@ class DiagonalKernel:
         return self._add_bias(layer, plans[0], total)
 
     def _product(self, layer: Affine, plan: DiagonalPlan, ct: seal.Ciphertext, chunk: int) -> seal.Ciphertext | None:
-        """``sum_k d_k * rot(ct, k)``, neither folded nor rescaled; None when every diagonal is zero."""
+        """``sum_k d_k * rot(ct, k)``, not folded; None when every diagonal is zero. Rescaled only
+        with ``plan.rescale_groups``: each giant group before its giant step (one level down)."""
         arith = self.arith
         groups = self._encoded(layer, plan, ct, chunk)
         if not groups:
@@ -97,13 +101,20 @@ class DiagonalKernel:
         for j, items in reversed(groups):  # Horner over the nonempty giant groups, from the top
             if total is not None:
                 total = self.rotate(total, (above - j) * plan.giant)
+            inner = None
             for b, plain in items:
                 term = seal.Ciphertext()
                 arith.evaluator.multiply_plain(babies[b], plain, term)
-                if total is None:
-                    total = term
+                if inner is None:
+                    inner = term
                 else:
-                    arith.evaluator.add_inplace(total, term)
+                    arith.evaluator.add_inplace(inner, term)
+            if plan.rescale_groups:
+                inner = arith.rescale(inner)
+            if total is None:
+                total = inner
+            else:
+                arith.evaluator.add_inplace(total, inner)
             above = j
         if above:
             total = self.rotate(total, above * plan.giant)

@@ -45,7 +45,7 @@ from itertools import pairwise
 import numpy as np
 import scipy.sparse as sparse
 
-from lightning_privacy.he.graph import Add, Affine, Grid, LayerGraph, Multiply, Weight, row_entries
+from lightning_privacy.he.graph import Add, Affine, Grid, LayerGraph, Multiply, Polynomial, Weight, row_entries
 
 #: Each Galois key weighs 0.8-1.7 MB at N=8192; above this many, rotations are composed instead.
 MAX_ROTATION_KEYS = 5
@@ -68,10 +68,20 @@ def decompose(step: int, keys: tuple[int, ...]) -> list[int]:
 
 
 def key_steps(steps: set[int], slots: int) -> tuple[int, ...]:
-    """The Galois key steps for the rotation ``steps`` a model requests."""
+    """The Galois key steps for the rotation ``steps`` a model requests: the steps themselves when
+    few, else the powers of :data:`KEY_BASE` that some step has a nonzero digit at (what
+    :func:`decompose` composes them from; the powers no step needs are left out of the keys)."""
     if len(steps) <= MAX_ROTATION_KEYS:
         return tuple(sorted(steps))
-    return tuple(KEY_BASE**t for t in range(int(math.log(slots, KEY_BASE)) + 1) if KEY_BASE**t <= max(steps))
+    powers = set()
+    for step in steps:
+        power = 1
+        while step:
+            step, digit = divmod(step, KEY_BASE)
+            if digit:
+                powers.add(power)
+            power *= KEY_BASE
+    return tuple(sorted(powers))
 
 
 def period(dim: int) -> int:
@@ -89,6 +99,7 @@ class DiagonalPlan:
     fold_steps: tuple[int, ...]
     keys: tuple[int, ...] | None = None
     bias: np.ndarray | None = None
+    rescale_groups: bool = False
 
     @property
     def babies(self) -> list[int]:
@@ -120,8 +131,22 @@ class DiagonalPlan:
     @property
     def rotations(self) -> int:
         """Rotations per evaluation (the cost driver), composed from ``keys`` when set."""
+        return self.baby_rotations + self.later_rotations
+
+    def _count(self, steps: list[int]) -> int:
         keys = self.keys or tuple(self.rotation_steps)
-        return sum(len(decompose(step, keys)) for step in self.schedule)
+        return sum(len(decompose(step, keys)) for step in steps)
+
+    @property
+    def baby_rotations(self) -> int:
+        """Rotations of the input (before the products), composed from ``keys`` when set."""
+        return self._count(self.schedule[: len([b for b in self.babies if b])])
+
+    @property
+    def later_rotations(self) -> int:
+        """Rotations after the products (giant steps and folds): one level down when
+        ``rescale_groups`` is set."""
+        return self._count(self.schedule[len([b for b in self.babies if b]) :])
 
     @property
     def products(self) -> int:
@@ -130,6 +155,45 @@ class DiagonalPlan:
 
     def with_keys(self, keys: tuple[int, ...]) -> DiagonalPlan:
         return replace(self, keys=keys)
+
+    @property
+    def later_noise(self) -> float:
+        """Root-mean-square growth of the key-switching errors of :attr:`later_rotations`, in units
+        of one rotation's: a fold ``z + rot(z)`` doubles (in r.m.s. about sqrt(2)) every error before
+        it, each of the composed rotations adds its own."""
+        babies = len([b for b in self.babies if b])
+        keys = self.keys or tuple(self.rotation_steps)
+        folds = [len(decompose(step, keys)) for step in self.fold_steps]
+        giants = self._count(self.schedule[babies : len(self.schedule) - len(self.fold_steps)])
+        total = giants * 2.0 ** len(folds)
+        for i, parts in enumerate(folds):  # fold i is followed by len(folds) - 1 - i others
+            total += parts * 2.0 ** (len(folds) - 1 - i)
+        return math.sqrt(total)
+
+
+#: One rotation's key-switching error at the scale (max over the slots of a vector in [-1, 1]) is
+#: about this many times N / scale: 8.3e-6 at N=8192 and 2^36, 3.4e-4 at 2^30, 1.9e-5 at N=16384
+#: and 2^36 (sealapi, any level). At scale^2, before a rescale, it vanishes.
+KEY_SWITCH_ERROR = 80.0
+#: Largest estimated key-switching error a layer may add to the outputs by rotating after its
+#: rescale (a tenth of the 1e-3 the parity tests allow on logits).
+LOW_LEVEL_ERROR = 1e-4
+
+
+def level_cost(plan: DiagonalPlan, chain: int) -> float:
+    """Time of one evaluation of ``plan`` on an input with ``chain`` rescales left, in rotations at
+    the last level (``rescale_groups`` counted as it runs).
+
+    Key switching, rescaling and plaintext products cost about ``chain + 1`` times their cost at the
+    last level; a rescale about 0.28 and a plaintext product 0.08 of a rotation at the same level
+    (sealapi, N=8192, 1 thread: rotations 0.65/1.32/2.26/3.39 ms at chain 0/1/2/3).
+    """
+    if plan.rescale_groups:
+        rotations = plan.baby_rotations * (chain + 1) + plan.later_rotations * chain
+        rescales = len(plan.giants)
+    else:
+        rotations, rescales = plan.rotations * (chain + 1), 1
+    return rotations + (0.28 * rescales + 0.08 * plan.products) * (chain + 1)
 
 
 @dataclass(frozen=True)
@@ -244,6 +308,8 @@ def diagonal_plan(
     in_slots: np.ndarray | None = None,
     out_slots: np.ndarray | None = None,
     bias: np.ndarray | None = None,
+    low_chain: int | None = None,
+    rotation_error: float = math.inf,
 ) -> DiagonalPlan:
     """The diagonals of ``weight`` between two slot layouts, and the power-of-two giant step with the
     fewest rotations (composed from ``keys`` when given, else each step its own key).
@@ -251,6 +317,14 @@ def diagonal_plan(
     ``in_slots``/``out_slots`` place the input and output elements in the slots (default: natural
     order); ``bias`` is placed at ``out_slots``. Each nonzero lands in exactly one diagonal, so this
     costs the nonzeros plus one slot vector per nonzero diagonal.
+
+    ``low_chain`` (the rescales left on the layer's input) lets the plan rescale every giant group
+    on its own and take the giant steps and folds one level down, where a rotation costs about
+    ``chain / (chain + 1)`` of one above it, when :func:`level_cost` says that is faster. Their
+    key-switching error then lands at the scale instead of its square: ``rotation_error`` (one
+    rotation's, ``KEY_SWITCH_ERROR * N / scale``) times :attr:`DiagonalPlan.later_noise` must stay
+    within :data:`LOW_LEVEL_ERROR`, and the caller allows it only where nothing amplifies it
+    afterwards (the graph output).
     """
     out_p, in_p, k, r, values = _offsets(weight, in_slots, out_slots)
     big = max(out_p, in_p)
@@ -267,7 +341,14 @@ def diagonal_plan(
     if bias is not None:
         placed[np.arange(len(bias)) if out_slots is None else out_slots] = bias
     plans = [DiagonalPlan(in_p, out_p, 1 << t, diagonals, fold, keys, placed) for t in range(int(math.log2(big)) + 1)]
-    return min(plans, key=lambda plan: (plan.rotations, len(plan.rotation_steps), plan.giant))
+    if low_chain is None or low_chain < 1:
+        return min(plans, key=lambda plan: (plan.rotations, len(plan.rotation_steps), plan.giant))
+    plans += [
+        low
+        for low in (replace(plan, rescale_groups=True) for plan in plans)
+        if low.later_noise * rotation_error <= LOW_LEVEL_ERROR
+    ]
+    return min(plans, key=lambda plan: (level_cost(plan, low_chain), len(plan.rotation_steps), plan.giant))
 
 
 def _grid_layout(grid: Grid, in_slots: np.ndarray) -> np.ndarray | None:
@@ -433,3 +514,86 @@ def pack(x: np.ndarray, slots: int) -> list[np.ndarray]:
 
 def unpack(vectors: list[np.ndarray], out_dim: int) -> np.ndarray:
     return np.stack([v[:out_dim] for v in vectors])
+
+
+def duplicated_first_output(graph: LayerGraph, shift: int, slots: int) -> LayerGraph | None:
+    """The graph with its first layer's output ``h`` computed twice, for the single layout.
+
+    ``h`` (dimension ``m``, period ``p``) becomes a natural-order vector of period ``2p``: slots
+    ``[0, m)`` hold ``h``, slot ``p + t`` holds ``h[(t + shift) mod p]`` (0 past ``m``). A first layer
+    that the client expands (:func:`diagonal_expansion`) folds ``log2(slots / period)`` times either
+    way, so the copy costs the server nothing there, while every linear layer reading ``h`` (after
+    elementwise layers: products, polynomials, elementwise scalings, which run on both copies at
+    once) may take each weight from either copy: :func:`_choose_copies` picks the copies that need
+    the fewest diagonals (the digits MLP's 32->10 layer: 8 instead of 16). Returns None when the
+    graph does not have that shape (a dense first layer whose output, and the values computed from
+    it elementwise, only dense linear layers read), or ``2p`` exceeds ``slots``.
+    """
+    readers = graph.consumers(graph.input_name)
+    if len(readers) != 1 or not isinstance(readers[0], Affine) or readers[0].is_bias_only or readers[0].grid:
+        return None
+    first = readers[0]
+    m = int(np.prod(graph.shapes[first.output]))
+    p = period(m)
+    if 2 * p > slots or not 0 < shift < p:
+        return None
+    source = (np.arange(p) + shift) % p
+    rows = np.r_[np.arange(m), np.where(source < m, source, -1)]
+    keep = np.flatnonzero(rows >= 0)
+    select = sparse.csr_array((np.ones(len(keep)), (keep, rows[keep])), shape=(2 * p, m))  # 2p x m, 0/1
+
+    copied, layers, shapes, readers = {first.output}, [], dict(graph.shapes), []
+    for layer in graph.layers:
+        if layer is first:
+            weight = select @ first.weight if sparse.issparse(first.weight) else select @ np.asarray(first.weight)
+            layers.append(replace(first, weight=weight, bias=select @ first.bias))
+            continue
+        if not set(layer.inputs) & copied:
+            layers.append(layer)
+            continue
+        if isinstance(layer, Affine) and layer.is_diagonal and not layer.is_bias_only:
+            scale = sparse.csr_array(layer.weight).diagonal()
+            layers.append(replace(layer, weight=sparse.diags_array(select @ scale).tocsr(), bias=select @ layer.bias))
+        elif isinstance(layer, Affine) and layer.is_bias_only:
+            layers.append(replace(layer, weight=sparse.eye_array(2 * p, format="csr"), bias=select @ layer.bias))
+        elif isinstance(layer, Polynomial) or (isinstance(layer, Multiply) and set(layer.inputs) <= copied):
+            layers.append(layer)
+        elif isinstance(layer, Affine) and layer.grid is None:
+            readers.append(len(layers))
+            layers.append(layer)
+            continue
+        else:
+            return None
+        copied.add(layer.output)
+    if not readers or graph.output_name in copied:
+        return None
+    for name in copied:
+        shapes[name] = (2 * p,)
+    for i in readers:
+        layers[i] = replace(layers[i], weight=_choose_copies(layers[i].weight, p, source))
+    return replace(graph, layers=layers, shapes=shapes)
+
+
+def _choose_copies(weight: Weight, p: int, source: np.ndarray) -> sparse.csr_array:
+    """``weight`` (r x m) on the duplicated input of :func:`duplicated_first_output` (r x 2p): each
+    nonzero reads one of its column's two copies, picked greedily so that few diagonals (offsets
+    between natural-order output and input slots) remain."""
+    rows, cols, values = _entries(weight)
+    out_p = period(weight.shape[0])
+    modulus = min(out_p, 2 * p)
+    where = np.full(p, -1)
+    where[source] = np.arange(p)  # the slot p + where[c] holds column c
+    slot_a, slot_b = cols, p + where[cols]
+    options = np.stack([(slot_a - rows) % modulus, (slot_b - rows) % modulus])
+    chosen = np.full(len(rows), -1)
+    while np.any(chosen < 0):
+        open_ = chosen < 0
+        counts = np.bincount(options[:, open_].ravel(), minlength=modulus)
+        both = options[0, open_] == options[1, open_]
+        counts -= np.bincount(options[0, open_][both], minlength=modulus)  # one entry counted twice
+        k = int(np.argmax(counts))
+        pick_a = open_ & (options[0] == k)
+        pick_b = open_ & ~pick_a & (options[1] == k)
+        chosen[pick_a], chosen[pick_b] = 0, 1
+    slots_ = np.where(chosen == 0, slot_a, slot_b)
+    return sparse.csr_array((values, (rows, slots_)), shape=(weight.shape[0], 2 * p))
