@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from torch import nn
 
 from lightning_privacy.dp import coverage
@@ -131,16 +132,49 @@ class PerSampleClipping:
         super().clip_and_accumulate()
 
 
-class PerSampleDPOptimizer(PerSampleClipping, DPOptimizer):
-    """``DPOptimizer`` with :class:`PerSampleClipping`."""
+class FusedNoise:
+    """Mixed in before ``DPOptimizer`` (one process): Opacus' ``add_noise`` with the same draws and
+    the same sums, without its two temporaries per parameter.
+
+    Opacus draws each parameter's noise into a fresh tensor after allocating (and discarding) a
+    zero tensor of the same size, then adds the clipped sum into a third. Here each parameter's
+    draw is the very ``torch.normal`` call Opacus makes, in the same order from the same generator
+    (so the same values), and the clipped sum is added into it in place (``noise + sum`` is
+    ``sum + noise`` in IEEE arithmetic): ``p.grad`` is bit for bit Opacus'. ``secure_mode`` and
+    σ = 0 take Opacus' own path.
+    """
+
+    params: list[nn.Parameter]
+    noise_multiplier: float
+    max_grad_norm: float
+    generator: torch.Generator | None
+    secure_mode: bool
+
+    def add_noise(self) -> None:
+        std = self.noise_multiplier * self.max_grad_norm
+        if self.secure_mode or std == 0:
+            super().add_noise()  # type: ignore[misc]
+            return
+        for p in self.params:
+            summed = p.summed_grad
+            _check_processed_flag(summed)
+            noise = torch.normal(
+                mean=0, std=std, size=summed.shape, device=summed.device, generator=self.generator, dtype=summed.dtype
+            )
+            p.grad = noise.add_(summed).view_as(p)
+            _mark_as_processed(summed)
+
+
+class PerSampleDPOptimizer(PerSampleClipping, FusedNoise, DPOptimizer):
+    """``DPOptimizer`` with :class:`PerSampleClipping` and :class:`FusedNoise`."""
 
 
 class PerSampleDistributedDPOptimizer(PerSampleClipping, FlatDistributedDPOptimizer):
     """:class:`FlatDistributedDPOptimizer` with :class:`PerSampleClipping`."""
 
 
-class FastDPOptimizer(FastClipping, DPOptimizer):
-    """``DPOptimizer`` with :class:`~lightning_privacy.dp.fast.clipping.FastClipping`."""
+class FastDPOptimizer(FastClipping, FusedNoise, DPOptimizer):
+    """``DPOptimizer`` with :class:`~lightning_privacy.dp.fast.clipping.FastClipping` and :class:`FusedNoise`."""
 
 
 class FastDistributedDPOptimizer(FastClipping, FlatDistributedDPOptimizer):

@@ -318,3 +318,52 @@ def test_engine_auto_mode_picks_fast_when_every_layer_has_a_rule():
     engine = DPSGDEngine(DPConfig(noise_multiplier=1.0))
     assert engine.resolve_grad_sample_mode(cnn()) == "fast"
     assert engine.resolve_grad_sample_mode(Encoder(fallback=True)) == "hooks"
+
+
+@pytest.mark.parametrize("cls_name", ["FastDPOptimizer", "PerSampleDPOptimizer"])
+@pytest.mark.parametrize("sigma", [1.3, 0.0])
+def test_engine_optimizers_add_opacus_noise_bit_for_bit(cls_name, sigma):
+    """The engine's one-process optimizers draw the noise without Opacus' temporaries: the same
+    draws from the same generator, so ``p.grad`` (clipped sum + noise) is Opacus' exactly."""
+    from lightning_privacy.dp import optimizers
+
+    torch.manual_seed(0)
+    model = cnn()
+    summed = [torch.randn_like(p) for p in model.parameters()]
+    grads = []
+    for make_opt in (
+        lambda o, **kw: DPOptimizer(o, **kw),
+        lambda o, **kw: getattr(optimizers, cls_name)(
+            o,
+            **({"fast_hooks": FastGradSampleHooks(model)} if cls_name == "FastDPOptimizer" else
+               {"param_names": {}, "mode": "hooks"}),
+            **kw,
+        ),
+    ):  # fmt: skip
+        opt = make_opt(torch.optim.SGD(model.parameters(), lr=LR), noise_multiplier=sigma, max_grad_norm=C,
+                       expected_batch_size=8, generator=torch.Generator().manual_seed(5))  # fmt: skip
+        for p, s in zip(model.parameters(), summed, strict=True):
+            p.summed_grad = s.clone()
+        opt.add_noise()
+        grads.append([p.grad.clone() for p in model.parameters()])
+        with pytest.raises(ValueError, match="haven't been cleared"):
+            opt.add_noise()  # the clipped sum is marked as used, as Opacus marks it
+        for p in model.parameters():
+            del p.summed_grad
+    for ours, ref in zip(grads[1], grads[0], strict=True):
+        assert torch.equal(ours, ref)
+
+
+def test_fast_optimizer_zero_grad_sets_gradients_to_none():
+    """Each private step assigns a fresh ``p.grad``; zero-filling the last one (Opacus' default)
+    only cost time and memory: ``zero_grad()`` clears it as torch's optimizers do."""
+    model, _, opt = make("cnn", fast=True, sigma=1.0)
+    x, y = batch("cnn", 8)
+    train_step(model, opt, x, y)
+    assert all(p.grad is not None for p in model.parameters())
+    opt.zero_grad()
+    assert all(p.grad is None and p.summed_grad is None for p in model.parameters())
+    opt.zero_grad(set_to_none=False)  # still honoured when asked
+    train_step(model, opt, x, y, step=True)
+    opt.zero_grad(set_to_none=False)
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
