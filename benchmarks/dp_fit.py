@@ -7,19 +7,23 @@ and loader (``batch_size``, ``shuffle=True``); the private one with the callback
 Poisson sampling, the PRV accountant (ε logged after every epoch, plus the engine's one ε query at
 set-up), ``grad_sample_mode="auto"`` (fast for these models).
 
-Every fit runs in a fresh subprocess at 1 thread. Time is the wall time of ``trainer.fit`` (the
-Trainer is built before; imports, model and data too); ``× CPU`` is the ratio of the process' CPU
-time over the fit, which a loaded machine disturbs less than the wall time. Memory is the peak resident set during the
-fit (VmHWM, reset through ``/proc/self/clear_refs`` just before it) minus the resident set at that
-point: the extra memory the fit needs, Linux only. Plain and private runs alternate, ``--repeats``
-times; the table shows medians and the ratio of the medians, all from this one run.
+Every fit runs in a fresh subprocess at 1 thread: ``torch.set_num_threads(1)``, and numpy's OpenBLAS
+and any OpenMP runtime held to one thread through the environment (``--blas-threads``; the private
+fit's ε queries make one BLAS call each, Opacus' ``np.dot`` in the PRV discretisation, and at two
+threads on a loaded machine its second thread spun 10-30 ms of CPU per call). Time is the wall time
+of ``trainer.fit`` (the Trainer is built before; imports, model and data too); ``× CPU`` is the ratio
+of the process' CPU time over the fit, which a loaded machine disturbs less than the wall time. Memory
+is the peak resident set during the fit (VmHWM, reset through ``/proc/self/clear_refs`` just before
+it) minus the resident set at that point: the extra memory the fit needs, Linux only. Plain and
+private runs alternate, ``--repeats`` times; the table shows medians and the ratio of the medians,
+all from this one run.
 
 ``--sampling shuffle`` gives the callback ``poisson_sampling=False`` (the loader's shuffled batches of
 fixed size; ε is then only an approximation): against the default, it shows what Poisson batches, whose
 size varies around the mean, cost by themselves.
 
 Run: ``python benchmarks/dp_fit.py [--repeats 3] [--models cnn mlp transformer] [--accountant prv]
-[--sampling poisson]``
+[--sampling poisson] [--blas-threads 1]``
 """
 
 from __future__ import annotations
@@ -80,21 +84,23 @@ def worker(model: str, private: bool, accountant: str, sampling: str = "poisson"
     return result
 
 
-def _run(model: str, private: bool, accountant: str, sampling: str) -> dict:
+def _run(model: str, private: bool, accountant: str, sampling: str, blas_threads: int = 1) -> dict:
     cmd = [sys.executable, __file__, "--worker", model, "dp" if private else "plain", accountant, sampling]
-    done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    threads = str(blas_threads)
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": threads, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def table(models: list[str], repeats: int, accountant: str, sampling: str = "poisson") -> None:
+def table(models: list[str], repeats: int, accountant: str, sampling: str = "poisson", blas_threads: int = 1) -> None:
     runs: dict[tuple[str, bool], list[dict]] = {(m, p): [] for m in models for p in (False, True)}
     for _ in range(repeats):  # plain and private alternate, so load changes hit both alike
         for model in models:
             for private in (False, True):
-                runs[model, private].append(_run(model, private, accountant, sampling))
+                runs[model, private].append(_run(model, private, accountant, sampling, blas_threads))
     print(
-        f"whole trainer.fit, 1 thread, {repeats} alternating runs each, medians; accountant={accountant}, "
-        f"sampling={sampling}"
+        f"whole trainer.fit, 1 torch thread, {blas_threads} BLAS/OpenMP thread(s), {repeats} alternating runs "
+        f"each, medians; accountant={accountant}, sampling={sampling}"
     )
     print(f"load average at the end: {os.getloadavg()[0]:.1f} (1 min), {os.getloadavg()[1]:.1f} (5 min)")
     print(f"{'model':<12}{'epochs':>7}{'steps':>7}{'plain s':>9}{'DP s':>9}{'× time':>8}{'× CPU':>7}"
@@ -121,12 +127,13 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(EPOCHS), choices=list(EPOCHS))
     parser.add_argument("--accountant", default="prv", choices=["prv", "rdp", "gdp", "pld"])
     parser.add_argument("--sampling", default="poisson", choices=["poisson", "shuffle"])
+    parser.add_argument("--blas-threads", type=int, default=1, help="OpenBLAS/OpenMP threads of every worker")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker[0], args.worker[1] == "dp", *args.worker[2:])))
     else:
-        table(args.models, args.repeats, args.accountant, args.sampling)
+        table(args.models, args.repeats, args.accountant, args.sampling, args.blas_threads)
 
 
 if __name__ == "__main__":
