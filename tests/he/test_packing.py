@@ -6,12 +6,14 @@ import numpy as np
 import pytest
 import scipy.sparse as sparse
 
+from lightning_privacy.he.graph import Affine, LayerGraph, Multiply
 from lightning_privacy.he.packing.single import (
     KEY_BASE,
     MAX_ROTATION_KEYS,
     decompose,
     diagonal_expansion,
     diagonal_plan,
+    duplicated_first_output,
     input_expansion,
     key_steps,
     pack,
@@ -137,3 +139,36 @@ def test_rotation_keys_leave_out_the_powers_no_step_needs():
 
 def test_period_is_the_next_power_of_two():
     assert [period(d) for d in (1, 2, 3, 64, 65)] == [1, 2, 4, 64, 128]
+
+
+def _dense_graph(hidden: int = 32) -> LayerGraph:
+    rng = np.random.default_rng(5)
+    layers = [
+        Affine("fc1", "x", "h", rng.normal(size=(hidden, 64)), rng.normal(size=hidden)),
+        Multiply("square", "h", "h", "h2"),
+        Affine("fc2", "h2", "y", rng.normal(size=(10, hidden)), rng.normal(size=10)),
+    ]
+    return LayerGraph("x", (64,), "y", layers, {"x": (64,), "h": (hidden,), "h2": (hidden,), "y": (10,)})
+
+
+def test_a_duplicated_first_output_computes_the_same_function_with_half_the_diagonals():
+    graph = _dense_graph()
+    duplicated = duplicated_first_output(graph, 8, 4096)
+    x = np.random.default_rng(6).normal(size=(5, 64))
+    np.testing.assert_allclose(duplicated.forward(x), graph.forward(x), rtol=1e-12)
+    h = duplicated.values(x)["h"]
+    np.testing.assert_array_equal(h[:, 32:], np.roll(h[:, :32], -8, axis=1))  # slot 32 + t: h[t + 8]
+    before = diagonal_plan(graph.layers[-1].weight, in_slots=np.arange(32))
+    after = diagonal_plan(duplicated.layers[-1].weight, in_slots=np.arange(64))
+    assert len(after.diagonals) == len(before.diagonals) // 2 == 8 and after.rotations < before.rotations
+    # the client's diagonal expansion of the doubled first layer still fits the slots: one product, 6 folds
+    expansion = diagonal_expansion(duplicated.layers[0].weight, 4096)
+    assert expansion is not None and diagonal_plan(expansion.weight).rotations == 6
+
+
+def test_a_first_output_is_not_duplicated_when_it_is_the_output_or_does_not_fit():
+    graph = _dense_graph()
+    assert duplicated_first_output(graph, 8, 32) is None  # 2 x 32 slots do not fit 32
+    assert duplicated_first_output(graph, 0, 4096) is None and duplicated_first_output(graph, 32, 4096) is None
+    single = LayerGraph("x", (64,), "h", graph.layers[:1], {"x": (64,), "h": (32,)})
+    assert duplicated_first_output(single, 8, 4096) is None
