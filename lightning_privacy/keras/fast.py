@@ -70,18 +70,23 @@ def plan(model: keras.Layer) -> list[Part] | None:
 
 @dataclass
 class Call:
-    """One forward call of a part: its inputs, output, and the state its non-trainable variables had."""
+    """One forward call of a part: its inputs, output (detached), and the state its non-trainable
+    variables had."""
 
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
-    output: Tensor
+    output: Any
     non_trainable: list[Tensor] = field(default_factory=list)
 
 
-def record_call(part: Part, args: tuple[Any, ...], kwargs: dict[str, Any], output: Tensor) -> Call:
-    """What a forward hook keeps of one call of ``part`` (the exact path recomputes from it)."""
+def record_call(part: Part, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Call:
+    """What a forward hook keeps of one call of ``part`` (the exact path recomputes from it).
+
+    The output is kept detached: a hook on the output tensor holds this record, and a record that
+    held the tensor itself would make a reference cycle through autograd that Python's collector
+    cannot free (each step's outputs, records and graph would stay alive)."""
     state = [] if part.rule else [v.value.detach().clone() for v in part.layer.non_trainable_variables]
-    return Call(args, kwargs, output, state)
+    return Call(args, kwargs, output.detach() if isinstance(output, Tensor) else output, state)
 
 
 def layer_grads(part: Part, call: Call, grad_output: Tensor, ws: Workspace) -> LayerGrads:
@@ -89,7 +94,7 @@ def layer_grads(part: Part, call: Call, grad_output: Tensor, ws: Workspace) -> L
     its output (each example's own: a sum-reduced loss)."""
     if part.rule is not None:
         x = call.args[0].detach()
-        return part.rule.prepare(part.layer, x, call.output.detach(), grad_output.detach(), ws)
+        return part.rule.prepare(part.layer, x, call.output, grad_output.detach(), ws)
     trainable = [v.value for v in part.layer.trainable_variables]
     return Materialised(per_example_vjp(part.layer, trainable, call.non_trainable, call.args, call.kwargs, grad_output))
 
@@ -109,10 +114,12 @@ def clipped_sum(
     Returns ``None`` when a part's output is not one tensor that depends on its weights: the caller
     takes the exact general path instead."""
     calls: list[tuple[Part, Call]] = []
+    outputs: list[Any] = []  # the parts' outputs themselves, for autograd.grad
 
     def hook_for(part: Part) -> Callable[..., None]:
         def hook(layer: keras.Layer, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
             calls.append((part, record_call(part, args, kwargs, output)))
+            outputs.append(output)
 
         return hook
 
@@ -124,7 +131,6 @@ def clipped_sum(
     finally:
         for handle in handles:
             handle.remove()
-    outputs = [call.output for _, call in calls]
     if not all(isinstance(out, Tensor) and out.requires_grad for out in outputs):
         return None
     grads_out = torch.autograd.grad(losses.sum(), outputs, allow_unused=True) if outputs else ()
