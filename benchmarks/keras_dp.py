@@ -26,7 +26,8 @@ uptime load average is printed with the table.
 Each (model, mode) runs ``--repeats`` times (default 3), the modes alternating; the table shows the
 medians of the runs' figures, and the ratios of those medians.
 
-Run: ``python benchmarks/keras_dp.py [--models mlp cnn] [--repeats 3]``
+Run: ``python benchmarks/keras_dp.py [--models mlp cnn] [--modes ...] [--repeats 3]`` (``--modes``: a subset
+of the rows, e.g. the four Lightning ones; a ratio needs its reference row).
 """
 
 from __future__ import annotations
@@ -191,6 +192,7 @@ def _run(model: str, mode: str) -> dict | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["mlp", "cnn"])
+    parser.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
     parser.add_argument("--repeats", type=int, default=3, help="fresh processes per (model, mode); medians")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -208,7 +210,7 @@ def main() -> None:
     runs: dict[tuple[str, str], list[dict]] = {}
     for _ in range(args.repeats):  # alternating fresh processes: a burst of load hits all modes alike
         for model in args.models:
-            for mode in MODES:
+            for mode in args.modes:
                 r = _run(model, mode)
                 if r is not None:
                     runs.setdefault((model, mode), []).append(r)

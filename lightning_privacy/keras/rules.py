@@ -72,20 +72,29 @@ class _BiasOf:
 
 class _Grouped(LayerGrads):
     """A Dense or convolution layer on the grouped core: ``A: [B, g, T, i]``, ``G: [B, g, T, o]``,
-    the kernel in torch's ``[g·o, i]`` order inside, Keras' layout outside."""
+    the kernel in torch's ``[g·o, i]`` order inside, Keras' layout outside.
+
+    The core (norms and weighted sums, ``model.fit``) is built on first use: the Lightning path
+    asks only for :meth:`per_sample`, a product of ``A`` and ``G``."""
 
     def __init__(self, layer: keras.Layer, a: Tensor, g: Tensor, bias_grad: Tensor, ws: Workspace) -> None:
-        groups, i, o = a.shape[1], a.shape[3], g.shape[3]
-        self.layer, self.a, self.g, self.ws = layer, a, g, ws
-        self.weight = torch.empty((groups * o, i), device="meta")  # shape only
-        self.bias = torch.empty(groups * o, device="meta") if layer.bias is not None else None
-        self.core = GroupedPrepared(_BiasOf(self.bias), a, g, bias_grad, ws)
+        self.layer, self.a, self.g, self.bias_grad, self.ws = layer, a, g, bias_grad, ws
+        self.has_bias = layer.bias is not None
+        self._core: tuple[GroupedPrepared, list[Tensor]] | None = None
 
-    def _params(self) -> list[Tensor]:
-        return [self.weight] + ([self.bias] if self.bias is not None else [])
+    def _prepared(self) -> tuple[GroupedPrepared, list[Tensor]]:
+        """The grouped core, and the (shape-only) weight and bias it reads."""
+        if self._core is None:
+            groups, i, o = self.a.shape[1], self.a.shape[3], self.g.shape[3]
+            weight = torch.empty((groups * o, i), device="meta")
+            bias = torch.empty(groups * o, device="meta") if self.has_bias else None
+            core = GroupedPrepared(_BiasOf(bias), self.a, self.g, self.bias_grad, self.ws)
+            self._core = core, [weight] + ([bias] if bias is not None else [])
+        return self._core
 
     def sq_norms(self) -> Tensor:
-        return sum(self.core.sq_norms(p) for p in self._params())
+        core, params = self._prepared()
+        return sum(core.sq_norms(p) for p in params)
 
     def _kernel(self, torch_order: Tensor) -> Tensor:
         """``[..., g·o, (*kernel, c)]`` -> Keras' ``[..., *kernel, c, g·o]``."""
@@ -95,22 +104,27 @@ class _Grouped(LayerGrads):
         return out.movedim(len(lead), -1)
 
     def weighted_sums(self, weights: Tensor) -> list[Tensor]:
-        weights = weights.to(self.core.dtype)
-        sums = [self._kernel(self.core.weighted_sum(self.weight, weights))]
-        if self.bias is not None:
-            sums.append(self.core.weighted_sum(self.bias, weights))
+        core, params = self._prepared()
+        weights = weights.to(core.dtype)
+        sums = [self._kernel(core.weighted_sum(params[0], weights))]
+        if self.has_bias:
+            sums.append(core.weighted_sum(params[1], weights))
         return sums
 
     def per_sample(self) -> list[Tensor]:
         # [B, g, i, o] -> [B, i, g, o] is Keras' layout [B, *kernel, c, g·o] (contiguous for g = 1)
         b, groups, t, i = self.a.shape
         o = self.g.shape[3]
-        a, g = self.a.reshape(b * groups, t, i), self.g.reshape(b * groups, t, o)
-        # one position: an outer product, ~3x faster as a broadcast product than as bmm over k = 1
-        per_sample = a.mT * g if t == 1 else torch.bmm(a.mT, g)
-        grads = [per_sample.view(b, groups, i, o).transpose(1, 2).reshape(b, *self.layer.kernel.shape)]
-        if self.bias is not None:
-            grads.append(self.core.bias_grad)
+        kernel = self.layer.kernel.shape
+        if groups == 1 and t == 1:  # Dense on one position: an outer product, already Keras' [B, i, o]
+            kernel_grad = self.a.reshape(b, i, 1) * self.g.reshape(b, 1, o)
+        else:
+            a, g = self.a.reshape(b * groups, t, i), self.g.reshape(b * groups, t, o)
+            per_sample = torch.bmm(a.mT, g)
+            kernel_grad = per_sample.view(b, groups, i, o).transpose(1, 2)
+        grads = [kernel_grad.reshape(b, *kernel)]
+        if self.has_bias:
+            grads.append(self.bias_grad)
         return grads
 
 
