@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 _ROOT = Path(__file__).resolve().parent.parent
-#: What a test run may add to the repository's root: caches and the virtual environment.
-_ALLOWED_NEW = {".pytest_cache", ".ruff_cache", ".venv", "__pycache__"}
+#: What a test run may add to the repository's root: the test tools' caches (git ignores them) and
+#: the virtual environment.
+_ALLOWED_NEW = {".hypothesis", ".pytest_cache", ".ruff_cache", ".venv", "__pycache__"}
 
 
 def pytest_sessionstart(session):
