@@ -7,7 +7,7 @@ over loopback, for each server setup in ``--workers`` (default: 1 worker, then o
 instead of the ``Connection: close`` that ``ScoringServer`` sets for several workers; ``W:greedy``
 turns off the accept gate, so that a busy worker still accepts new connections):
 
-- server throughput (samples/s), mean and p95 latency at concurrency 1, 2, 4, 8 and 16: each client
+- server throughput (samples/s), mean and p95 latency at concurrency 1, 2, 4, 8 and 16 (``--concurrency``): each client
   thread has its own connection and posts a request encrypted beforehand, so that the clients'
   encryption and decryption (on the clients' machines in a deployment) do not take the server's
   cores here; every answer is decrypted after the timing and checked against the plaintext model.
@@ -36,7 +36,8 @@ One thread per process (``torch.set_num_threads(1)``). Everything lives in a tem
 Run::
 
     python benchmarks/serving.py                       # the table of README, ~8 min on 2 idle cores
-    python benchmarks/serving.py --workers 1,2:greedy,2 --distinct-keys 200
+    python benchmarks/serving.py --workers 1,2:greedy,2
+    python benchmarks/serving.py --workers 2 --concurrency 1 --repeats 1 --distinct-keys 200  # memory
 """
 
 from __future__ import annotations
@@ -290,7 +291,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="requests per client thread and point (bounded loop)")
     parser.add_argument("--min-requests", type=int, default=8, help="fewest requests per point and repeat")
     parser.add_argument("--distinct-keys", type=int, default=0, help="clients with their own key (last server)")
+    parser.add_argument(
+        "--concurrency",
+        default=",".join(map(str, CONCURRENCY)),
+        help="comma-separated numbers of concurrent clients (1 is always measured: the ratios' base)",
+    )
     args = parser.parse_args()
+    concurrencies = sorted({1, *(int(c) for c in args.concurrency.split(","))})
     torch.set_num_threads(1)
     setups = args.workers.split(",")
 
@@ -332,7 +339,7 @@ def main() -> None:
                 for processes in sorted({1, available_workers()}):
                     rate = parallel_ceiling(compiled, requests_by_layout[layout], processes, repeats=2)
                     ceiling.setdefault((layout, processes), []).append(rate)
-                for concurrency in CONCURRENCY:
+                for concurrency in concurrencies:
                     n = max(concurrency * args.rounds, args.min_requests)
                     for setup, server in servers.items():
                         point = points.setdefault((setup, layout, concurrency), Point())
@@ -418,15 +425,21 @@ def _print_throughput(
 
 
 def _print_summary(points: dict[tuple[str, str, int], Point], per_request: dict[str, int]) -> None:
-    """The table of README: samples/s by concurrency, x c1 at 4, p95 latency at 1, 4 and 16."""
-    print(f"\n| workers | layout | {' | '.join(f'c{c}' for c in CONCURRENCY)} | c4/c1 | p95 ms c1 / c4 / c16 |")
-    print(f"|---|---|{'---|' * len(CONCURRENCY)}---|---|")
+    """The table of README: samples/s by concurrency, x c1 at 4, p95 latency at 1, 4 and 16 (those measured)."""
+    levels = sorted({k[2] for k in points})
+    ratio_at = 4 if 4 in levels else levels[-1]
+    p95_at = [c for c in (1, 4, 16) if c in levels]
+    print(
+        f"\n| workers | layout | {' | '.join(f'c{c}' for c in levels)} | c{ratio_at}/c1 | "
+        f"p95 ms {' / '.join(f'c{c}' for c in p95_at)} |"
+    )
+    print(f"|---|---|{'---|' * len(levels)}---|---|")
     for setup in dict.fromkeys(k[0] for k in points):
         for layout, n in per_request.items():
-            row = [points[(setup, layout, c)] for c in CONCURRENCY]
+            row = [points[(setup, layout, c)] for c in levels]
             rates = " | ".join(f"{n * statistics.median(p.throughput):.1f}" for p in row)
-            p95 = " / ".join(f"{1e3 * np.percentile(points[(setup, layout, c)].latencies, 95):.0f}" for c in (1, 4, 16))
-            ratio = statistics.median(points[(setup, layout, 4)].ratio)
+            p95 = " / ".join(f"{1e3 * np.percentile(points[(setup, layout, c)].latencies, 95):.0f}" for c in p95_at)
+            ratio = statistics.median(points[(setup, layout, ratio_at)].ratio)
             print(f"| {setup} | {layout} ({n}) | {rates} | {ratio:.2f} | {p95} |")
 
 
