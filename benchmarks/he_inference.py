@@ -7,7 +7,9 @@ Models:
   (c) a small CNN on digits: conv 4x3x3 -> square -> avgpool 2 -> fc 36->10 (trained briefly).
 
 Columns: server time per sample in the single layout (in-process, and split over 2 forked
-processes), amortized per sample in the batch layout at
+processes: the fork copies the page tables of this process, about 2 GB once (a) and (b) have run
+in the batch layout, and the child's exit unmaps them, tens of ms either way, more than (c)'s 3
+samples of ~30 ms, split 2 + 1, can win back; see ``he.parallel``), amortized per sample in the batch layout at
 1024 and 4096 samples, ciphertext bytes per sample (request), public-context bytes, and max absolute
 error of the decrypted logits against onnxruntime on the same ONNX file. The baseline encrypts one
 ``CKKSVector`` per sample, chains ``.mm`` (``im2col`` convolution for the CNNs, as in the tutorial),

@@ -23,6 +23,13 @@ last chunk is replicated), and the first layer, the only reader of the input, su
 per chunk (:class:`SplitPlan`) into one output ciphertext. Every other value must fit one ciphertext
 (:func:`required_slots`).
 
+A dense first layer whose output only dense layers read (after elementwise ones) may compute that
+output twice, the second copy shifted (:func:`duplicated_first_output`): with the client's diagonal
+expansion the copy costs the server nothing, and the next layer, free to read each weight's input
+from either copy, needs half the diagonals. The graph output's layer may rescale each giant group
+on its own and rotate one level down (:func:`level_cost`), where the scale keeps the key-switching
+error small (:data:`LOW_LEVEL_ERROR`).
+
 Every value has a *slot layout* (:func:`assign_layouts`): the slot of each of its elements inside
 its period. The input and the output are in natural order; a convolution's output stays on its
 input's slot grid: with channel bases ``base[c]`` and spatial slot strides ``st``, output channel
