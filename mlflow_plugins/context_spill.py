@@ -33,7 +33,9 @@ from lightning_privacy.mlflow_plugins.server_settings import positive_int
 
 SPILL_DIR_ENV = "LIGHTNING_PRIVACY_CONTEXT_SPILL_DIR"
 SPILL_MAX_BYTES_ENV = "LIGHTNING_PRIVACY_CONTEXT_SPILL_MAX_BYTES"
-#: 200 single-layout contexts of the digits MLP at N = 8192 (4.9 MiB each) fit in 1 GiB.
+#: About 90 single-layout contexts of the digits MLP at N = 8192 fit in 1 GiB (10.8 MiB each on disk,
+#: ``benchmarks/serving.py --distinct-keys``); a key evicted from here and from a worker's cache costs
+#: its client one more upload when it returns (``UNKNOWN_KEY_ID``, then the context).
 DEFAULT_SPILL_MAX_BYTES = 2**30
 #: Name of the default directory under the temporary directory: the user id and the pid of the
 #: uvicorn process that supervises the workers, so that each server has its own.
