@@ -24,6 +24,9 @@ turns off the accept gate, so that a busy worker still accepts new connections):
   no JSON), samples/s against one process;
 - end to end at concurrency 1 (``EncryptedClient``: encrypt + JSON + HTTP + evaluate + decrypt)
   against the same work in-process, and the payload per sample;
+- with ``--bursts R``, R times two batch requests posted at the same moment to each server of several
+  workers: how often each worker took one (read from the workers' CPU time, so the machine's load
+  does not decide it), against both queued on one worker while the other idled;
 - with ``--distinct-keys K``, resident memory of each worker while K clients, each with its own
   single-layout key, send one request each (the context caches' bounds), and the bytes of the
   workers' shared spill directory.
@@ -258,6 +261,27 @@ def distinct_keys(
     return points
 
 
+def burst_split(request: PreparedRequest, url: str, pids: list[int]) -> bool:
+    """Whether two requests posted at the same moment (each on a new connection) went to two workers.
+
+    Read from the workers' CPU time: one worker spending over 3/4 of the two requests' CPU time
+    evaluated both, one after the other, while another could have taken one. A count, not a timing:
+    the load of the machine slows the requests but does not decide where they go.
+    """
+    barrier = threading.Barrier(2)
+
+    def one(_: int) -> None:
+        barrier.wait()
+        with requests.Session() as session:
+            request.post(session, url)
+
+    before = [cpu_seconds(pid) for pid in pids]
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(one, range(2)))
+    used = [cpu_seconds(pid) - b for pid, b in zip(pids, before, strict=True)]
+    return max(used) <= 0.75 * sum(used)
+
+
 def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.iterdir()) if path.is_dir() else 0
 
@@ -291,6 +315,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="requests per client thread and point (bounded loop)")
     parser.add_argument("--min-requests", type=int, default=8, help="fewest requests per point and repeat")
     parser.add_argument("--distinct-keys", type=int, default=0, help="clients with their own key (last server)")
+    parser.add_argument(
+        "--bursts",
+        type=int,
+        default=0,
+        help="times two batch requests are posted at once to each server of several workers (where they go)",
+    )
     parser.add_argument(
         "--concurrency",
         default=",".join(map(str, CONCURRENCY)),
@@ -354,6 +384,13 @@ def main() -> None:
                             flush=True,
                         )
 
+        bursts: dict[str, list[bool]] = {}
+        for _ in range(args.bursts):  # interleaved: each round, every server of several workers in turn
+            for setup, server in servers.items():
+                if len(pids := server.worker_pids()) > 1:
+                    split = burst_split(requests_by_layout["batch"], f"{server.url}/invocations", pids)
+                    bursts.setdefault(setup, []).append(split)
+
         first = servers[setups[0]]
         for layout, n in layouts:
             end_to_end.append((layout, n, *_end_to_end(compiled, first.url, layout, x[:n])))
@@ -366,6 +403,10 @@ def main() -> None:
     _print_summary(points, dict(layouts))
     _print_ceiling(ceiling, dict(layouts))
     _print_end_to_end(end_to_end, setups[0])
+    if bursts:
+        print(f"\nTwo batch requests posted at once, {args.bursts} times: how often they went to two workers")
+        for setup, splits in bursts.items():
+            print(f"{setup:>12}: {sum(splits)} of {len(splits)}")
     if memory:
         _print_memory(memory, setups[-1])
 
