@@ -139,6 +139,16 @@ async def _gated_server(gate: _mlflow_fence.AcceptGate):
     return server, server.sockets[0].getsockname()[1], made
 
 
+async def _first_connection(claim_seconds: float):
+    """A gated server on the running loop with one connection accepted: gate, server, port, the
+    protocols' queue, the client's writer and the protocol of that first connection."""
+    gate = _mlflow_fence.AcceptGate(asyncio.get_running_loop(), claim_seconds=claim_seconds)
+    server, port, made = await _gated_server(gate)
+    _, writer = await asyncio.open_connection("127.0.0.1", port)
+    first = await asyncio.wait_for(made.get(), 30)
+    return gate, server, port, made, writer, first
+
+
 async def _settle(rounds: int = 20) -> None:
     """Let the loop run callbacks (accepts, connection_made) for a moment; no timing is asserted."""
     for _ in range(rounds):
@@ -147,10 +157,7 @@ async def _settle(rounds: int = 20) -> None:
 
 def test_a_worker_takes_one_connection_at_a_time_until_the_first_is_closed():
     async def scenario():
-        gate = _mlflow_fence.AcceptGate(asyncio.get_running_loop(), claim_seconds=600)
-        server, port, made = await _gated_server(gate)
-        _, first_writer = await asyncio.open_connection("127.0.0.1", port)
-        first = await asyncio.wait_for(made.get(), 30)
+        gate, server, port, made, first_writer, first = await _first_connection(claim_seconds=600)
         _, second_writer = await asyncio.open_connection("127.0.0.1", port)  # waits in the kernel's queue
         await _settle()
         assert made.empty() and gate.accepted == 1 and not gate.idle
@@ -168,10 +175,7 @@ def test_a_worker_takes_one_connection_at_a_time_until_the_first_is_closed():
 
 def test_a_request_in_the_model_holds_the_worker_and_the_answer_frees_it():
     async def scenario():
-        gate = _mlflow_fence.AcceptGate(asyncio.get_running_loop(), claim_seconds=600)
-        server, port, made = await _gated_server(gate)
-        _, first_writer = await asyncio.open_connection("127.0.0.1", port)
-        first = await asyncio.wait_for(made.get(), 30)
+        gate, server, port, made, first_writer, first = await _first_connection(claim_seconds=600)
         await asyncio.to_thread(gate.model_started)  # from the thread MLflow runs the model in
         await _settle()
         assert gate.in_model == 1 and not gate.idle  # the claim passed to the request in the model
