@@ -27,8 +27,8 @@ from lightning_privacy.he.packing.single import (
     KEY_BASE,
     MAX_ROTATION_KEYS,
     assign_layouts,
+    chunk_weights,
     diagonal_count,
-    input_chunks,
     layout_period,
     required_slots,
 )
@@ -239,10 +239,9 @@ def _check_memory(
         if layer.is_bias_only:
             continue
         big = max(layout_period(layouts[layer.input]), layout_period(layouts[layer.output]))
-        chunks = input_chunks(w.shape[1], params.slots) if layer.input == graph.input_name else [slice(None)]
-        if len(chunks) > 1:  # a split input: one plan per chunk, each within one ciphertext
-            columns = sparse.csc_array(w) if sparse.issparse(w) else w
-            count = sum(diagonal_count(columns[:, chunk], None, layouts[layer.output]) for chunk in chunks)
+        parts = chunk_weights(w, params.slots) if layer.input == graph.input_name else [w]
+        if len(parts) > 1:  # a split input: one plan per chunk, each within one ciphertext
+            count = sum(diagonal_count(part, None, layouts[layer.output]) for part in parts)
             big = params.slots
         else:
             count = diagonal_count(w, layouts[layer.input], layouts[layer.output])

@@ -140,20 +140,28 @@ class DiagonalPlan:
         """Rotations per evaluation (the cost driver), composed from ``keys`` when set."""
         return self.baby_rotations + self.later_rotations
 
+    def _parts(self, step: int) -> int:
+        """Rotations that make up ``step`` (composed from ``keys`` when set)."""
+        return len(decompose(step, self.keys or tuple(self.rotation_steps)))
+
     def _count(self, steps: list[int]) -> int:
-        keys = self.keys or tuple(self.rotation_steps)
-        return sum(len(decompose(step, keys)) for step in steps)
+        return sum(self._parts(step) for step in steps)
+
+    @property
+    def _baby_count(self) -> int:
+        """Baby-step rotations in :attr:`schedule` (its first entries): the nonzero baby steps."""
+        return sum(1 for b in self.babies if b)
 
     @property
     def baby_rotations(self) -> int:
         """Rotations of the input (before the products), composed from ``keys`` when set."""
-        return self._count(self.schedule[: len([b for b in self.babies if b])])
+        return self._count(self.schedule[: self._baby_count])
 
     @property
     def later_rotations(self) -> int:
         """Rotations after the products (giant steps and folds): one level down when
         ``rescale_groups`` is set."""
-        return self._count(self.schedule[len([b for b in self.babies if b]) :])
+        return self._count(self.schedule[self._baby_count :])
 
     @property
     def products(self) -> int:
@@ -168,10 +176,8 @@ class DiagonalPlan:
         """Root-mean-square growth of the key-switching errors of :attr:`later_rotations`, in units
         of one rotation's: a fold ``z + rot(z)`` doubles (in r.m.s. about sqrt(2)) every error before
         it, each of the composed rotations adds its own."""
-        babies = len([b for b in self.babies if b])
-        keys = self.keys or tuple(self.rotation_steps)
-        folds = [len(decompose(step, keys)) for step in self.fold_steps]
-        giants = self._count(self.schedule[babies : len(self.schedule) - len(self.fold_steps)])
+        folds = [self._parts(step) for step in self.fold_steps]
+        giants = self._count(self.schedule[self._baby_count : len(self.schedule) - len(self.fold_steps)])
         total = giants * 2.0 ** len(folds)
         for i, parts in enumerate(folds):  # fold i is followed by len(folds) - 1 - i others
             total += parts * 2.0 ** (len(folds) - 1 - i)
@@ -256,6 +262,16 @@ def required_slots(graph: LayerGraph, layouts: dict[str, np.ndarray]) -> int:
     )
 
 
+def chunk_weights(weight: Weight, slots: int) -> list[Weight]:
+    """``weight``'s columns for each input chunk (:func:`input_chunks`): ``[weight]`` when the input
+    fits one ciphertext."""
+    chunks = input_chunks(weight.shape[1], slots)
+    if len(chunks) == 1:
+        return [weight]
+    columns = sparse.csc_array(weight) if sparse.issparse(weight) else weight
+    return [columns[:, chunk] for chunk in chunks]
+
+
 def split_plan(
     weight: Weight,
     slots: int,
@@ -265,15 +281,11 @@ def split_plan(
 ) -> DiagonalPlan | SplitPlan:
     """The first layer's plan on its natural-order input: a :func:`diagonal_plan`, or one per input
     chunk when the input does not fit ``slots`` (each from the columns of its chunk)."""
-    chunks = input_chunks(weight.shape[1], slots)
-    if len(chunks) == 1:
+    parts = chunk_weights(weight, slots)
+    if len(parts) == 1:
         return diagonal_plan(weight, keys, None, out_slots, bias)
-    columns = sparse.csc_array(weight) if sparse.issparse(weight) else weight
     return SplitPlan(
-        tuple(
-            diagonal_plan(columns[:, chunk], keys, None, out_slots, bias if c == 0 else None)
-            for c, chunk in enumerate(chunks)
-        )
+        tuple(diagonal_plan(part, keys, None, out_slots, bias if c == 0 else None) for c, part in enumerate(parts))
     )
 
 
