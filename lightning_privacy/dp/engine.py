@@ -28,7 +28,7 @@ from lightning_privacy.dp.data import PhysicalBatchLoader, expected_batch_size_a
 from lightning_privacy.dp.expanded import ExpandedWeightsHooks
 from lightning_privacy.dp.fast import FastGradSampleHooks, fast_rule_coverage
 from lightning_privacy.dp.optimizers import private_optimizer
-from lightning_privacy.dp.providers import PerSampleProvider, attach_providers
+from lightning_privacy.dp.providers import PerSampleProvider, RecordingProvider, attach_providers
 from lightning_privacy.errors import (
     DeltaTooLargeError,
     PrivacyBudgetExhaustedError,
@@ -254,14 +254,30 @@ class DPSGDEngine:
 
     # ------------------------------------------------------------------ model and optimizer
 
-    def resolve_grad_sample_mode(self, model: nn.Module) -> str:
+    def resolve_grad_sample_mode(self, model: nn.Module, providers: list[PerSampleProvider] | None = None) -> str:
         """The clipping mode used for ``model``: the config's, with ``"auto"`` resolved to
-        ``"fast"`` when every trainable layer has a fast rule and to ``"hooks"`` otherwise."""
+        ``"fast"`` when every trainable layer has a fast rule or a recording per-sample provider
+        (Keras layers) and to ``"hooks"`` otherwise.
+
+        Args:
+            model: the model.
+            providers: the providers attached to it (by default they are attached to find out,
+                then removed).
+        """
         mode = self.config.grad_sample_mode
         if mode != "auto":
             return mode
-        fast, fallback = fast_rule_coverage(model)
-        return "fast" if fast and not fallback else "hooks"
+        attached = providers is None
+        if providers is None:
+            providers = attach_providers(model, self.config.loss_reduction)
+        try:
+            provided = {id(p) for prov in _recording(providers) for p in prov.params}
+        finally:
+            if attached:
+                for provider in providers:
+                    provider.cleanup()
+        fast, fallback = fast_rule_coverage(model, provided)
+        return "fast" if (fast or provided) and not fallback else "hooks"
 
     def attach(self, model: nn.Module) -> None:
         """Compute per-sample gradients (or, in fast mode, per-sample norms) for ``model``'s
@@ -283,9 +299,13 @@ class DPSGDEngine:
                 UntrainedParameterWarning,
                 stacklevel=2,
             )
-        mode = self.resolve_grad_sample_mode(model)
+        # Per-sample gradients of weights the engine's own hooks cannot see (a face's: Keras layers).
+        self._providers = attach_providers(model, self.config.loss_reduction)
+        mode = self.resolve_grad_sample_mode(model, self._providers)
         if mode == "fast":
-            self._hooks = FastGradSampleHooks(model, loss_reduction=self.config.loss_reduction)
+            self._hooks = FastGradSampleHooks(
+                model, loss_reduction=self.config.loss_reduction, providers=_recording(self._providers)
+            )
         elif mode == "ew":
             self._hooks = ExpandedWeightsHooks(model, loss_reduction=self.config.loss_reduction)
         else:
@@ -297,8 +317,6 @@ class DPSGDEngine:
                 force_functorch=mode == "functorch",
             )
         self.grad_sample_mode = mode
-        # Per-sample gradients of weights the hooks above cannot see (a face's: Keras layers).
-        self._providers = attach_providers(model, self.config.loss_reduction)
         self._step_guard = register_optimizer_step_pre_hook(self._refuse_step_outside_dp)
         log.info("Per-sample clipping mode: %s.", mode)
 
@@ -467,6 +485,11 @@ class DPSGDEngine:
         self.ledger = PrivacyLedger.from_state_dict(state["ledger"])
         if not changed:
             self._restored_noise_multiplier = state.get("noise_multiplier")
+
+
+def _recording(providers: list[PerSampleProvider]) -> list[RecordingProvider]:
+    """The providers that can keep per-sample norms and sums for the fast mode."""
+    return [p for p in providers if isinstance(p, RecordingProvider)]
 
 
 def _max_over_ranks(value: int) -> int:

@@ -21,9 +21,9 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from importlib.metadata import EntryPoint, entry_points
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
-from torch import nn
+from torch import Tensor, nn
 
 #: The entry point group of per-sample providers.
 ENTRY_POINT_GROUP = "lightning_privacy.per_sample_providers"
@@ -34,6 +34,45 @@ class PerSampleProvider(Protocol):
 
     def cleanup(self) -> None:
         """Remove every hook and per-sample attribute from the model."""
+
+
+class ProvidedGrads(Protocol):
+    """One layer's per-sample gradients in one backward pass, as a recording provider keeps them:
+    each example's gradient of its own loss (a mean's ``1/B`` undone), never materialised unless a
+    rule needs it."""
+
+    #: The parameters these are the gradients of, in the order of :meth:`weighted_sums`.
+    params: list[Tensor]
+    #: The number of examples in the pass.
+    batch_size: int
+
+    def sq_norms(self) -> Tensor:
+        """``[B]`` squared norms of the per-sample gradients, summed over :attr:`params`."""
+
+    def weighted_sums(self, weights: Tensor) -> list[Tensor]:
+        """``Σ_i weights[i] · grad_i`` per parameter of :attr:`params`, shaped like it."""
+
+
+@runtime_checkable
+class RecordingProvider(PerSampleProvider, Protocol):
+    """A provider that can also keep per-sample norms and weighted sums instead of filling
+    ``p.grad_sample``: the fast mode then clips its parameters with the fast layers' (one flat norm
+    per sample, no per-sample gradient materialised where the provider's rules avoid it)."""
+
+    @property
+    def params(self) -> list[Tensor]:
+        """The trainable parameters the provider computes per-sample gradients for."""
+
+    def keep_records(self) -> None:
+        """From now on keep :class:`ProvidedGrads` for :meth:`take_records`, not ``p.grad_sample``."""
+
+    def take_records(self, params: list[Tensor]) -> list[list[ProvidedGrads]]:
+        """The records of the layers owning ``params`` since the last take, one list per backward
+        pass in order; taken records are dropped. A layer whose parameters ``params`` splits
+        (some in, some out) raises ``ValueError``: its norm spans both."""
+
+    def clear_records(self, params: list[Tensor]) -> None:
+        """Drop the records of the layers owning ``params`` (``zero_grad``)."""
 
 
 Factory = Callable[[nn.Module, str], PerSampleProvider | None]

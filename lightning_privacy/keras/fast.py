@@ -156,6 +156,16 @@ def clipped_sum(
     return grads, losses.detach(), pred.detach()
 
 
+def merged_calls(calls: list[tuple[Part, int, LayerGrads]]) -> list[tuple[Part, int, LayerGrads]]:
+    """One entry per part, in first-call order: a part called more than once (one example's
+    gradient is the sum over its calls) becomes one :class:`Materialised` sum."""
+    by_part: dict[int, list[tuple[Part, int, LayerGrads]]] = {}
+    for call in calls:
+        by_part.setdefault(id(call[0].layer), []).append(call)
+    return [group[0] if len(group) == 1 else (group[0][0], group[0][1], _summed([g for _, _, g in group]))
+            for group in by_part.values()]  # fmt: skip
+
+
 def _summed(grads: list[LayerGrads]) -> Materialised:
     """One example's gradient over several calls of a layer (shared weights): the per-call sum."""
     per_call = [g.per_sample() for g in grads]

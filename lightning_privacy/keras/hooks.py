@@ -5,12 +5,16 @@ where Opacus' optimizers (and the engine's coverage check) read them: per part o
 (:func:`~lightning_privacy.keras.fast.plan`), by the layer's book-keeping rule (Dense, Conv1D/2D,
 Embedding, Layer/GroupNormalization: from its input and output gradient, no per-example forward), or
 exactly by :func:`~lightning_privacy.keras.per_sample.per_example_vjp` (``stateless_call`` under vmap)
-for any other layer with weights.
+for any other layer with weights. In the engine's fast mode it keeps, instead, each layer's
+per-sample norms and weighted sums for the fast clipping step (a
+:class:`~lightning_privacy.dp.providers.RecordingProvider`): the rule layers' gradients are then
+never materialised.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import keras
@@ -19,8 +23,26 @@ from torch import Tensor, nn
 
 from lightning_privacy.dp.fast.records import Workspace
 from lightning_privacy.errors import KerasPerSampleError
-from lightning_privacy.keras.fast import Part, layer_grads, plan, record_call
+from lightning_privacy.keras.fast import Part, layer_grads, merged_calls, plan, record_call
 from lightning_privacy.keras.per_sample import check_per_example, outermost_keras_units, trainable_tensors
+from lightning_privacy.keras.rules import LayerGrads
+
+
+@dataclass
+class LayerRecord:
+    """One part's per-sample gradients in one backward pass (a
+    :class:`~lightning_privacy.dp.providers.ProvidedGrads`): each example's own, over the part's
+    trainable variables."""
+
+    params: list[Tensor]
+    batch_size: int
+    grads: LayerGrads
+
+    def sq_norms(self) -> Tensor:
+        return self.grads.sq_norms()
+
+    def weighted_sums(self, weights: Tensor) -> list[Tensor]:
+        return self.grads.weighted_sums(weights)
 
 
 class StatelessPerSampleHooks:
@@ -32,7 +54,8 @@ class StatelessPerSampleHooks:
     inputs (and the values of its non-trainable variables); the backward of its output gives each
     example's gradients, by the layer's rule or exactly. They are stored where Opacus'
     optimizers read them (``p.grad_sample``, a list over backward passes between two optimizer
-    steps, as Opacus does). The engine's per-sample clipping then checks them against autograd's
+    steps, as Opacus does), or, after :meth:`keep_records` (the engine's fast mode), kept as
+    :class:`LayerRecord` for :meth:`take_records`. The engine's per-sample clipping then checks them against autograd's
     gradients, so a use of a weight outside its Keras layer still raises
     :class:`~lightning_privacy.errors.UncoveredParameterError`.
 
@@ -60,6 +83,8 @@ class StatelessPerSampleHooks:
         self._pass = 0
         self._backward_seen = False
         self._written: dict[int, int] = {}
+        #: ``None``: fill ``p.grad_sample``; else the records per pass: ``{pass: [(part, batch, grads)]}``.
+        self._records: dict[int, list[tuple[Part, int, LayerGrads]]] | None = None
         for unit in self.units:
             check_per_example(unit)
             self.parts += plan(unit) or [Part(unit, None)]
@@ -92,7 +117,11 @@ class StatelessPerSampleHooks:
                     # As Opacus: the mean's 1/B undone per example (on g: the gradients are linear in it).
                     g_example = g * g.shape[0] if self.loss_reduction == "mean" else g
                     with torch.enable_grad():
-                        grads = layer_grads(part, call, g_example, Workspace()).per_sample()
+                        grads = layer_grads(part, call, g_example, Workspace())
+                        if self._records is not None:
+                            self._records.setdefault(pass_id, []).append((part, g.shape[0], grads))
+                            return
+                        grads = grads.per_sample()
                 finally:
                     self._busy = False
                 for v, gs in zip(layer.trainable_variables, grads, strict=True):
@@ -121,6 +150,56 @@ class StatelessPerSampleHooks:
             p.grad_sample = [*current, gs] if isinstance(current, list) else [current, gs]
         self._written[id(p)] = pass_id
 
+    def keep_records(self) -> None:
+        """Keep each call's per-sample norms and weighted sums for :meth:`take_records` instead of
+        filling ``p.grad_sample`` (the fast mode's clipping step asks for them)."""
+        self._records = {}
+
+    def _owning(self, params: list[Tensor]) -> set[int]:
+        """The ids of the parts' layers owning ``params``; a part split by ``params`` raises."""
+        wanted = {id(p) for p in params}
+        owners = set()
+        for part in self.parts:
+            mine = [id(v.value) in wanted for v in part.layer.trainable_variables]
+            if any(mine) and not all(mine):
+                raise ValueError(
+                    f"The trainable variables of Keras layer {part.layer.name!r} are split between "
+                    "optimizers; per-sample clipping takes one norm over a layer's variables. Give all of "
+                    "them to one optimizer."
+                )
+            if any(mine):
+                owners.add(id(part.layer))
+        return owners
+
+    def take_records(self, params: list[Tensor]) -> list[list[LayerRecord]]:
+        """The records of the parts owning ``params`` since the last take, one list per backward
+        pass in order (a part called twice in a pass: one record, the calls' sum per example)."""
+        if not self._records:
+            return []
+        owners = self._owning(params)
+        passes: list[list[LayerRecord]] = []
+        for pass_id in sorted(self._records):
+            calls = self._records[pass_id]
+            mine = [c for c in calls if id(c[0].layer) in owners]
+            self._records[pass_id] = [c for c in calls if id(c[0].layer) not in owners]
+            if not self._records[pass_id]:
+                del self._records[pass_id]
+            if mine:
+                passes.append(
+                    [
+                        LayerRecord([v.value for v in part.layer.trainable_variables], batch, grads)
+                        for part, batch, grads in merged_calls(mine)
+                    ]  # fmt: skip
+                )
+        return passes
+
+    def clear_records(self, params: list[Tensor]) -> None:
+        """Drop the records of the parts owning ``params``."""
+        if self._records:
+            owners = self._owning(params)
+            kept = {k: [c for c in calls if id(c[0].layer) not in owners] for k, calls in self._records.items()}
+            self._records = {k: calls for k, calls in kept.items() if calls}
+
     def cleanup(self) -> None:
         """Remove the hooks and the per-sample gradients."""
         for handle in self._handles:
@@ -129,6 +208,8 @@ class StatelessPerSampleHooks:
         for p in self.params:
             p.__dict__.pop("grad_sample", None)
         self._written.clear()
+        if self._records is not None:
+            self._records = {}
 
 
 def keras_provider(model: nn.Module, loss_reduction: str) -> StatelessPerSampleHooks | None:

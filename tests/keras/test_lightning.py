@@ -83,9 +83,13 @@ def _fit(tmp_path, module, clip, mode="auto"):
     return dp, rec
 
 
+@pytest.mark.parametrize("mode", ["auto", "hooks"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_one_lightning_step_equals_the_per_sample_loop(tmp_path, kind, monkeypatch):
-    """Book-keeping rules for Keras' layers; the exact vmap path only for a custom layer's weights."""
+def test_one_lightning_step_equals_the_per_sample_loop(tmp_path, kind, mode, monkeypatch):
+    """Book-keeping rules for Keras' layers; the exact vmap path only for a custom layer's weights.
+
+    ``auto`` resolves to the fast mode (the provider's per-sample norms and weighted sums),
+    ``hooks`` takes the provider's materialised ``p.grad_sample`` through Opacus' clipping."""
     vmapped = []
 
     def recording(layer, *args, **kwargs):
@@ -97,8 +101,8 @@ def test_one_lightning_step_equals_the_per_sample_loop(tmp_path, kind, monkeypat
     _, norms = reference_clipped_mean(net, x, y, 1e9, 1.0)
     clip = float(norms.median())
     module = KerasClassifier(net, x, y)
-    dp, rec = _fit(tmp_path, module, clip)
-    assert dp.engine.grad_sample_mode == "hooks"  # auto: the Keras weights are not fast layers
+    dp, rec = _fit(tmp_path, module, clip, mode)
+    assert dp.engine.grad_sample_mode == ("fast" if mode == "auto" else "hooks")
     assert dp.engine.steps == 1
     bx, by = rec.batch
     reference, _, _ = build(kind)  # the same architecture, with the weights before the step
@@ -113,6 +117,46 @@ def test_one_lightning_step_equals_the_per_sample_loop(tmp_path, kind, monkeypat
     assert max(float(e.abs().max()) for e in expected) > 1e-4  # the check compares something
     assert max(diffs) < 1e-5, (kind, diffs)
     assert {type(layer).__name__ for layer in vmapped} == EXACT_LAYERS.get(kind, set())
+
+
+@pytest.mark.parametrize("kind", ["dense", "conv", "embedding", "layernorm"])
+def test_auto_mode_never_materialises_the_rule_layers_per_sample_gradients(tmp_path, kind, monkeypatch):
+    """In fast mode the provider hands the clipping step norms and weighted sums: a rule layer's
+    ``[B, *shape]`` per-sample gradients are never built (Opacus' optimizers needed them)."""
+    from lightning_privacy.keras import rules
+
+    def refuse(self):
+        raise AssertionError(f"{type(self).__name__}.per_sample() was called in fast mode")
+
+    for cls in (rules._Grouped, rules._EmbeddingRows):
+        monkeypatch.setattr(cls, "per_sample", refuse)
+    net, x, y = build(kind)
+    before = [v.value.detach().clone() for v in net.trainable_variables]
+    dp, _ = _fit(tmp_path, KerasClassifier(net, x, y), clip=1.0)
+    assert dp.engine.grad_sample_mode == "fast" and dp.engine.steps == 1
+    assert all(not torch.equal(b, v.value) for b, v in zip(before, net.trainable_variables, strict=True))
+
+
+@pytest.mark.parametrize("mode", ["auto", "hooks"])
+def test_physical_batches_give_the_update_of_the_whole_batch(tmp_path, mode):
+    """``max_physical_batch_size``: several backward passes per step, each one record per layer (fast
+    mode) or one ``p.grad_sample`` list entry (hooks); σ = 0, so the split must not change the update."""
+    results = []
+    for physical in (None, 5):
+        net, x, y = build("mixed")
+        pl.seed_everything(0, verbose=False)
+        dp = DifferentialPrivacy(
+            noise_multiplier=1.0, max_grad_norm=0.5, accountant="rdp", grad_sample_mode=mode,
+            max_physical_batch_size=physical,
+        )  # fmt: skip
+        trainer = pl.Trainer(callbacks=[dp, _Recorder()], **trainer_kwargs(tmp_path, max_steps=2, max_epochs=1))
+        trainer.fit(KerasClassifier(net, x, y))
+        assert dp.engine.steps == 2
+        results.append([v.value.detach().clone() for v in net.trainable_variables])
+    initial, _, _ = build("mixed")
+    assert any(not torch.equal(a, v.value) for a, v in zip(results[0], initial.trainable_variables, strict=True))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("sigma", [0.0, 1.0])
@@ -199,3 +243,31 @@ def test_the_hooks_keep_nothing_of_a_step_after_its_backward(kind):
     gc.collect()
     assert [ref() for ref in outputs] == [None, None, None]
     assert not [o for o in gc.get_objects() if isinstance(o, fast.Call)]
+
+
+def test_records_are_taken_per_optimizer_and_a_split_layer_is_refused():
+    """Two optimizers over two Keras models take only their own records; one optimizer holding only
+    part of a layer's variables is refused (a layer's per-sample norm spans all of them)."""
+    from lightning_privacy.keras.hooks import StatelessPerSampleHooks
+
+    first, x, y = build("dense")
+    second, _, _ = build("dense", seed=1)
+    holder = torch.nn.Module()
+    holder.first, holder.second = first, second
+    hooks = StatelessPerSampleHooks(holder)
+    hooks.keep_records()
+    try:
+        out = first(torch.as_tensor(x), training=True) + second(torch.as_tensor(x), training=True)
+        torch.nn.functional.cross_entropy(out, torch.as_tensor(y)).backward()
+        mine = [v.value for v in first.trainable_variables]
+        (records,) = hooks.take_records(mine)
+        assert {id(p) for r in records for p in r.params} == {id(p) for p in mine}
+        assert all(r.batch_size == len(x) for r in records)
+        assert hooks.take_records(mine) == []  # taken
+        with pytest.raises(ValueError, match="split between optimizers"):
+            hooks.take_records([second.layers[0].kernel.value])
+        (rest,) = hooks.take_records([v.value for v in second.trainable_variables])
+        assert len(rest) == len(records)
+        assert all(getattr(p, "grad_sample", None) is None for p in hooks.params)  # records, not grad_sample
+    finally:
+        hooks.cleanup()

@@ -6,7 +6,7 @@ import functools
 import math
 import types
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from lightning_privacy.dp import coverage
 from lightning_privacy.dp.fast.records import LayerState, Prepared, Recording, Workspace
 from lightning_privacy.dp.fast.rules import FAST_RULES
+from lightning_privacy.dp.providers import ProvidedGrads, RecordingProvider
 
 _RECURRENT = (DPRNN, DPLSTM, DPGRU)
 
@@ -26,11 +27,14 @@ def _own_trainable(module: nn.Module) -> list[nn.Parameter]:
     return [p for p in module.parameters(recurse=False) if p.requires_grad]
 
 
-def _plan(module: nn.Module, batch_first: bool) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
+def _plan(
+    module: nn.Module, batch_first: bool, provided: Collection[int] = ()
+) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
     """``(fast, fallback)`` layers by qualified name, in ``named_modules`` order.
 
-    Walks like Opacus' ``GradSampleHooks``: a module with trainable parameters of its own is a
-    layer; one without a grad sampler (fast or Opacus) is handed whole to functorch, so its
+    Walks like Opacus' ``GradSampleHooks``: a module with trainable parameters of its own (other
+    than ``provided``: the ids of parameters a recording provider covers) is a layer; one without
+    a grad sampler (fast or Opacus) is handed whole to functorch, so its
     children are not visited. A layer that shares a trainable parameter with another layer (tied
     weights) falls back too: Opacus sums its per-sample gradients over the layers before the norm.
     """
@@ -39,7 +43,7 @@ def _plan(module: nn.Module, batch_first: bool) -> tuple[dict[str, nn.Module], d
     claims: dict[int, int] = defaultdict(int)
 
     def walk(m: nn.Module, name: str) -> None:
-        own = _own_trainable(m)
+        own = [p for p in _own_trainable(m) if id(p) not in provided]
         if own:
             rule = FAST_RULES.get(type(m))
             if rule is not None and rule.eligible(m, batch_first):
@@ -65,10 +69,12 @@ def _plan(module: nn.Module, batch_first: bool) -> tuple[dict[str, nn.Module], d
             dict(sorted(fallback.items(), key=lambda kv: order[kv[0]])))  # fmt: skip
 
 
-def fast_rule_coverage(module: nn.Module) -> tuple[list[str], list[str]]:
+def fast_rule_coverage(module: nn.Module, provided: Collection[int] = ()) -> tuple[list[str], list[str]]:
     """Which trainable layers of ``module`` the fast mode covers, and which fall back to Opacus.
 
-    A layer is a module with trainable parameters of its own. Frozen layers are in neither list.
+    A layer is a module with trainable parameters of its own. Frozen layers are in neither list,
+    nor are modules whose parameters are all ``provided`` (ids of the parameters a recording
+    per-sample provider covers, :mod:`lightning_privacy.dp.providers`).
     A layer with neither a fast rule nor an Opacus grad sampler is listed as a fallback (Opacus
     computes its per-sample gradients with functorch, its children included); whether Opacus can
     handle it at all is the module validator's question, so nothing is raised here.
@@ -85,7 +91,7 @@ def fast_rule_coverage(module: nn.Module) -> tuple[list[str], list[str]]:
         fast, fallback = fast_rule_coverage(model)
         mode = "fast" if not fallback else "hooks"
     """
-    fast, fallback = _plan(module, batch_first=True)
+    fast, fallback = _plan(module, batch_first=True, provided=provided)
     return list(fast), list(fallback)
 
 
@@ -132,6 +138,8 @@ class _ParamsPlan:
     layers: list[tuple[LayerState, list[Tensor]]]
     fallback_params: list[Tensor]
     device: torch.device
+    #: The recording providers that own some of the parameters.
+    providers: list[RecordingProvider]
 
 
 class FastGradSampleHooks:
@@ -146,7 +154,9 @@ class FastGradSampleHooks:
     optimizer owns the parameter, unless the parameter carries a tensor hook of the user's.
 
     Other trainable layers get Opacus' per-layer grad samplers (``p.grad_sample``), in the same
-    backward pass; the clipping step combines both into one flat per-sample norm.
+    backward pass; the clipping step combines both into one flat per-sample norm. Parameters a
+    recording provider covers (:class:`~lightning_privacy.dp.providers.RecordingProvider`: Keras
+    layers) enter that norm through the provider's per-sample norms and weighted sums.
 
     Nothing wraps the module: ``state_dict`` keys, ``requires_grad`` flags and the user's hooks
     are untouched. While attached, each fast layer has an instance attribute ``forward`` (the
@@ -159,6 +169,8 @@ class FastGradSampleHooks:
             Opacus: with ``"mean"`` the output gradients are multiplied by the batch size).
         batch_first: whether dim 0 of the layers' inputs is the batch (else dim 1, as in Opacus;
             convolutions and GroupNorm then fall back).
+        providers: recording providers attached to the module; they are switched to keeping
+            records (:meth:`~lightning_privacy.dp.providers.RecordingProvider.keep_records`).
 
     Raises:
         ValueError: for another ``loss_reduction``, or if Opacus hooks are already attached.
@@ -173,7 +185,14 @@ class FastGradSampleHooks:
         hooks.cleanup()
     """
 
-    def __init__(self, module: nn.Module, *, loss_reduction: str = "mean", batch_first: bool = True) -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        *,
+        loss_reduction: str = "mean",
+        batch_first: bool = True,
+        providers: Sequence[RecordingProvider] = (),
+    ) -> None:
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}.")
         self._module = module
@@ -182,7 +201,12 @@ class FastGradSampleHooks:
         self.param_names: dict[int, str] = {id(p): n for n, p in module.named_parameters()}
         self._untrained_warned: set[str] = set()
         self.batch_first = batch_first
-        fast, fallback = _plan(module, batch_first)
+        self._providers = list(providers)
+        #: ``id(param) -> provider`` for the parameters a recording provider covers.
+        self._provided: dict[int, RecordingProvider] = {id(p): prov for prov in self._providers for p in prov.params}
+        for provider in self._providers:
+            provider.keep_records()
+        fast, fallback = _plan(module, batch_first, self._provided)
         self.fast_layers: list[str] = list(fast)
         self.fallback_layers: list[str] = list(fallback)
         self._recording = Recording(batch_first=batch_first)
@@ -233,6 +257,12 @@ class FastGradSampleHooks:
         """Drop the records of the fast layers owning ``params`` (``zero_grad``)."""
         for state in self._layers_of(params):
             state.calls.clear()
+        for provider in self._providers_of(params):
+            provider.clear_records(params)
+
+    def _providers_of(self, params: list[Tensor]) -> list[RecordingProvider]:
+        owners = {id(self._provided[id(p)]) for p in params if id(p) in self._provided}
+        return [prov for prov in self._providers if id(prov) in owners]
 
     def _layers_of(self, params: list[Tensor]) -> list[LayerState]:
         owners = {id(s) for s in (self._param_layer.get(id(p)) for p in params) if s is not None}
@@ -285,13 +315,35 @@ class FastGradSampleHooks:
                 )
         pass_ids = sorted({pid for pid, _, _ in prepared})
         sizes = {pid: obj.batch_size for pid, obj, _ in prepared}
+        # The providers' records, per pass (each example's own gradients: no loss scale).
+        provided: list[list[ProvidedGrads]] = []
+        for provider in plan.providers:
+            for k, records in enumerate(provider.take_records(params)):
+                if k < len(provided):
+                    provided[k].extend(records)
+                else:
+                    provided.append(records)
+        if provided:
+            provided_sizes = [records[0].batch_size for records in provided]
+            if not pass_ids:
+                pass_ids = list(range(len(provided)))
+                sizes = dict(zip(pass_ids, provided_sizes, strict=True))
+            if provided_sizes != [sizes[p] for p in pass_ids] or any(
+                r.batch_size != records[0].batch_size for records in provided for r in records
+            ):
+                raise RuntimeError(
+                    f"Per-sample batches disagree: fast layers saw {[sizes[p] for p in pass_ids]}, the "
+                    f"per-sample providers {[[r.batch_size for r in records] for records in provided]}. Run "
+                    "one forward and one backward per optimizer step."
+                )
+        provided_sq = [[r.sq_norms() for r in records] for records in provided]
 
         # Opacus' per-sample gradients of the fallback layers: one tensor per backward pass.
         fallback = {}
         for p in plan.fallback_params:
             gs = getattr(p, "grad_sample", None)
             fallback[id(p)] = [] if gs is None else (gs if isinstance(gs, list) else [gs])
-        self._check_coverage(params, prepared, fallback)
+        self._check_coverage(params, prepared, fallback, provided, provided_sq)
         fallback_sizes = next((([len(g) for g in v]) for v in fallback.values() if v), None)
         if pass_ids and fallback_sizes is not None and fallback_sizes != [sizes[p] for p in pass_ids]:
             raise RuntimeError(
@@ -310,12 +362,18 @@ class FastGradSampleHooks:
             # summed by one stacked reduction instead of one indexed add each.
             (pid,) = pass_ids
             parts = [obj.sq_norms(p).to(dtype) for _, obj, mine in prepared for p in mine]
-            sq = torch.stack(parts).sum(0).mul_(scale[pid] ** 2)
+            sq = torch.stack(parts).sum(0).mul_(scale[pid] ** 2) if parts else None
+            if provided_sq:
+                more = torch.stack([t.to(dtype) for t in provided_sq[0]]).sum(0)
+                sq = more if sq is None else sq.add_(more)
         else:
             sq = torch.zeros(offsets[-1], dtype=dtype, device=plan.device)
             for pid, obj, mine in prepared:
                 for p in mine:
                     sq[slot[pid]] += obj.sq_norms(p).to(dtype) * scale[pid] ** 2
+            for pid, norms in zip(pass_ids if provided else [], provided_sq, strict=True):
+                for t in norms:
+                    sq[slot[pid]] += t.to(dtype)
             for gs_list in fallback.values():
                 for k, gs in enumerate(gs_list):
                     sq[offsets[k] : offsets[k + 1]] += (
@@ -332,6 +390,12 @@ class FastGradSampleHooks:
             weights = (factor[slot[pid]] * scale[pid]).to(obj.dtype)
             for p in mine:
                 add(p, obj.weighted_sum(p, weights).to(dtype))
+        wanted = {id(p) for p in params}
+        for pid, records in zip(pass_ids if provided else [], provided, strict=True):
+            for record in records:
+                for p, t in zip(record.params, record.weighted_sums(factor[slot[pid]]), strict=True):
+                    if id(p) in wanted:
+                        add(p, t.to(dtype))
         for p in plan.fallback_params:
             for k, gs in enumerate(fallback[id(p)]):
                 add(p, torch.einsum("i,i...", factor[offsets[k] : offsets[k + 1]], gs.to(dtype)))
@@ -351,8 +415,9 @@ class FastGradSampleHooks:
         ]
         # Parameters of no attached layer have no per-sample gradients: the coverage check
         # refuses them if autograd gave them a gradient, as in the other modes.
-        fallback_params = [p for p in params if id(p) not in self._param_layer]
-        plan = _ParamsPlan(layers, fallback_params, params[0].device if params else torch.device("cpu"))
+        fallback_params = [p for p in params if id(p) not in self._param_layer and id(p) not in self._provided]
+        device = params[0].device if params else torch.device("cpu")
+        plan = _ParamsPlan(layers, fallback_params, device, self._providers_of(params))
         self._plan_cache = (key, plan)
         return plan
 
@@ -361,19 +426,42 @@ class FastGradSampleHooks:
         params: list[Tensor],
         prepared: list[tuple[int, Prepared, list[Tensor]]],
         fallback: dict[int, list[Tensor]],
+        provided: list[list[ProvidedGrads]],
+        provided_sq: list[list[Tensor]],
     ) -> None:
         """Refuse parameters with a gradient the per-sample records miss; warn for unreached ones."""
         recorded: dict[int, list[Prepared]] = defaultdict(list)
         for _, obj, mine in prepared:
             for p in mine:
                 recorded[id(p)].append(obj)
+        # A provider's parameters keep autograd's gradient: it must equal the sum of the records.
+        # Per parameter: [(Σ_i g_i as its share of autograd's gradient, bound on Σ_i ‖g_i‖ of it)].
+        from_providers: dict[int, list[tuple[Tensor, int]]] = defaultdict(list)
+        size_terms: list[Tensor] = []
+        for records, norms in zip(provided, provided_sq, strict=True):
+            for record, sq in zip(records, norms, strict=True):
+                share = 1.0 / max(record.batch_size, 1) if self.loss_reduction == "mean" else 1.0
+                ones = torch.full((record.batch_size,), share, dtype=sq.dtype, device=sq.device)
+                size_terms.append(sq.double().sqrt().sum() * share)
+                for p, total in zip(record.params, record.weighted_sums(ones), strict=True):
+                    from_providers[id(p)].append((total, len(size_terms) - 1))
+        sizes = torch.stack(size_terms).tolist() if size_terms else []
+        checked: list[tuple[str, Tensor | None, Tensor, float, float]] = []
         uncovered, untrained = [], []
         # Fast-layer parameters whose autograd gradient is skipped: any gradient they have comes
         # from a use outside their layer. Checked together, after the loop.
         skipped: list[tuple[str, Tensor]] = []
         for p in params:
             name = self.param_names.get(id(p), f"<parameter of shape {tuple(p.shape)}>")
-            if id(p) in self._param_layer:
+            if id(p) in self._provided:
+                terms = from_providers.get(id(p))
+                if not terms:
+                    (uncovered if coverage.nonzero(p.grad) else untrained).append(name)
+                else:
+                    total = sum(t.double() for t, _ in terms)
+                    tol = max(coverage.TOLERANCE[torch.float32], coverage.TOLERANCE.get(p.dtype, 0.0))
+                    checked.append((name, p.grad, total, sum(sizes[k] for _, k in terms), tol))
+            elif id(p) in self._param_layer:
                 objs = recorded.get(id(p))
                 if not objs:
                     (uncovered if coverage.nonzero(p.grad) else untrained).append(name)
@@ -394,6 +482,10 @@ class FastGradSampleHooks:
                 weighted = [(g, 1 / len(g) if mean and len(g) else 1.0) for g in fallback[id(p)]]
                 if coverage.disagrees(p.grad, *coverage.per_sample_total(weighted)):
                     uncovered.append(name)
+        if checked:
+            names, grads, totals, bounds, tolerances = zip(*checked, strict=True)
+            flags = coverage.disagree_each(list(grads), list(totals), list(bounds), list(tolerances))
+            uncovered += [name for name, flag in zip(names, flags, strict=True) if flag]
         flags = coverage.nonzero_each([p.grad for _, p in skipped])
         uncovered += [name for (name, _), used_outside in zip(skipped, flags, strict=True) if used_outside]
         if uncovered:
