@@ -239,7 +239,11 @@ class ConvRule(KerasRule):
             return z + layer.bias.value.detach().to(dtype) if layer.bias is not None else z
 
         shape = (b, positions, layer.filters)
-        g = pre_activation_grad(layer, out.reshape(shape).to(dtype), g_out.reshape(shape).to(dtype), pre)
+        # Autograd hands the gradient in the layout of Keras' channels-first convolution: laid out
+        # as the output, the activation's backward and the products below run at full speed
+        # (threshold_backward on mismatched strides took 0.2 ms instead of 0.01 for the digits CNN).
+        g_out = g_out.reshape(shape).to(dtype).contiguous()
+        g = pre_activation_grad(layer, out.reshape(shape).to(dtype).contiguous(), g_out, pre)
         bias_grad = g.sum(1)
         g = g.reshape(b, positions, groups, groups_out).transpose(1, 2)
         return _Grouped(layer, a, g, bias_grad, ws)
