@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from lightning_privacy.callbacks import DifferentialPrivacy  # noqa: E402
 from lightning_privacy.dp import providers  # noqa: E402
+from lightning_privacy.dp.fast import fast_rule_coverage  # noqa: E402
 from lightning_privacy.errors import UncoveredParameterError  # noqa: E402
 from lightning_privacy.keras import fast  # noqa: E402
 from lightning_privacy.keras.per_sample import per_example_vjp  # noqa: E402
@@ -271,3 +272,86 @@ def test_records_are_taken_per_optimizer_and_a_split_layer_is_refused():
         assert all(getattr(p, "grad_sample", None) is None for p in hooks.params)  # records, not grad_sample
     finally:
         hooks.cleanup()
+
+
+class _AllBatches(pl.Callback):
+    """σ = 0, and every (physical) batch of the first step."""
+
+    def __init__(self) -> None:
+        self.batches = []
+
+    def on_train_start(self, trainer, pl_module):
+        for opt in trainer.optimizers:
+            opt.noise_multiplier = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == 0:
+            self.batches.append([t.clone() for t in batch])
+
+
+class KerasBodyTorchHead(pl.LightningModule):
+    """A Keras feature extractor under a torch ``nn.Linear`` head: fast rules and the Keras provider
+    feed one flat per-sample norm."""
+
+    def __init__(self, body: keras.Model, x: np.ndarray, y: np.ndarray) -> None:
+        super().__init__()
+        self.body = body
+        self.head = torch.nn.Linear(3, 3)
+        self.data = TensorDataset(torch.as_tensor(np.concatenate([x] * 4)), torch.as_tensor(np.concatenate([y] * 4)))
+        self.batch_size = len(x)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.body(x, training=True)))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=LR)
+
+    def train_dataloader(self):
+        return DataLoader(self.data, batch_size=self.batch_size, shuffle=True)
+
+
+@pytest.mark.parametrize("physical", [None, 5])
+def test_a_keras_body_with_a_torch_head_equals_the_per_sample_loop(tmp_path, physical):
+    """auto mode: the head's Linear by its fast rule, the Keras body by the provider's records, one
+    norm per example over both (checked against each example's own backward pass through the whole
+    module), also over several physical batches."""
+    body, x, y = build("conv")
+    module = KerasBodyTorchHead(body, x, y)
+    params = [p for p in module.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    pl.seed_everything(0, verbose=False)
+    rec = _AllBatches()
+    dp = DifferentialPrivacy(
+        noise_multiplier=1.0, max_grad_norm=0.3, accountant="rdp", max_physical_batch_size=physical
+    )
+    trainer = pl.Trainer(callbacks=[dp, rec], **trainer_kwargs(tmp_path, max_steps=1, max_epochs=1))
+    trainer.fit(module)
+    assert dp.engine.grad_sample_mode == "fast" and dp.engine.steps == 1
+    provided = {id(v.value) for v in body.trainable_variables}
+    assert fast_rule_coverage(module, provided) == (["head"], [])  # the body: the provider's
+    assert len(rec.batches) > 1 if physical else len(rec.batches) == 1
+
+    # The reference: the module as it was, each example's gradient by its own backward pass; the
+    # step's examples are those of all its physical batches.
+    bx = torch.cat([b[0] for b in rec.batches])
+    by = torch.cat([b[1] for b in rec.batches])
+    reference = KerasBodyTorchHead(build("conv")[0], x, y)
+    for p, b in zip([p for p in reference.parameters() if p.requires_grad], before, strict=True):
+        p.data.copy_(b)
+    ref_params = [p for p in reference.parameters() if p.requires_grad]
+    expected = [torch.zeros_like(p, dtype=torch.float64) for p in ref_params]
+    for i in range(len(bx)):
+        loss = torch.nn.functional.cross_entropy(reference(bx[i : i + 1]), by[i : i + 1])
+        grads = torch.autograd.grad(loss, ref_params)
+        norm = float(torch.sqrt(sum(g.double().square().sum() for g in grads)))
+        for e, g in zip(expected, grads, strict=True):
+            e += min(1.0, 0.3 / (norm + 1e-6)) * g.double()
+    size = dp.engine.plan.expected_batch_size
+    diffs = [float((b.double() - LR * e / size - p.detach().double()).abs().max())
+             for b, e, p in zip(before, expected, params, strict=True)]  # fmt: skip
+    assert max(float(e.abs().max()) for e in expected) > 1e-3
+    assert max(diffs) < 1e-5, diffs
