@@ -441,10 +441,9 @@ class FastGradSampleHooks:
         for records, norms in zip(provided, provided_sq, strict=True):
             for record, sq in zip(records, norms, strict=True):
                 share = 1.0 / max(record.batch_size, 1) if self.loss_reduction == "mean" else 1.0
-                ones = torch.full((record.batch_size,), share, dtype=sq.dtype, device=sq.device)
                 size_terms.append(sq.double().sqrt().sum() * share)
-                for p, total in zip(record.params, record.weighted_sums(ones), strict=True):
-                    from_providers[id(p)].append((total, len(size_terms) - 1))
+                for p, total in zip(record.params, record.totals(), strict=True):
+                    from_providers[id(p)].append((total.double() * share, len(size_terms) - 1))
         sizes = torch.stack(size_terms).tolist() if size_terms else []
         checked: list[tuple[str, Tensor | None, Tensor, float, float]] = []
         uncovered, untrained = [], []
@@ -458,7 +457,7 @@ class FastGradSampleHooks:
                 if not terms:
                     (uncovered if coverage.nonzero(p.grad) else untrained).append(name)
                 else:
-                    total = sum(t.double() for t, _ in terms)
+                    total = terms[0][0] if len(terms) == 1 else sum(t for t, _ in terms)
                     tol = max(coverage.TOLERANCE[torch.float32], coverage.TOLERANCE.get(p.dtype, 0.0))
                     checked.append((name, p.grad, total, sum(sizes[k] for _, k in terms), tol))
             elif id(p) in self._param_layer:
