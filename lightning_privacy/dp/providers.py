@@ -77,6 +77,11 @@ class RecordingProvider(PerSampleProvider, Protocol):
     def clear_records(self, params: list[Tensor]) -> None:
         """Drop the records of the layers owning ``params`` (``zero_grad``)."""
 
+    def skip_duplicate_grads(self, params: list[Tensor]) -> list[Tensor]:
+        """Stop autograd from computing the gradients of ``params`` inside the provider's layers (a
+        fast optimizer owns them: their clipped sum comes from the records); returns those it
+        skips, whose gradient must then stay zero (any other use is refused)."""
+
 
 Factory = Callable[[nn.Module, str], PerSampleProvider | None]
 

@@ -91,25 +91,84 @@ class StatelessPerSampleHooks:
         for unit in self.units:
             check_per_example(unit)
             self.parts += plan(unit) or [Part(unit, None)]
+        #: The variables swapped to a detached value during their layer's forward: ``{layer: [(v, p)]}``.
+        self._swapped: dict[int, list[tuple[Any, nn.Parameter]]] = {}
+        #: Each part's trainable parameters, in Keras' order (read once: Keras' property walks the layer).
+        self._part_params: dict[int, list[Tensor]] = {id(p.layer): trainable_tensors(p.layer) for p in self.parts}
+        #: Per part layer, its variables whose gradient is skipped (a fast optimizer owns their
+        #: parameters), with their parameters.
+        self._skip_vars: dict[int, list[tuple[Any, nn.Parameter]]] = {}
+        self._owners: dict[tuple[int, ...], set[int]] = {}
         for part in self.parts:
-            self._handles.append(part.layer.register_forward_hook(self._hook_for(part), with_kwargs=True))
+            layer = part.layer
+            self._handles.append(layer.register_forward_pre_hook(self._detach_skipped))
+            self._handles.append(layer.register_forward_hook(self._hook_for(part), with_kwargs=True, always_call=True))
 
     @property
     def params(self) -> list[nn.Parameter]:
         """The trainable tensors this object computes per-sample gradients for."""
         return [p for unit in self.units for p in trainable_tensors(unit)]
 
-    def _hook_for(self, part: Part) -> Callable[..., None]:
-        def hook(layer: keras.Layer, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+    def skip_duplicate_grads(self, params: list[Tensor]) -> list[Tensor]:
+        """Stop autograd from computing the (unclipped) gradients of ``params`` in their layers.
+
+        Called by the fast clipping step for the parameters its optimizer owns, in records mode:
+        their clipped sum comes from the records, so autograd's own weight gradient would be wasted
+        work. During its layer's forward each such Keras variable reads a detached alias of its
+        parameter, so the parameter's gradient holds only uses outside the layer, which the
+        coverage check refuses. A parameter with a tensor hook of the user's keeps its gradient.
+
+        Returns:
+            The parameters whose gradient is skipped.
+        """
+        if self._records is None:
+            return []
+        wanted = {id(p) for p in params}
+        skipped = []
+        for part in self.parts:
+            for v in part.layer.trainable_variables:
+                p = getattr(v, "_value", None)
+                hooked = isinstance(p, Tensor) and bool(
+                    p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None)
+                )
+                if isinstance(p, nn.Parameter) and id(p) in wanted and not hooked:
+                    self._skip_vars.setdefault(id(part.layer), []).append((v, p))
+                    skipped.append(p)
+        return skipped
+
+    def _detach_skipped(self, layer: keras.Layer, args: tuple[Any, ...]) -> None:
+        """Forward pre-hook: the layer's skipped variables read a detached alias of their parameter."""
+        pairs = self._skip_vars.get(id(layer))
+        if not pairs or self._busy or not torch.is_grad_enabled():
+            return
+        for v, p in pairs:
+            v._value = p.detach()
+        self._swapped[id(layer)] = pairs
+
+    def _restore(self, layer: keras.Layer) -> bool:
+        """Give the layer's variables their parameters back; whether any was swapped."""
+        swapped = self._swapped.pop(id(layer), None)
+        for v, p in swapped or ():
+            v._value = p
+        return bool(swapped)
+
+    def _hook_for(self, part: Part) -> Callable[..., Any]:
+        def hook(layer: keras.Layer, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+            detached = self._restore(layer)  # first, and also after an exception in the forward
             if self._busy or not torch.is_grad_enabled():
-                return
+                return None
             if not isinstance(output, Tensor):
                 raise KerasPerSampleError(
                     f"{layer.name} returns {type(output).__name__}; the per-sample path of a Keras layer with "
                     "weights inside a LightningModule needs one output tensor."
                 )
             if not output.requires_grad:
-                return
+                if not detached:
+                    return None
+                # The first layer: neither its input nor its (detached) weights need a gradient, so
+                # nothing would reach its output in backward. A zero that does carries the output's
+                # gradient to the hook below (the values are unchanged).
+                output = output + torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True)
             pass_id = self._next_pass()
             call = record_call(part, args, kwargs, output)
 
@@ -131,6 +190,7 @@ class StatelessPerSampleHooks:
                     self._store(v.value, gs.to(v.value.dtype), pass_id)
 
             output.register_hook(on_grad)
+            return output if detached else None
 
         return hook
 
@@ -160,10 +220,16 @@ class StatelessPerSampleHooks:
 
     def _owning(self, params: list[Tensor]) -> set[int]:
         """The ids of the parts' layers owning ``params``; a part split by ``params`` raises."""
+        key = tuple(map(id, params))
+        if key not in self._owners:
+            self._owners[key] = self._find_owners(params)
+        return self._owners[key]
+
+    def _find_owners(self, params: list[Tensor]) -> set[int]:
         wanted = {id(p) for p in params}
         owners = set()
         for part in self.parts:
-            mine = [id(v.value) in wanted for v in part.layer.trainable_variables]
+            mine = [id(p) in wanted for p in self._part_params[id(part.layer)]]
             if any(mine) and not all(mine):
                 raise ValueError(
                     f"The trainable variables of Keras layer {part.layer.name!r} are split between "
@@ -190,7 +256,7 @@ class StatelessPerSampleHooks:
             if mine:
                 passes.append(
                     [
-                        LayerRecord([v.value for v in part.layer.trainable_variables], batch, grads)
+                        LayerRecord(self._part_params[id(part.layer)], batch, grads)
                         for part, batch, grads in merged_calls(mine)
                     ]  # fmt: skip
                 )
@@ -208,6 +274,9 @@ class StatelessPerSampleHooks:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        for part in self.parts:
+            self._restore(part.layer)
+        self._skip_vars.clear()
         for p in self.params:
             p.__dict__.pop("grad_sample", None)
         self._written.clear()

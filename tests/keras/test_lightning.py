@@ -355,3 +355,37 @@ def test_a_keras_body_with_a_torch_head_equals_the_per_sample_loop(tmp_path, phy
              for b, e, p in zip(before, expected, params, strict=True)]  # fmt: skip
     assert max(float(e.abs().max()) for e in expected) > 1e-3
     assert max(diffs) < 1e-5, diffs
+
+
+@pytest.mark.parametrize("kind", ["dense", "mixed", "dense_twice"])
+def test_skipped_weight_gradients_leave_only_uses_outside_the_layers(kind):
+    """Records mode with the fast optimizer's skip: inside their layers the Keras weights read a
+    detached alias, so autograd computes no weight gradient there (every layer, the first included,
+    still records); outside a layer the parameter itself is read and gets its gradient, which the
+    coverage check refuses; the variables hold their parameters again after every forward."""
+    from lightning_privacy.keras.hooks import StatelessPerSampleHooks
+
+    net, x, y = build(kind)
+    holder = torch.nn.Module()
+    holder.net = net
+    hooks = StatelessPerSampleHooks(holder)
+    hooks.keep_records()
+    try:
+        params = hooks.params
+        assert {id(p) for p in hooks.skip_duplicate_grads(params)} == {id(p) for p in params}
+        out = net(torch.as_tensor(x), training=True)
+        assert all(v._value is p for v, p in zip(net.trainable_variables, params, strict=True))
+        torch.nn.functional.cross_entropy(out, torch.as_tensor(y)).backward()
+        assert all(p.grad is None for p in params)
+        (records,) = hooks.take_records(params)
+        assert {id(p) for r in records for p in r.params} == {id(p) for p in params}
+
+        penalty = net.layers[-1].kernel.value.square().sum()  # read outside the layer's forward
+        out = net(torch.as_tensor(x), training=True)
+        (torch.nn.functional.cross_entropy(out, torch.as_tensor(y)) + penalty).backward()
+        kernel = net.layers[-1].kernel.value
+        assert kernel.grad is not None and bool(kernel.grad.ne(0).any())
+        assert all(p.grad is None for p in params if p is not kernel)
+    finally:
+        hooks.cleanup()
+    assert all(v._value is p for v, p in zip(net.trainable_variables, params, strict=True))

@@ -206,6 +206,9 @@ class FastGradSampleHooks:
         self._provided: dict[int, RecordingProvider] = {id(p): prov for prov in self._providers for p in prov.params}
         for provider in self._providers:
             provider.keep_records()
+        #: Provided parameters whose autograd gradient the provider skips (it then holds only uses
+        #: outside the provider's layers).
+        self._provider_skips: set[int] = set()
         fast, fallback = _plan(module, batch_first, self._provided)
         self.fast_layers: list[str] = list(fast)
         self.fallback_layers: list[str] = list(fallback)
@@ -230,9 +233,12 @@ class FastGradSampleHooks:
         """Stop autograd from computing the (unclipped) gradients of ``params`` in fast layers.
 
         Called by :func:`fast_clipping` for the parameters its optimizer owns: their clipped sum
-        comes from the records, so autograd's own weight gradient would be wasted work.
+        comes from the records, so autograd's own weight gradient would be wasted work. Recording
+        providers are asked the same for theirs (those that can skip them say which).
         """
         self._recording.skip_ids.update(id(p) for p in params)
+        for provider in self._providers_of(params):
+            self._provider_skips.update(id(p) for p in provider.skip_duplicate_grads(params))
 
     def cleanup(self) -> None:
         """Remove every trace from the module: forwards, Opacus hooks and attributes, records."""
@@ -440,6 +446,10 @@ class FastGradSampleHooks:
         size_terms: list[Tensor] = []
         for records, norms in zip(provided, provided_sq, strict=True):
             for record, sq in zip(records, norms, strict=True):
+                if all(id(p) in self._provider_skips for p in record.params):
+                    for p in record.params:  # autograd's gradient must be zero: no total needed
+                        from_providers.setdefault(id(p), [])
+                    continue
                 share = 1.0 / max(record.batch_size, 1) if self.loss_reduction == "mean" else 1.0
                 size_terms.append(sq.double().sqrt().sum() * share)
                 for p, total in zip(record.params, record.totals(), strict=True):
@@ -454,8 +464,10 @@ class FastGradSampleHooks:
             name = self.param_names.get(id(p), f"<parameter of shape {tuple(p.shape)}>")
             if id(p) in self._provided:
                 terms = from_providers.get(id(p))
-                if not terms:
+                if terms is None:
                     (uncovered if coverage.nonzero(p.grad) else untrained).append(name)
+                elif id(p) in self._provider_skips:
+                    skipped.append((name, p))
                 else:
                     total = terms[0][0] if len(terms) == 1 else sum(t for t, _ in terms)
                     tol = max(coverage.TOLERANCE[torch.float32], coverage.TOLERANCE.get(p.dtype, 0.0))
