@@ -389,3 +389,34 @@ def test_skipped_weight_gradients_leave_only_uses_outside_the_layers(kind):
     finally:
         hooks.cleanup()
     assert all(v._value is p for v, p in zip(net.trainable_variables, params, strict=True))
+
+
+def test_a_forward_that_raises_leaves_every_weight_its_parameter(monkeypatch):
+    """The detached aliases live only while their layer's forward runs: after an exception inside a
+    layer's call every variable holds its parameter again (a later forward would otherwise train
+    nothing of that layer, silently)."""
+    from lightning_privacy.keras.hooks import StatelessPerSampleHooks
+    from tests.keras.models import Scale
+
+    net, x, _ = build("mixed")
+    holder = torch.nn.Module()
+    holder.net = net
+    hooks = StatelessPerSampleHooks(holder)
+    hooks.keep_records()
+    try:
+        params = hooks.params
+        hooks.skip_duplicate_grads(params)
+        (scale,) = [layer for layer in net.layers if isinstance(layer, Scale)]
+        seen = []
+
+        def failing(inputs):
+            seen.extend(v._value for v in scale.trainable_variables)
+            raise RuntimeError("boom")
+
+        monkeypatch.setattr(scale, "call", failing)
+        with pytest.raises(RuntimeError, match="boom"):
+            net(torch.as_tensor(x), training=True)
+        assert seen and not any(isinstance(v, torch.nn.Parameter) for v in seen)  # aliases inside
+        assert all(v._value is p for v, p in zip(net.trainable_variables, params, strict=True))
+    finally:
+        hooks.cleanup()
