@@ -11,6 +11,8 @@ needs them (Opacus' optimizers on the Lightning path), the per-sample gradients 
   materialised ``G_iᵀ A_i``, whichever moves less memory), on input patches gathered in Keras'
   kernel order ``(*kernel, C_in/groups)``; the gradient at the pre-activation output comes from the
   recorded output and its gradient.
+- ``EinsumDense`` (``MultiHeadAttention``'s projections): the layer's contraction with the batch
+  kept, per-sample gradients materialised.
 - ``Embedding``: the rows of one example summed by unique (example, index) keys.
 - ``LayerNormalization``, ``GroupNormalization``: the normalised input (the layer's own call with
   γ = 1, β = 0) times the output gradient, summed to one value per channel and example.
@@ -331,9 +333,54 @@ class NormRule(KerasRule):
         return Materialised(grads)
 
 
+def _einsum_specs(equation: str) -> tuple[str, str, str] | None:
+    """``(input, kernel, output)`` subscripts of an EinsumDense equation the rule covers: explicit
+    letters (no ``...``), none repeated within a term, the batch (the input's first letter) leading
+    the output and absent from the kernel, and every kernel letter in the input or the output."""
+    terms = equation.replace(" ", "").split("->")
+    if len(terms) != 2 or "..." in equation or terms[0].count(",") != 1:
+        return None
+    x_spec, k_spec = terms[0].split(",")
+    out_spec = terms[1]
+    specs = (x_spec, k_spec, out_spec)
+    if not all(spec.isalpha() and len(set(spec)) == len(spec) for spec in specs):
+        return None
+    batch = x_spec[0]
+    if not out_spec.startswith(batch) or batch in k_spec or not set(k_spec) <= set(x_spec) | set(out_spec):
+        return None
+    return specs
+
+
+class EinsumDenseRule(KerasRule):
+    """``EinsumDense`` (the projections of ``MultiHeadAttention`` too): each example's kernel gradient
+    is the layer's own contraction with the batch kept, ``einsum(x_b, g_b)`` over the letters the
+    kernel lacks; the bias gradient sums ``g_b`` to the bias' broadcast shape."""
+
+    def covers(self, layer):
+        return _plain(layer, layer.kernel, layer.bias) and _einsum_specs(layer.equation) is not None
+
+    def prepare(self, layer, x, out, g_out, ws):
+        x_spec, k_spec, out_spec = _einsum_specs(layer.equation)
+        dtype = compute_dtype(layer.kernel.value, g_out)
+        x = x.to(dtype)
+
+        def pre() -> Tensor:
+            z = torch.einsum(f"{x_spec},{k_spec}->{out_spec}", x, layer.kernel.value.detach().to(dtype))
+            return z + layer.bias.value.detach().to(dtype) if layer.bias is not None else z
+
+        g = pre_activation_grad(layer, out.to(dtype), g_out.to(dtype).contiguous(), pre)
+        grads = [torch.einsum(f"{x_spec},{out_spec}->{x_spec[0]}{k_spec}", x, g)]
+        if layer.bias is not None:
+            bias = tuple(layer.bias.shape)
+            lead = (1,) * (g.dim() - 1 - len(bias))
+            grads.append(g.sum_to_size((g.shape[0], *lead, *bias)).reshape(g.shape[0], *bias))
+        return Materialised(grads)
+
+
 #: The book-keeping rules, by exact Keras layer type.
 KERAS_RULES: dict[type, KerasRule] = {
     keras.layers.Dense: DenseRule(),
+    keras.layers.EinsumDense: EinsumDenseRule(),
     keras.layers.Conv1D: ConvRule(),
     keras.layers.Conv2D: ConvRule(),
     keras.layers.Embedding: EmbeddingRule(),

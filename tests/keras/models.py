@@ -135,6 +135,20 @@ def build(kind: str, seed: int = 0) -> tuple[keras.Model, np.ndarray, np.ndarray
             keras.layers.Dense(3),
         ]
         x = rng.normal(size=(n, 5, 5, 2)).astype("float32")
+    elif kind == "einsum_dense":  # a kernel over two output axes, a bias on one of them, an activation
+        layers = [
+            keras.Input((4, 5)),
+            keras.layers.EinsumDense("abc,cde->abde", output_shape=(4, 2, 3), bias_axes="e", activation="tanh"),
+            keras.layers.Flatten(),
+            keras.layers.EinsumDense("ab,bc->ac", output_shape=3, bias_axes="c"),
+        ]
+        x = rng.normal(size=(n, 4, 5)).astype("float32")
+    elif kind == "attention":  # self-attention: four EinsumDense projections inside the layer
+        inputs = keras.Input((4, 6))
+        h = keras.layers.MultiHeadAttention(num_heads=2, key_dim=3)(inputs, inputs)
+        h = keras.layers.GlobalAveragePooling1D()(h)
+        x = rng.normal(size=(n, 4, 6)).astype("float32")
+        return keras.Model(inputs, keras.layers.Dense(3)(h)), x, rng.integers(0, 3, size=n)
     elif kind == "mixed":  # rule layers around a custom layer with weights of its own
         layers = [
             keras.Input((5,), dtype="int32"),
@@ -171,6 +185,8 @@ KINDS = (
     "conv_dilated_groups",
     "conv_channels_first",
     "conv1d_causal",
+    "einsum_dense",
+    "attention",
     "embedding",
     "embedding_mask_zero",
     "layernorm",
