@@ -6,7 +6,7 @@ change ``call``, so it takes the exact general path). A rule turns one call's re
 :class:`LayerGrads`: the per-sample squared norms, the clipped (weighted) sum, or, where a caller
 needs them (Opacus' optimizers on the Lightning path), the per-sample gradients themselves.
 
-- ``Dense``, ``Conv1D``, ``Conv2D``: the grouped core of the torch rules
+- ``Dense``, ``Conv1D``, ``Conv2D``, ``Conv3D``: the grouped core of the torch rules
   (:class:`~lightning_privacy.dp.fast.grouped.GroupedPrepared`: ``‖a‖·‖g‖``, the Gram identity or
   materialised ``G_iᵀ A_i``, whichever moves less memory), on input patches gathered in Keras'
   kernel order ``(*kernel, C_in/groups)``; the gradient at the pre-activation output comes from the
@@ -219,11 +219,12 @@ def _same_padding(size: int, k: int, stride: int, dilation: int) -> tuple[int, i
 
 
 class ConvRule(KerasRule):
-    """``Conv1D`` / ``Conv2D``: input patches ``(*kernel, C_in/groups)`` per output position and group,
-    for any padding (``valid``, ``same``, ``causal``), strides, dilation, groups and data format."""
+    """``Conv1D`` / ``Conv2D`` / ``Conv3D``: input patches ``(*kernel, C_in/groups)`` per output
+    position and group, for any padding (``valid``, ``same``, ``causal``), strides, dilation, groups
+    and data format."""
 
     def covers(self, layer):
-        return _plain(layer, layer.kernel, layer.bias) and layer.rank in (1, 2)
+        return _plain(layer, layer.kernel, layer.bias) and layer.rank in (1, 2, 3)
 
     def prepare(self, layer, x, out, g_out, ws):
         dtype = compute_dtype(layer.kernel.value, g_out)
@@ -383,6 +384,7 @@ KERAS_RULES: dict[type, KerasRule] = {
     keras.layers.EinsumDense: EinsumDenseRule(),
     keras.layers.Conv1D: ConvRule(),
     keras.layers.Conv2D: ConvRule(),
+    keras.layers.Conv3D: ConvRule(),
     keras.layers.Embedding: EmbeddingRule(),
     keras.layers.LayerNormalization: NormRule(),
     keras.layers.GroupNormalization: NormRule(),

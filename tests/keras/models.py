@@ -135,6 +135,14 @@ def build(kind: str, seed: int = 0) -> tuple[keras.Model, np.ndarray, np.ndarray
             keras.layers.Dense(3),
         ]
         x = rng.normal(size=(n, 5, 5, 2)).astype("float32")
+    elif kind == "conv3d":  # strided, "same" padding (uneven: 5 -> 3 with kernel 2), two groups
+        layers = [
+            keras.Input((5, 4, 3, 2)),
+            keras.layers.Conv3D(4, (2, 3, 2), strides=(2, 1, 1), padding="same", groups=2, activation="relu"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(3),
+        ]
+        x = rng.normal(size=(n, 5, 4, 3, 2)).astype("float32")
     elif kind == "einsum_dense":  # a kernel over two output axes, a bias on one of them, an activation
         layers = [
             keras.Input((4, 5)),
@@ -185,6 +193,7 @@ KINDS = (
     "conv_dilated_groups",
     "conv_channels_first",
     "conv1d_causal",
+    "conv3d",
     "einsum_dense",
     "attention",
     "embedding",
