@@ -370,19 +370,25 @@ def test_a_keras_body_with_a_torch_head_equals_the_per_sample_loop(tmp_path, phy
     assert max(diffs) < 1e-5, diffs
 
 
+def _records_hooks(net: keras.Model):
+    """The Keras provider on a module holding ``net``, keeping records (the fast mode's)."""
+    from lightning_privacy.keras.hooks import StatelessPerSampleHooks
+
+    holder = torch.nn.Module()
+    holder.net = net
+    hooks = StatelessPerSampleHooks(holder)
+    hooks.keep_records()
+    return hooks
+
+
 @pytest.mark.parametrize("kind", ["dense", "mixed", "dense_twice"])
 def test_skipped_weight_gradients_leave_only_uses_outside_the_layers(kind):
     """Records mode with the fast optimizer's skip: inside their layers the Keras weights read a
     detached alias, so autograd computes no weight gradient there (every layer, the first included,
     still records); outside a layer the parameter itself is read and gets its gradient, which the
     coverage check refuses; the variables hold their parameters again after every forward."""
-    from lightning_privacy.keras.hooks import StatelessPerSampleHooks
-
     net, x, y = build(kind)
-    holder = torch.nn.Module()
-    holder.net = net
-    hooks = StatelessPerSampleHooks(holder)
-    hooks.keep_records()
+    hooks = _records_hooks(net)
     try:
         params = hooks.params
         assert {id(p) for p in hooks.skip_duplicate_grads(params)} == {id(p) for p in params}
@@ -408,14 +414,10 @@ def test_a_forward_that_raises_leaves_every_weight_its_parameter(monkeypatch):
     """The detached aliases live only while their layer's forward runs: after an exception inside a
     layer's call every variable holds its parameter again (a later forward would otherwise train
     nothing of that layer, silently)."""
-    from lightning_privacy.keras.hooks import StatelessPerSampleHooks
     from tests.keras.models import Scale
 
     net, x, _ = build("mixed")
-    holder = torch.nn.Module()
-    holder.net = net
-    hooks = StatelessPerSampleHooks(holder)
-    hooks.keep_records()
+    hooks = _records_hooks(net)
     try:
         params = hooks.params
         hooks.skip_duplicate_grads(params)
