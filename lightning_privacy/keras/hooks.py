@@ -58,9 +58,10 @@ class StatelessPerSampleHooks:
     example's gradients, by the layer's rule or exactly. They are stored where Opacus'
     optimizers read them (``p.grad_sample``, a list over backward passes between two optimizer
     steps, as Opacus does), or, after :meth:`keep_records` (the engine's fast mode), kept as
-    :class:`LayerRecord` for :meth:`take_records`. The engine's per-sample clipping then checks them against autograd's
-    gradients, so a use of a weight outside its Keras layer still raises
-    :class:`~lightning_privacy.errors.UncoveredParameterError`.
+    :class:`LayerRecord` for :meth:`take_records`. The engine's per-sample clipping then checks
+    autograd's gradients against them (or, for the weights :meth:`skip_duplicate_grads` takes out of
+    autograd inside their layers, that autograd's gradient is zero), so a use of a weight outside its
+    Keras layer still raises :class:`~lightning_privacy.errors.UncoveredParameterError`.
 
     Args:
         root: the module the engine attaches to.
@@ -127,6 +128,9 @@ class StatelessPerSampleHooks:
         skipped = []
         for part in self.parts:
             for v in part.layer.trainable_variables:
+                # Keras' torch Variable keeps its nn.Parameter in `_value` and every read of the
+                # variable goes through it; a Keras that keeps it elsewhere skips nothing here, and
+                # the coverage check then compares autograd's gradient with the records instead.
                 p = getattr(v, "_value", None)
                 hooked = isinstance(p, Tensor) and bool(
                     p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None)
