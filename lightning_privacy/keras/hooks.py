@@ -159,8 +159,8 @@ class StatelessPerSampleHooks:
     def _hook_for(self, part: Part) -> Callable[..., Any]:
         def hook(layer: keras.Layer, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
             detached = self._restore(layer)  # first, and also after an exception in the forward
-            if self._busy or not torch.is_grad_enabled():
-                return None
+            if self._busy or not torch.is_grad_enabled() or output is None:
+                return None  # None: also what torch passes when the forward raised
             if not isinstance(output, Tensor):
                 raise KerasPerSampleError(
                     f"{layer.name} returns {type(output).__name__}; the per-sample path of a Keras layer with "
