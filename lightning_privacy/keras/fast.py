@@ -135,11 +135,12 @@ def clipped_sum(
         return None
     grads_out = torch.autograd.grad(losses.sum(), outputs, allow_unused=True) if outputs else ()
     ws = Workspace()
-    by_part: dict[int, list[LayerGrads]] = {}
-    for (part, call), g in zip(calls, grads_out, strict=True):
-        if g is not None:
-            by_part.setdefault(id(part.layer), []).append(layer_grads(part, call, g, ws))
-    merged = {key: grads[0] if len(grads) == 1 else _summed(grads) for key, grads in by_part.items()}
+    recorded = [
+        (part, x.shape[0], layer_grads(part, call, g, ws))
+        for (part, call), g in zip(calls, grads_out, strict=True)
+        if g is not None
+    ]
+    merged = {id(part.layer): grads for part, _, grads in merged_calls(recorded)}
     sq = torch.zeros(x.shape[0], dtype=torch.float64)
     for grads in merged.values():
         sq += grads.sq_norms().double()
