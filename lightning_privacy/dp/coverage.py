@@ -13,7 +13,6 @@ reach at all has a zero per-sample gradient: exact, but worth an
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Iterable
 
@@ -101,29 +100,6 @@ def disagrees(grad: Tensor | None, total: Tensor | None, size: float, tolerance:
     if not torch.isfinite(error):
         return False
     return bool(error > tolerance * (size + float(grad.norm())) + 1e-30)
-
-
-def disagree_each(
-    grads: list[Tensor | None], totals: list[Tensor], sizes: list[float], tolerances: list[float]
-) -> list[bool]:
-    """:func:`disagrees` of each ``(grads[k], totals[k], sizes[k], tolerances[k])``, with two fused
-    norms (``torch._foreach_norm``) over the dense gradients and one read of the results: the
-    per-step check of many parameters (a per-sample provider's) in a few ops instead of six each."""
-    dense = [k for k, g in enumerate(grads) if g is not None and not g.is_sparse and g.numel()]
-    skip = set(dense)
-    flags = [disagrees(g, t, s, tol) if k not in skip else False
-             for k, (g, t, s, tol) in enumerate(zip(grads, totals, sizes, tolerances, strict=True))]  # fmt: skip
-    if not dense:
-        return flags
-    g64 = [grads[k].detach().double() for k in dense]
-    errors = torch._foreach_sub([totals[k].double() for k in dense], g64)
-    values = torch.stack(torch._foreach_norm(g64) + torch._foreach_norm(errors)).tolist()
-    for j, k in enumerate(dense):
-        g_norm, error = values[j], values[len(dense) + j]
-        # as disagrees: a non-finite gradient (its norm is then not finite) or error is let through
-        if math.isfinite(g_norm) and math.isfinite(error):
-            flags[k] = error > tolerances[k] * (sizes[k] + g_norm) + 1e-30
-    return flags
 
 
 def uncovered_error(names: list[str], mode: str) -> UncoveredParameterError:

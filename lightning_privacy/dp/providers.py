@@ -52,9 +52,6 @@ class ProvidedGrads(Protocol):
     def weighted_sums(self, weights: Tensor) -> list[Tensor]:
         """``Σ_i weights[i] · grad_i`` per parameter of :attr:`params`, shaped like it."""
 
-    def totals(self) -> list[Tensor]:
-        """``Σ_i grad_i`` per parameter: what the coverage check compares with autograd's gradient."""
-
 
 @runtime_checkable
 class RecordingProvider(PerSampleProvider, Protocol):

@@ -44,9 +44,6 @@ class LayerRecord:
     def weighted_sums(self, weights: Tensor) -> list[Tensor]:
         return self.grads.weighted_sums(weights)
 
-    def totals(self) -> list[Tensor]:
-        return self.grads.totals()
-
 
 class StatelessPerSampleHooks:
     """Fill ``p.grad_sample`` for the Keras models inside a torch module (a LightningModule).

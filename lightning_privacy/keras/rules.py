@@ -48,10 +48,6 @@ class LayerGrads:
         """``[B, *shape]`` per-sample gradients per variable."""
         raise NotImplementedError
 
-    def totals(self) -> list[Tensor]:
-        """``Σ_i grad_i`` per variable: what autograd's gradient of the summed loss must equal."""
-        raise NotImplementedError
-
 
 class Materialised(LayerGrads):
     """Per-sample gradients held as ``[B, *shape]`` tensors (norm affines, the exact path, sums of calls)."""
@@ -67,9 +63,6 @@ class Materialised(LayerGrads):
 
     def per_sample(self) -> list[Tensor]:
         return self.grads
-
-    def totals(self) -> list[Tensor]:
-        return [g.sum(0) for g in self.grads]
 
 
 class _BiasOf:
@@ -119,17 +112,6 @@ class _Grouped(LayerGrads):
         if self.has_bias:
             sums.append(core.weighted_sum(params[1], weights))
         return sums
-
-    def totals(self) -> list[Tensor]:
-        core = self._core[0] if self._core is not None else None
-        if core is not None and core.per_sample is not None:  # already materialised: [B, g·o, i]
-            kernel = core.per_sample.sum(0).reshape(-1, core.per_sample.shape[-1])
-        else:  # Σ_b G_bᵀ A_b per group, one product over all examples and positions
-            b, groups, t, i = self.a.shape
-            o = self.g.shape[3]
-            a = self.a.transpose(0, 1).reshape(groups, b * t, i)
-            kernel = (self.g.transpose(0, 1).reshape(groups, b * t, o).mT @ a).reshape(groups * o, i)
-        return [self._kernel(kernel)] + ([self.bias_grad.sum(0)] if self.has_bias else [])
 
     def per_sample(self) -> list[Tensor]:
         # [B, g, i, o] -> [B, i, g, o] is Keras' layout [B, *kernel, c, g·o] (contiguous for g = 1)
@@ -282,10 +264,6 @@ class _EmbeddingRows(LayerGrads):
 
     def weighted_sums(self, weights: Tensor) -> list[Tensor]:
         return [self.rows.weighted_sum(weights)]
-
-    def totals(self) -> list[Tensor]:
-        r = self.rows
-        return [r.weighted_sum(torch.ones(r.batch_size, dtype=r.rows.dtype, device=r.rows.device))]
 
     def per_sample(self) -> list[Tensor]:
         r = self.rows

@@ -81,25 +81,3 @@ def test_fused_nonzero_check_flags_exactly_the_gradients_with_a_nonzero_entry(mi
     expected = [g is not None and bool((g.to_dense() if g.is_sparse else g).ne(0).any()) for g in grads]
     assert nonzero_each(grads) == expected
     assert expected[:6] == [False, False, True, True, False, True]
-
-
-def test_fused_disagreement_check_equals_the_one_by_one_check():
-    # A per-sample provider's parameters are checked together (two fused norms); every flag must be
-    # what `disagrees` says for that parameter alone: agreeing, off by a missed use, off by rounding
-    # only, non-finite, absent and sparse gradients.
-    from lightning_privacy.dp.coverage import disagree_each, disagrees
-
-    g = torch.Generator().manual_seed(0)
-    total = torch.randn(6, 5, generator=g, dtype=torch.float64)
-    missed = total.float() + 0.1 * torch.randn(6, 5, generator=g)
-    rounding = (total * (1 + 1e-7)).float()
-    inf = total.float().clone()
-    inf[0, 0] = float("inf")
-    sparse = total.float().to_sparse()
-    grads = [total.float(), missed, rounding, inf, None, sparse, missed.double(), torch.empty(0)]
-    totals = [total] * 7 + [torch.empty(0, dtype=torch.float64)]
-    sizes = [float(total.norm())] * 8
-    tolerances = [1e-3] * 6 + [1e-6, 1e-3]
-    expected = [disagrees(gr, t, s, tol) for gr, t, s, tol in zip(grads, totals, sizes, tolerances, strict=True)]
-    assert disagree_each(grads, totals, sizes, tolerances) == expected
-    assert expected[:5] == [False, True, False, False, False] and expected[6]

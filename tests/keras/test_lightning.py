@@ -208,6 +208,31 @@ def test_fast_mode_takes_the_keras_weights_through_its_fallback(tmp_path):
     assert diff < 1e-5
 
 
+@pytest.mark.parametrize("penalty", [False, True])
+def test_a_hooked_keras_weight_keeps_its_gradient_and_the_sum_check(tmp_path, penalty):
+    """A user's tensor hook on a Keras weight must keep firing, so fast mode leaves that weight's
+    autograd gradient alone and compares it with the sum of the records instead: the step still
+    equals the per-sample loop, and a use outside the layer is still refused."""
+    net, x, y = build("dense")
+    calls = []
+    net.layers[-1].kernel.value.register_hook(lambda g: calls.append(1))
+    module = KerasClassifier(net, x, y, penalty=penalty)
+    if penalty:
+        with pytest.raises(UncoveredParameterError, match="kernel"):
+            _fit(tmp_path, module, clip=0.05)
+        return
+    dp, rec = _fit(tmp_path, module, clip=0.05)
+    assert dp.engine.grad_sample_mode == "fast" and calls
+    reference, _, _ = build("dense")
+    for v, b in zip(reference.trainable_variables, rec.before, strict=True):
+        v.assign(b)
+    bx, by = rec.batch
+    expected, _ = reference_clipped_mean(reference, bx.numpy(), by.numpy(), 0.05, dp.engine.plan.expected_batch_size)
+    diffs = [float((b.double() - LR * e - v.value.detach().double()).abs().max())
+             for b, e, v in zip(rec.before, expected, net.trainable_variables, strict=True)]  # fmt: skip
+    assert max(diffs) < 1e-5, diffs
+
+
 @pytest.mark.parametrize("mode", ["auto", "fast"])
 def test_a_keras_weight_used_outside_its_layer_is_refused(tmp_path, mode):
     net, x, y = build("dense")

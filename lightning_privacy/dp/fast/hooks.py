@@ -440,22 +440,21 @@ class FastGradSampleHooks:
         for _, obj, mine in prepared:
             for p in mine:
                 recorded[id(p)].append(obj)
-        # A provider's parameters keep autograd's gradient: it must equal the sum of the records.
-        # Per parameter: [(Σ_i g_i as its share of autograd's gradient, bound on Σ_i ‖g_i‖ of it)].
-        from_providers: dict[int, list[tuple[Tensor, int]]] = defaultdict(list)
-        size_terms: list[Tensor] = []
+        # A provider's parameters whose autograd gradient is kept (a user's tensor hook): it must
+        # equal the sum of their records. Per parameter: [(Σ_i g_i as its share of autograd's
+        # gradient, bound on Σ_i ‖g_i‖ of it)]; an empty list for a skipped one.
+        from_providers: dict[int, list[tuple[Tensor, float]]] = {}
         for records, norms in zip(provided, provided_sq, strict=True):
             for record, sq in zip(records, norms, strict=True):
+                for p in record.params:
+                    from_providers.setdefault(id(p), [])
                 if all(id(p) in self._provider_skips for p in record.params):
-                    for p in record.params:  # autograd's gradient must be zero: no total needed
-                        from_providers.setdefault(id(p), [])
                     continue
                 share = 1.0 / max(record.batch_size, 1) if self.loss_reduction == "mean" else 1.0
-                size_terms.append(sq.double().sqrt().sum() * share)
-                for p, total in zip(record.params, record.totals(), strict=True):
-                    from_providers[id(p)].append((total.double() * share, len(size_terms) - 1))
-        sizes = torch.stack(size_terms).tolist() if size_terms else []
-        checked: list[tuple[str, Tensor | None, Tensor, float, float]] = []
+                ones = torch.full((record.batch_size,), share, dtype=sq.dtype, device=sq.device)
+                size = float(sq.sqrt().sum()) * share
+                for p, total in zip(record.params, record.weighted_sums(ones), strict=True):
+                    from_providers[id(p)].append((total.double(), size))
         uncovered, untrained = [], []
         # Fast-layer parameters whose autograd gradient is skipped: any gradient they have comes
         # from a use outside their layer. Checked together, after the loop.
@@ -469,9 +468,9 @@ class FastGradSampleHooks:
                 elif id(p) in self._provider_skips:
                     skipped.append((name, p))
                 else:
-                    total = terms[0][0] if len(terms) == 1 else sum(t for t, _ in terms)
                     tol = max(coverage.TOLERANCE[torch.float32], coverage.TOLERANCE.get(p.dtype, 0.0))
-                    checked.append((name, p.grad, total, sum(sizes[k] for _, k in terms), tol))
+                    if coverage.disagrees(p.grad, sum(t for t, _ in terms), sum(size for _, size in terms), tol):
+                        uncovered.append(name)
             elif id(p) in self._param_layer:
                 objs = recorded.get(id(p))
                 if not objs:
@@ -493,10 +492,6 @@ class FastGradSampleHooks:
                 weighted = [(g, 1 / len(g) if mean and len(g) else 1.0) for g in fallback[id(p)]]
                 if coverage.disagrees(p.grad, *coverage.per_sample_total(weighted)):
                     uncovered.append(name)
-        if checked:
-            names, grads, totals, bounds, tolerances = zip(*checked, strict=True)
-            flags = coverage.disagree_each(list(grads), list(totals), list(bounds), list(tolerances))
-            uncovered += [name for name, flag in zip(names, flags, strict=True) if flag]
         flags = coverage.nonzero_each([p.grad for _, p in skipped])
         uncovered += [name for (name, _), used_outside in zip(skipped, flags, strict=True) if used_outside]
         if uncovered:
