@@ -47,6 +47,15 @@ def build(kind: str, seed: int = 0) -> tuple[keras.Model, np.ndarray, np.ndarray
             keras.layers.Dense(3),
         ]
         x = rng.normal(size=(n, 6, 6, 2)).astype("float32")
+    elif kind == "conv_wide":  # C_in/groups >= 4: channels-last patches; few positions: the Gram identity
+        layers = [
+            keras.Input((3, 3, 8)),
+            keras.layers.Conv2D(16, 2, activation="relu"),
+            keras.layers.Conv2D(6, 2, padding="same", groups=2, data_format="channels_last"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(3),
+        ]
+        x = rng.normal(size=(n, 3, 3, 8)).astype("float32")
     elif kind == "conv1d":
         layers = [keras.Input((7, 2)), keras.layers.Conv1D(4, 3), keras.layers.Flatten(), keras.layers.Dense(3)]
         x = rng.normal(size=(n, 7, 2)).astype("float32")
@@ -188,6 +197,7 @@ KINDS = (
     "dense_rows",
     "dense_twice",
     "conv",
+    "conv_wide",
     "conv1d",
     "conv_same_stride",
     "conv_dilated_groups",

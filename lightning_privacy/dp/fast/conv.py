@@ -79,7 +79,7 @@ class ConvRule(Rule):
         d_in, d_out = math.prod(module.weight.shape[1:]), module.out_channels // groups
         positions = sum(math.prod(c.grad_output.shape[2:]) for c in calls)
         bias_grad = add_all([c.grad_output.to(dtype).flatten(2).sum(2) for c in calls])  # [B, C_out]
-        channels_last = _channels_last_patches(module)
+        channels_last = channels_last_patches(module)
         kernel = tuple(module.kernel_size) if channels_last else None
         materialise = grouped_mode(positions, d_in, d_out) == "materialise"
         a_parts, g_parts, per_sample = [], [], None
@@ -87,7 +87,7 @@ class ConvRule(Rule):
             x, g = c.saved[0].to(dtype), c.grad_output.to(dtype)
             g = g.reshape(b, groups, d_out, math.prod(g.shape[2:])).mT
             # Patches feeding per-sample gradients at once are temporaries: workspace memory.
-            a = _patches(module, x, c.saved[1], c.grad_output.shape[2:], channels_last, ws if materialise else None)
+            a = conv_patches(module, x, c.saved[1], c.grad_output.shape[2:], channels_last, ws if materialise else None)
             if materialise:  # [B, g, o, i], summed over the calls
                 grads = per_sample_grads(ws, module, g, a)
                 per_sample = grads if per_sample is None else per_sample.add_(grads)
@@ -99,15 +99,17 @@ class ConvRule(Rule):
         return GroupedPrepared(module, cat(a_parts, 2), cat(g_parts, 2), bias_grad, ws, kernel)
 
 
-def _channels_last_patches(module: nn.Module) -> bool:
+def channels_last_patches(module: nn.Module) -> bool:
     """Whether the patches are gathered from a channels-last copy of the input (contiguous runs of
     ``C_in/groups`` values, much faster than ``F.unfold`` unless there are very few channels)."""
     return module.in_channels // module.groups >= 4
 
 
-def _patches(module: nn.Module, x: Tensor, padding: tuple[int, ...], out_size: torch.Size,
-             channels_last: bool, ws: Workspace | None) -> Tensor:  # fmt: skip
-    """``[B, groups, L, C_in/groups · k]``: each output position's input patch, per group.
+def conv_patches(module: nn.Module, x: Tensor, padding: tuple[int, ...], out_size: torch.Size,
+                 channels_last: bool, ws: Workspace | None) -> Tensor:  # fmt: skip
+    """``[B, groups, L, C_in/groups · k]``: each output position's input patch, per group, of the
+    channels-first input ``x`` (``module`` gives ``groups``, ``kernel_size``, ``stride``,
+    ``dilation``; the Keras rule passes a stand-in).
 
     The patch is ordered ``(c, *kernel)`` as the weight (``F.unfold``), or ``(*kernel, c)`` when
     ``channels_last``: gathered by one strided copy from a zero-padded channels-last copy of ``x``
