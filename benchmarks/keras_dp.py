@@ -10,23 +10,26 @@ private rows, of expected size 64):
   lightning+dp/torch Trainer + ``DifferentialPrivacy`` (auto mode), the model in torch layers
   lightning+dp/keras the same, the model as a Keras model inside the LightningModule
 
-Models: ``mlp`` 64 -> 128 relu -> 10; ``cnn`` 8x8x1 -> conv 16 (3x3, relu) -> avg-pool 2 -> 10.
+Models: ``mlp`` 64 -> 128 relu -> 10; ``cnn`` 8x8x1 -> conv 16 (3x3, relu) -> avg-pool 2 -> 10, the
+Keras model in Keras' default ``channels_last`` layout (its torch backend transposes every conv's
+input and output, with or without DP); ``cnn-cf`` the same with ``data_format="channels_first"``,
+the layout torch's layers compute in (and the torch model is fed), so the two do the same work.
 
 Every (model, mode) runs in a fresh subprocess with 1 thread. Time is the median wall time between
-consecutive batch starts after warm-up steps (loader, forward, backward, clip, noise, update), and
+consecutive batch starts, 200 steps after 5 warm-up ones (loader, forward, backward, clip, noise, update), and
 the median CPU time of the process over the same intervals (``time.process_time``: all its threads,
 Keras' callback thread included), which a loaded machine disturbs much less than wall time.
 Memory is the peak resident set during training (VmHWM, reset through ``/proc/self/clear_refs``
 at the first batch) minus the resident set then: the extra memory training needs (Linux only).
 Ratios: ``keras-fit+dp`` to ``keras-fit``; ``lightning+dp/keras`` to ``lightning+dp/torch`` (the
 goal), and ``lightning/keras`` to ``lightning/torch``: what Keras' own layer calls cost in a
-Trainer without DP, the floor of the first. The
-uptime load average is printed with the table.
+Trainer without DP, the floor of the first; and, per model, what DP costs each face in a Trainer
+(``lightning+dp/x`` to ``lightning/x``). The uptime load average is printed with the table.
 
 Each (model, mode) runs ``--repeats`` times (default 3), the modes alternating; the table shows the
 medians of the runs' figures, and the ratios of those medians.
 
-Run: ``python benchmarks/keras_dp.py [--models mlp cnn] [--modes ...] [--repeats 3]`` (``--modes``: a subset
+Run: ``python benchmarks/keras_dp.py [--models mlp cnn cnn-cf] [--modes ...] [--repeats 3]`` (``--modes``: a subset
 of the rows, e.g. the four Lightning ones; a ratio needs its reference row).
 """
 
@@ -47,7 +50,7 @@ os.environ.setdefault("KERAS_BACKEND", "torch")
 from dp_overhead import CLIP, LR, SIGMA, _baseline_mb, _peak_mb, lightning_classifier  # noqa: E402
 
 MODES = ["keras-fit", "keras-fit+dp", "lightning/torch", "lightning/keras", "lightning+dp/torch", "lightning+dp/keras"]
-BATCH, WARM, TIMED = 64, 5, 40
+BATCH, WARM, TIMED = 64, 5, 200
 
 
 def _data(model: str):
@@ -56,7 +59,7 @@ def _data(model: str):
 
     digits = load_digits()
     x = (digits.images / 16.0).astype("float32")
-    x = x.reshape(len(x), 64) if model == "mlp" else x[..., None]
+    x = x.reshape(len(x), 64) if model == "mlp" else x[..., None] if model == "cnn" else x[:, None]
     # exactly WARM + TIMED (+1) steps in one epoch of expected batches
     n = BATCH * (WARM + TIMED + 1)
     reps = -(-n // len(x))
@@ -69,11 +72,12 @@ def _keras_model(model: str):
     keras.utils.set_random_seed(0)
     if model == "mlp":
         layers = [keras.Input((64,)), keras.layers.Dense(128, activation="relu"), keras.layers.Dense(10)]
-    else:
+    else:  # cnn: Keras' default channels_last; cnn-cf: channels_first, the layout torch's layers compute in
+        layout = "channels_last" if model == "cnn" else "channels_first"
         layers = [
-            keras.Input((8, 8, 1)),
-            keras.layers.Conv2D(16, 3, padding="same", activation="relu"),
-            keras.layers.AveragePooling2D(2),
+            keras.Input((8, 8, 1) if model == "cnn" else (1, 8, 8)),
+            keras.layers.Conv2D(16, 3, padding="same", activation="relu", data_format=layout),
+            keras.layers.AveragePooling2D(2, data_format=layout),
             keras.layers.Flatten(),
             keras.layers.Dense(10),
         ]
@@ -181,40 +185,72 @@ def worker(model: str, mode: str) -> dict:
     }
 
 
-def _run(model: str, mode: str) -> dict | None:
-    done = subprocess.run([sys.executable, __file__, "--worker", model, mode], capture_output=True, text=True)
+LIGHTNING = ["lightning/torch", "lightning/keras", "lightning+dp/torch", "lightning+dp/keras"]
+
+
+def interleaved_worker(model: str, rounds: int) -> dict:
+    """The four Lightning modes, one fit each in turn, ``rounds`` times in this one process: the
+    median step time of each mode over all its fits (time ratios between processes of these
+    machines vary by ±10%; within one process they hold)."""
+    import torch
+
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+    steps: dict[str, list[float]] = {mode: [] for mode in LIGHTNING}
+    for _ in range(rounds):
+        for mode in LIGHTNING:
+            times, _ = _lightning(model, mode.endswith("keras"), "+dp" in mode)
+            steps[mode] += [b[0] - a[0] for a, b in zip(times[WARM:], times[WARM + 1 :], strict=False)]
+    return {mode: 1000 * statistics.median(values) for mode, values in steps.items()}
+
+
+def _run(model: str, mode: str, *extra: str) -> dict | None:
+    cmd = [sys.executable, __file__, "--worker", model, mode, *extra]
+    done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         print(f"  {model}/{mode}: failed: {done.stderr.strip().splitlines()[-1]}", file=sys.stderr)
         return None
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["mlp", "cnn"])
-    parser.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
-    parser.add_argument("--repeats", type=int, default=3, help="fresh processes per (model, mode); medians")
-    parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        print(json.dumps(worker(*args.worker)))
-        return
+def interleaved_table(models: list[str], processes: int, rounds: int) -> None:
+    """Per model, ``processes`` fresh processes of :func:`interleaved_worker`; each gives its own
+    ratios, and the table shows their median and range."""
+    print(f"Lightning, the four modes alternating within each process ({rounds} fits each), {processes} processes:")
+    heads = ("Keras/torch, no DP", "Keras/torch, DP", "DP/no DP, torch", "DP/no DP, Keras")
+    print(f"{'model':<7}" + "".join(f"{h:>22}" for h in heads))
+    pairs = [
+        ("lightning/keras", "lightning/torch"),
+        ("lightning+dp/keras", "lightning+dp/torch"),
+        ("lightning+dp/torch", "lightning/torch"),
+        ("lightning+dp/keras", "lightning/keras"),
+    ]
+    for model in models:
+        runs = [r for r in (_run(model, "interleaved", str(rounds)) for _ in range(processes)) if r is not None]
+        cells = []
+        for num, den in pairs:
+            ratios = sorted(r[num] / r[den] for r in runs)
+            cells.append(f"{statistics.median(ratios):.2f}× ({ratios[0]:.2f}-{ratios[-1]:.2f})")
+        print(f"{model:<7}" + "".join(f"{c:>22}" for c in cells), flush=True)
+
+
+def mode_table(models: list[str], modes: list[str], repeats: int) -> None:
+    """One fresh process per (model, mode) and repeat; medians and their ratios."""
     reference = {
         "keras-fit+dp": "keras-fit",
         "lightning/keras": "lightning/torch",
         "lightning+dp/keras": "lightning+dp/torch",
     }
-    load = os.getloadavg()[0]
-    print(f"1 thread; load average {load:.1f} on {os.cpu_count()} CPUs at start")
-    print(f"{'model':<6}{'mode':<20}{'ms/step':>9}{'× time':>8}{'cpu ms':>8}{'× cpu':>7}{'extra MB':>10}{'× mem':>7}")
+    print(f"{'model':<7}{'mode':<20}{'ms/step':>9}{'× time':>8}{'cpu ms':>8}{'× cpu':>7}{'extra MB':>10}{'× mem':>7}")
     runs: dict[tuple[str, str], list[dict]] = {}
-    for _ in range(args.repeats):  # alternating fresh processes: a burst of load hits all modes alike
-        for model in args.models:
-            for mode in args.modes:
+    for _ in range(repeats):  # alternating fresh processes: a burst of load hits all modes alike
+        for model in models:
+            for mode in modes:
                 r = _run(model, mode)
                 if r is not None:
                     runs.setdefault((model, mode), []).append(r)
-    for model in args.models:
+    for model in models:
         results = {
             mode: {k: statistics.median(r[k] for r in runs[model, mode]) for k in ("ms", "cpu_ms", "extra_mb")}
             for mode in MODES
@@ -226,9 +262,40 @@ def main() -> None:
             ratio_c = f"{r['cpu_ms'] / ref['cpu_ms']:.2f}×" if ref else ""
             ratio_m = f"{r['extra_mb'] / ref['extra_mb']:.2f}×" if ref and ref["extra_mb"] > 0 else ""
             print(
-                f"{model:<6}{mode:<20}{r['ms']:>9.2f}{ratio_t:>8}{r['cpu_ms']:>8.2f}{ratio_c:>7}"
+                f"{model:<7}{mode:<20}{r['ms']:>9.2f}{ratio_t:>8}{r['cpu_ms']:>8.2f}{ratio_c:>7}"
                 f"{r['extra_mb']:>10.1f}{ratio_m:>7}"
             )
+        own = [
+            f"{face} {results[f'lightning+dp/{face}']['ms'] / results[f'lightning/{face}']['ms']:.2f}×"
+            for face in ("torch", "keras")
+            if f"lightning/{face}" in results and f"lightning+dp/{face}" in results
+        ]
+        if own:
+            print(f"{model:<7}DP against no DP in a Trainer (time): " + ", ".join(own))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["mlp", "cnn", "cnn-cf"], choices=["mlp", "cnn", "cnn-cf"])
+    parser.add_argument("--modes", nargs="*", default=MODES, choices=MODES, help="none: only --interleaved")
+    parser.add_argument("--repeats", type=int, default=3, help="fresh processes per (model, mode); medians")
+    parser.add_argument(
+        "--interleaved", type=int, default=0, metavar="ROUNDS",
+        help="also time the Lightning modes alternating within one process, ROUNDS fits each (--repeats processes)",
+    )  # fmt: skip
+    parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        model, mode, *extra = args.worker
+        result = interleaved_worker(model, int(extra[0])) if mode == "interleaved" else worker(model, mode)
+        print(json.dumps(result))
+        return
+    load = os.getloadavg()[0]
+    print(f"1 thread; load average {load:.1f} on {os.cpu_count()} CPUs at start")
+    if args.modes:
+        mode_table(args.models, args.modes, args.repeats)
+    if args.interleaved:
+        interleaved_table(args.models, args.repeats, args.interleaved)
     print(f"load average {os.getloadavg()[0]:.1f} at the end")
 
 
