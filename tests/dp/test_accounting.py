@@ -384,24 +384,27 @@ def test_prv_epsilon_and_truncated_mean_equal_opacus_to_the_last_bit(sigma, q, s
 
 _RESIDENT_AFTER_QUERIES = """
 import sys
-from lightning_privacy.dp import accountants
-if sys.argv[1] == "keep":
+from lightning_privacy.dp import accounting, accountants
+mode, name, epochs = sys.argv[1], sys.argv[2], int(sys.argv[3])
+if mode == "keep":
     accountants.release_fft_plans = lambda: None
 def resident_mb():
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
-accountant = accountants.PRVAccountant()
 before = resident_mb()
-for epoch in range(1, 13):  # a run's per-epoch queries: 500 steps an epoch, each grid its own length
-    accountant._epsilon([(1.0, 1 / 500, 500 * epoch)], 1e-5)
+for epoch in range(1, epochs + 1):  # a run's per-epoch queries, 500 steps an epoch: lengths of their own
+    ledger = accounting.PrivacyLedger()
+    ledger.record(1.0, 1 / 500, 500 * epoch)
+    ledger.epsilon(1e-5, name)
 print(resident_mb() - before)
 """
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the resident set from /proc")
-def test_prv_queries_leave_no_fft_plans_resident():
-    # Each per-epoch PRV query composes on a grid of its own length; scipy's FFT plan cache kept
-    # the plan of each (Bluestein: several grid-sized arrays), never to be reused. Measured in
+@pytest.mark.parametrize(("accountant", "epochs"), [("prv", 12), ("pld", 8)])
+def test_epsilon_queries_leave_no_fft_plans_resident(accountant, epochs):
+    # Each per-epoch query composes on lengths of its own; scipy's FFT plan caches kept the plan
+    # of each (PRV's Bluestein ones: several grid-sized arrays), never to be reused. Measured in
     # fresh processes, with glibc returning freed arrays to the system at once, against the same
     # queries with the release disabled (which shows the measurement sees the plans).
     import os
@@ -411,9 +414,8 @@ def test_prv_queries_leave_no_fft_plans_resident():
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OPENBLAS_NUM_THREADS": "1"}
 
     def grown_mb(mode: str) -> float:
-        done = subprocess.run(
-            [sys.executable, "-c", _RESIDENT_AFTER_QUERIES, mode], env=env, capture_output=True, text=True, check=True
-        )
+        cmd = [sys.executable, "-c", _RESIDENT_AFTER_QUERIES, mode, accountant, str(epochs)]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
         return float(done.stdout.strip().splitlines()[-1])
 
     released, kept = grown_mb("release"), grown_mb("keep")
