@@ -241,34 +241,30 @@ class StatelessPerSampleHooks:
                 owners.add(id(part.layer))
         return owners
 
+    def _take(self, params: list[Tensor]) -> dict[int, list[tuple[Part, int, LayerGrads]]]:
+        """Remove the records of the parts owning ``params`` and return them, per pass."""
+        if not self._records:
+            return {}
+        owners = self._owning(params)
+        taken: dict[int, list[tuple[Part, int, LayerGrads]]] = {}
+        kept: dict[int, list[tuple[Part, int, LayerGrads]]] = {}
+        for pass_id, calls in self._records.items():
+            for call in calls:
+                (taken if id(call[0].layer) in owners else kept).setdefault(pass_id, []).append(call)
+        self._records = kept
+        return taken
+
     def take_records(self, params: list[Tensor]) -> list[list[LayerRecord]]:
         """The records of the parts owning ``params`` since the last take, one list per backward
         pass in order (a part called twice in a pass: one record, the calls' sum per example)."""
-        if not self._records:
-            return []
-        owners = self._owning(params)
-        passes: list[list[LayerRecord]] = []
-        for pass_id in sorted(self._records):
-            calls = self._records[pass_id]
-            mine = [c for c in calls if id(c[0].layer) in owners]
-            self._records[pass_id] = [c for c in calls if id(c[0].layer) not in owners]
-            if not self._records[pass_id]:
-                del self._records[pass_id]
-            if mine:
-                passes.append(
-                    [
-                        LayerRecord(self._part_params[id(part.layer)], batch, grads)
-                        for part, batch, grads in merged_calls(mine)
-                    ]  # fmt: skip
-                )
-        return passes
+        return [
+            [LayerRecord(self._part_params[id(part.layer)], batch, grads) for part, batch, grads in merged_calls(calls)]
+            for _, calls in sorted(self._take(params).items())
+        ]
 
     def clear_records(self, params: list[Tensor]) -> None:
         """Drop the records of the parts owning ``params``."""
-        if self._records:
-            owners = self._owning(params)
-            kept = {k: [c for c in calls if id(c[0].layer) not in owners] for k, calls in self._records.items()}
-            self._records = {k: calls for k, calls in kept.items() if calls}
+        self._take(params)
 
     def cleanup(self) -> None:
         """Remove the hooks and the per-sample gradients."""
